@@ -1,0 +1,145 @@
+"""Gate registry: the per-sample weight each edge's loss is multiplied by.
+
+A gate has a name (used in graph files), an integer code (used in gate
+matrices and by the fused kernel) and a reference weight function.  The four
+gates of the paper are built in; users register their own with
+:func:`register_gate`.  Custom gates run on the PyTorch reference path only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+__all__ = [
+    "Gate",
+    "GateContext",
+    "CUTOFF",
+    "THROUGH",
+    "LINEAR",
+    "CORRECT",
+    "KERNEL_GATES",
+    "register_gate",
+    "get_gate",
+    "gate_names",
+    "gate_codes",
+]
+
+
+@dataclass(frozen=True)
+class GateContext:
+    """What a gate's weight function may look at, for every source at once.
+
+    Attributes:
+        source_logits: (M, B, C) detached logits of the network nodes 1..M.
+        labels: (B,) int64 labels (ignored rows hold ``ignore_index``).
+        progress: 0-dim float tensor, k / k_end of the current step.
+        correct: (M+1, B) bool, whether each source's argmax equals the label
+            (row 0, the label itself, is always True); None unless a gate
+            other than cutoff, through and linear is in use.
+    """
+
+    source_logits: torch.Tensor
+    labels: torch.Tensor
+    progress: torch.Tensor
+    correct: Optional[torch.Tensor]
+
+
+# A weight function returns per-sample weights for every source s in 0..M:
+# a tensor broadcastable to (M+1, B).
+WeightFn = Callable[[GateContext], Union[torch.Tensor, float]]
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A gate: its name, integer code and weight function."""
+
+    name: str
+    code: int
+    weight: WeightFn
+    builtin: bool = False
+
+
+_BY_NAME: dict[str, Gate] = {}
+_BY_CODE: dict[int, Gate] = {}
+
+# Codes of the built-in gates; the Triton kernel knows exactly these.
+CUTOFF, THROUGH, LINEAR, CORRECT = 0, 1, 2, 3
+KERNEL_GATES = frozenset({CUTOFF, THROUGH, LINEAR, CORRECT})
+
+
+def _add(gate: Gate) -> Gate:
+    _BY_NAME[gate.name] = gate
+    _BY_CODE[gate.code] = gate
+    return gate
+
+
+_add(Gate("cutoff", CUTOFF, lambda ctx: 0.0, builtin=True))
+_add(Gate("through", THROUGH, lambda ctx: 1.0, builtin=True))
+_add(Gate("linear", LINEAR, lambda ctx: ctx.progress, builtin=True))
+_add(Gate("correct", CORRECT, lambda ctx: ctx.correct.to(ctx.source_logits.dtype), builtin=True))
+
+
+def register_gate(name: str, weight: WeightFn, *, code: int | None = None) -> Gate:
+    """Register a custom gate usable by name in graphs and ``graph_loss``.
+
+    Args:
+        name: the name graph files use (lower case, no spaces).
+        weight: ``weight(ctx: GateContext)`` returning per-sample weights
+            broadcastable to (M+1, B): row s weighs every edge leaving source s.
+        code: integer code; by default the next free one from 16 up.
+
+    Returns:
+        The registered :class:`Gate`.
+    """
+    if not name or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"gate name {name!r} must be a lower-case identifier")
+    if name in _BY_NAME:
+        raise ValueError(f"a gate named {name!r} is already registered")
+    if code is None:
+        code = max(16, max(_BY_CODE) + 1)
+    if code in _BY_CODE:
+        raise ValueError(f"gate code {code} is already used by {_BY_CODE[code].name!r}")
+    return _add(Gate(name, int(code), weight))
+
+
+def unregister_gate(name: str) -> None:
+    """Remove a custom gate (built-in gates cannot be removed)."""
+    gate = get_gate(name)
+    if gate.builtin:
+        raise ValueError(f"built-in gate {name!r} cannot be removed")
+    del _BY_NAME[gate.name]
+    del _BY_CODE[gate.code]
+
+
+def gate_names() -> list[str]:
+    """Names of all registered gates, built-in ones first in code order."""
+    return [g.name for g in sorted(_BY_NAME.values(), key=lambda g: g.code)]
+
+
+def get_gate(key: str | int) -> Gate:
+    """Look a gate up by name or integer code; unknown keys raise ``KeyError`` naming the choices."""
+    if isinstance(key, str):
+        gate = _BY_NAME.get(key.strip().lower())
+    else:
+        gate = _BY_CODE.get(int(key))
+    if gate is None:
+        raise KeyError(f"unknown gate {key!r}; known gates: {', '.join(gate_names())}")
+    return gate
+
+
+def gate_codes(gates: Union[torch.Tensor, Sequence[Sequence[Union[str, int]]]]) -> torch.Tensor:
+    """Turn a square gate matrix of names or codes into an int64 CPU tensor of codes."""
+    if isinstance(gates, torch.Tensor):
+        if gates.dim() != 2 or gates.shape[0] != gates.shape[1]:
+            raise ValueError(f"gate matrix must be square (M+1, M+1), got shape {tuple(gates.shape)}")
+        codes = gates.detach().to("cpu", torch.int64)
+        for c in codes.unique().tolist():
+            get_gate(c)
+        return codes
+    rows = [list(r) for r in gates]
+    n = len(rows)
+    if n == 0 or any(len(r) != n for r in rows):
+        raise ValueError(f"gate matrix must be square (M+1, M+1), got row lengths {[len(r) for r in rows]}")
+    return torch.tensor([[get_gate(g).code for g in r] for r in rows], dtype=torch.int64)
