@@ -1,0 +1,114 @@
+"""Networks of a graph's nodes: building them, model checkpoints, teacher look-up."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .graph import PRETRAINED, Graph
+from .io import atomic_torch_save
+from .models import canonical_model_name, get_model
+
+__all__ = [
+    "TeacherNotFoundError",
+    "build_nodes",
+    "load_model_checkpoint",
+    "save_model_checkpoint",
+    "teacher_path",
+    "default_teacher_dir",
+]
+
+
+class TeacherNotFoundError(FileNotFoundError):
+    """A frozen node's checkpoint is missing; the message says how to make it."""
+
+
+def default_teacher_dir() -> Path:
+    """``$KTG_TEACHERS`` or ./teachers: where ``python -m ktg_fast.pretrain`` writes and graphs look."""
+    return Path(os.environ.get("KTG_TEACHERS", "teachers"))
+
+
+def teacher_path(teacher_dir: str | os.PathLike, dataset: str, model: str, val_size: int = 0) -> Path:
+    """Checkpoint path of a label-only teacher.
+
+    Teachers for a search are trained on the search's training split (the
+    validation images held out), so the split is part of the name.
+    """
+    tag = dataset if val_size == 0 else f"{dataset}-val{val_size}"
+    return Path(teacher_dir) / tag / f"{canonical_model_name(model)}.pt"
+
+
+def save_model_checkpoint(path: str | os.PathLike, model: nn.Module, *, name: str, num_classes: int,
+                          in_channels: int, **meta: Any) -> Path:
+    """Atomically write one network with what is needed to rebuild it."""
+    return atomic_torch_save(
+        {"model": canonical_model_name(name), "num_classes": num_classes, "in_channels": in_channels,
+         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **meta},
+        path,
+    )
+
+
+def load_model_checkpoint(path: str | os.PathLike, model: nn.Module, *, expect_model: Optional[str] = None) -> dict:
+    """Load a checkpoint written by :func:`save_model_checkpoint` (or a bare state dict) into ``model``."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise RuntimeError(f"cannot read checkpoint {path}: {e}; it may be truncated, delete it and retrain") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise RuntimeError(f"{path} holds no state dict")
+    if expect_model and "model" in ckpt and ckpt["model"] != canonical_model_name(expect_model):
+        raise RuntimeError(f"{path} holds a {ckpt['model']} but the graph's node is a {expect_model}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise RuntimeError(f"{path} does not fit the node's model ({e.args[0].splitlines()[0]})") from None
+    return ckpt
+
+
+def resolve_checkpoint(checkpoint: str, *, model: str, dataset: str, teacher_dir: str | os.PathLike,
+                       val_size: int = 0) -> Path:
+    """A node's checkpoint path: itself, or the teacher folder's when it reads ``pretrained``."""
+    if checkpoint == PRETRAINED:
+        path = teacher_path(teacher_dir, dataset, model, val_size)
+        if not path.is_file():
+            split = f" --val-size {val_size}" if val_size else ""
+            raise TeacherNotFoundError(
+                f"no pre-trained {model} for {dataset} at {path}: run `python -m ktg_fast.pretrain --model {model} "
+                f"--dataset {dataset}{split} --teachers {teacher_dir}` first"
+            )
+        return path
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise TeacherNotFoundError(f"checkpoint {path} not found (from the graph file); fix the path or retrain it")
+    return path
+
+
+def build_nodes(graph: Graph, *, num_classes: int, in_channels: int, dataset: str, device: torch.device,
+                teacher_dir: str | os.PathLike | None = None, val_size: int = 0) -> list[nn.Module]:
+    """One network per graph node, in node order, on ``device``.
+
+    Frozen nodes are loaded from their checkpoints, put in eval mode and have
+    ``requires_grad`` off; trainable nodes start from their checkpoint when
+    one is set, else from the models' own initialisation (seed beforehand).
+    """
+    teacher_dir = default_teacher_dir() if teacher_dir is None else teacher_dir
+    nets: list[nn.Module] = []
+    for t, node in enumerate(graph.nodes, start=1):
+        net = get_model(node.model, num_classes=num_classes, in_channels=in_channels)
+        if node.checkpoint:
+            path = resolve_checkpoint(node.checkpoint, model=node.model, dataset=dataset,
+                                      teacher_dir=teacher_dir, val_size=val_size)
+            load_model_checkpoint(path, net, expect_model=node.model)
+        net.to(device)
+        if graph.is_frozen(t):
+            net.eval()
+            net.requires_grad_(False)
+        nets.append(net)
+    return nets

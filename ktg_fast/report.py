@@ -1,0 +1,30 @@
+"""Result tables: each node's accuracy over seeds as mean +- std (the paper's Table 2 form)."""
+from __future__ import annotations
+
+import statistics
+from typing import Sequence
+
+__all__ = ["mean_std", "seeds_table"]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    vals = list(values)
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def seeds_table(finals: Sequence[dict], *, metric: str = "test_acc") -> str:
+    """Markdown table of each node's final ``metric`` over runs (one ``final.json`` record per seed)."""
+    if not finals:
+        raise ValueError("no finished runs to tabulate")
+    graph = finals[0]["graph"]
+    frozen = [all(graph["gates"][s][t] == "cutoff" for s in range(len(graph["gates"])) if s != t)
+              for t in range(1, len(graph["nodes"]) + 1)]
+    seeds = ", ".join(str(f["seed"]) for f in finals)
+    lines = [f"| node | model | role | {metric} (%) over seeds {seeds} |", "|---|---|---|---|"]
+    for t, node in enumerate(graph["nodes"], start=1):
+        vals = [f[metric][t - 1] for f in finals if metric in f]
+        mu, sd = mean_std(vals)
+        role = "target" if t == graph.get("target", 1) else ("frozen" if frozen[t - 1] else "auxiliary")
+        lines.append(f"| {t} | {node['model']} | {role} | {mu:.2f} +- {sd:.2f} |")
+    return "\n".join(lines) + "\n"

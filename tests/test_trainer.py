@@ -1,0 +1,225 @@
+"""Simultaneous training (Algorithm 1), schedules, checkpoints, exact resume, NaN stops, pretraining."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import ktg_fast as kf
+from ktg_fast.graph import Graph, Node, preset
+from ktg_fast.models import get_model, register_model, unregister_model
+from ktg_fast.recipe import TrainConfig, default_milestones, lr_at_epoch, make_optimizer
+from ktg_fast.step import EagerStep
+from ktg_fast.trainer import DataSpec, NonFiniteLossError, RunExistsError, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_cfg(**kw):
+    base = dict(epochs=2, batch_size=32, lr=0.05, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def synth(**kw):
+    base = dict(dataset="synthetic", loader="torch")
+    base.update(kw)
+    return DataSpec(**base)
+
+
+def test_recipe_defaults_and_schedule():
+    assert default_milestones("cifar100", 200) == [60, 120, 180]
+    assert default_milestones("tiny-imagenet", 80) == [40, 60, 70]
+    assert default_milestones("cifar10", 10) == [3, 6, 9]
+    assert default_milestones("cifar10", 1) == []
+    assert lr_at_epoch(0.1, 59, [60, 120, 180], 0.1) == 0.1
+    assert lr_at_epoch(0.1, 60, [60, 120, 180], 0.1) == pytest.approx(0.01)
+    assert lr_at_epoch(0.1, 199, [60, 120, 180], 0.1) == pytest.approx(1e-4)
+    cfg = TrainConfig()
+    assert (cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay, cfg.batch_size) == (0.1, 0.9, True, 5e-4, 64)
+    with pytest.raises(ValueError, match="epochs must be"):
+        TrainConfig(epochs=0).validate()
+
+
+def test_simultaneous_step_equals_per_node_optimizers():
+    """One step of the whole graph == per-node losses, each with its own optimizer, on the same outputs."""
+    torch.manual_seed(0)
+    graph = Graph([Node("resnet8"), Node("resnet8"), Node("wrn10_1")],
+                  [["cutoff", "through", "linear", "through"],
+                   ["cutoff", "cutoff", "through", "correct"],
+                   ["cutoff", "through", "cutoff", "through"],
+                   ["cutoff", "linear", "through", "cutoff"]], temperature=2.0)
+    nets = [get_model(n.model, num_classes=10) for n in graph.nodes]
+    ref = copy.deepcopy(nets)
+    cfg = small_cfg()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    progress = torch.tensor(0.3)
+    step = EagerStep(graph, nets, cfg)
+    for _ in range(3):
+        step(x, y, progress)
+
+    opts = [make_optimizer([list(n.parameters())], [cfg.lr], cfg) for n in ref]
+    for _ in range(3):
+        for n in ref:
+            n.train()
+        logits = torch.stack([n(x) for n in ref])
+        res = kf.graph_loss(logits, y, graph.gates, temperature=2.0, progress=progress)
+        for t, opt in enumerate(opts):
+            opt.zero_grad()
+            res.node_loss[t].backward(retain_graph=True)
+        for opt in opts:
+            opt.step()
+    for a, b in zip(nets, ref):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_training_learns_and_writes_everything(tmp_path):
+    out = tmp_path / "run"
+    t = Trainer(preset("dml", nodes=2, model="resnet8"), synth(val_size=200), small_cfg(epochs=2), out,
+                step="eager", progress=False)
+    final = t.run()
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert len(final["val_acc"]) == 2 and len(final["test_acc"]) == 2
+    assert min(final["test_acc"]) > 30.0  # 10 classes: chance is 10 %
+    assert (out / "checkpoint.pt").exists() and (out / "graph.yaml").exists()
+    assert Graph.load(out / "graph.yaml") == preset("dml", nodes=2, model="resnet8")
+    # The saved node reproduces the reported accuracy.
+    net = get_model("resnet8", num_classes=10)
+    from ktg_fast.nodes import load_model_checkpoint
+
+    ckpt = load_model_checkpoint(out / "nodes" / "node1_resnet8.pt", net)
+    assert ckpt["test_acc"] == final["test_acc"][0]
+    with pytest.raises(RunExistsError, match="--resume"):
+        Trainer(preset("dml", nodes=2, model="resnet8"), synth(val_size=200), small_cfg(), out, progress=False).run()
+
+
+def test_linear_gate_progress_runs_from_1_over_kend_to_1(tmp_path):
+    seen = []
+    kf.register_gate("spy", lambda ctx: (seen.append(float(ctx.progress)), 1.0)[1])
+    try:
+        g = Graph([Node("resnet8")], [["cutoff", "spy"], ["cutoff", "cutoff"]])
+        t = Trainer(g, synth(train_subset=128), small_cfg(epochs=2, batch_size=32), tmp_path / "r",
+                    step="eager", progress=False)
+        t.run()
+    finally:
+        kf.gates.unregister_gate("spy")
+    k_end = 2 * 4
+    assert seen == pytest.approx([k / k_end for k in range(1, k_end + 1)])
+
+
+def test_nan_loss_names_node_and_step(tmp_path):
+    calls = {"n": 0}
+
+    class Exploding(nn.Module):
+        def __init__(self, num_classes, in_channels=3):
+            super().__init__()
+            self.net = get_model("resnet8", num_classes=num_classes, in_channels=in_channels)
+
+        def forward(self, x):
+            out = self.net(x)
+            if self.training:
+                calls["n"] += 1
+                if calls["n"] >= 3:
+                    out = out * float("nan")
+            return out
+
+    register_model("exploding")(lambda *, num_classes, in_channels=3: Exploding(num_classes, in_channels))
+    try:
+        g = Graph([Node("resnet8"), Node("exploding")],
+                  [["cutoff", "through", "through"], ["cutoff", "cutoff", "cutoff"], ["cutoff", "cutoff", "cutoff"]])
+        g.gates[0][2] = "through"
+        g.validate()
+        t = Trainer(g, synth(train_subset=256), small_cfg(epochs=1, check_every=2), tmp_path / "r",
+                    step="eager", progress=False)
+        with pytest.raises(NonFiniteLossError, match=r"step 3 \(epoch 1\) in node 2 \(exploding\)"):
+            t.run()
+    finally:
+        unregister_model("exploding")
+
+
+def _cli(args, env=None, check=True):
+    e = dict(os.environ)
+    e.update(env or {})
+    e["PYTHONPATH"] = str(REPO)
+    r = subprocess.run([sys.executable, "-m", "ktg_fast.train", *args], capture_output=True, text=True, env=e,
+                       cwd=REPO, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def _weights(run_dir):
+    ckpt = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return ckpt["nets"], ckpt["momentum"]
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
+    args = ["--graph", "dml", "--model", "resnet8", "--dataset", "synthetic", "--train-subset", "256",
+            "--epochs", "3", "--batch-size", "32", "--lr", "0.05", "--loader", "torch", "--no-progress",
+            "--step", "eager"]
+    _cli(args + ["--out", str(tmp_path / "full")])
+    # 8 steps per epoch: kill in the middle of epoch 2 with a real SIGKILL.
+    r = _cli(args + ["--out", str(tmp_path / "cut")], env={"KTG_TEST_KILL_AT_STEP": "12"}, check=False)
+    assert r.returncode == -9, r.stderr
+    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ck["epoch"] == 1
+    _cli(args + ["--out", str(tmp_path / "cut"), "--resume"])
+    (a_nets, a_mom), (b_nets, b_mom) = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    for sa, sb in zip(a_nets, b_nets):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    for ma, mb in zip(a_mom, b_mom):
+        for k in ma:
+            assert torch.equal(ma[k], mb[k]), k
+    full = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    cut = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_acc"] for r in full] == [r["test_acc"] for r in cut]
+
+
+def test_cli_seeds_table_and_errors(tmp_path):
+    out = tmp_path / "multi"
+    r = _cli(["--graph", "dml", "--model", "resnet8", "--dataset", "synthetic", "--train-subset", "128",
+              "--epochs", "1", "--batch-size", "32", "--seeds", "0", "1", "--out", str(out), "--no-progress",
+              "--loader", "torch"])
+    finals = [json.loads((out / f"seed{s}" / "final.json").read_text()) for s in (0, 1)]
+    table = (out / "results.md").read_text()
+    assert table in r.stdout
+    import statistics
+
+    for t in (0, 1):
+        vals = [f["test_acc"][t] for f in finals]
+        assert f"{statistics.fmean(vals):.2f} +- {statistics.stdev(vals):.2f}" in table.splitlines()[2 + t]
+
+    bad = _cli(["--graph", "dlm", "--dataset", "synthetic", "--out", str(tmp_path / "x")], check=False)
+    assert bad.returncode == 2 and "unknown graph preset 'dlm'" in bad.stderr and "Traceback" not in bad.stderr
+    bad = _cli(["--graph", "dml", "--dataset", "cifar10", "--data-root", str(tmp_path / "nodata"),
+                "--out", str(tmp_path / "y")], check=False)
+    assert bad.returncode == 2 and str(tmp_path / "nodata") in bad.stderr and "Traceback" not in bad.stderr
+    bad = _cli(["--graph", "kd", "--model", "resnet8", "--teacher", "resnet8", "--dataset", "synthetic",
+                "--teachers", str(tmp_path / "t"), "--out", str(tmp_path / "z")], check=False)
+    assert bad.returncode == 2 and "python -m ktg_fast.pretrain --model resnet8" in bad.stderr
+
+
+def test_pretrain_then_kd_keeps_teacher_frozen(tmp_path):
+    from ktg_fast.pretrain import pretrain_teacher
+
+    teachers = tmp_path / "teachers"
+    path = pretrain_teacher("resnet8", synth(train_subset=256), small_cfg(epochs=1), teacher_dir=teachers,
+                            step="eager", progress=False)
+    assert path == teachers / "synthetic" / "resnet8.pt"
+    before = torch.load(path, weights_only=True)["state_dict"]
+    g = preset("kd", model="resnet8", teacher="resnet8")
+    t = Trainer(g, synth(train_subset=256), small_cfg(epochs=1), tmp_path / "kd", step="eager",
+                teacher_dir=teachers, progress=False)
+    t.run()
+    after = t.step.nets[1].state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k].cpu()), k  # weights and BatchNorm statistics untouched
+    assert not t.step.nets[1].training
