@@ -1,0 +1,14 @@
+"""Triton kernels of ktg_fast (installed as ``ktg_fast.kernels``; never a top-level module).
+
+The fused graph loss::
+
+    from ktg_fast.kernels import graph_loss_triton, is_available
+    node_loss, edge_loss = graph_loss_triton(logits, labels, gate_codes, temperature, progress)
+
+Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter:
+``TRITON_INTERPRET=1`` must be set before this package is first imported,
+since Triton decides how to build a kernel when it is defined.
+"""
+from .graph_loss import Plan, graph_loss_triton, is_available, plan
+
+__all__ = ["Plan", "graph_loss_triton", "is_available", "plan"]

@@ -327,4 +327,6 @@ def load_graph(spec: str, **preset_kw: Any) -> Graph:
     """A preset name or a graph file path (what ``--graph`` takes)."""
     if spec in PRESETS:
         return preset(spec, **preset_kw)
+    if not Path(spec).is_file():
+        raise GraphError(f"{spec!r} is neither a graph preset ({', '.join(PRESETS)}) nor an existing .yaml/.json file")
     return Graph.load(spec)

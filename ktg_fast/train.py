@@ -37,15 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_graph_arg(args: argparse.Namespace):
-    from .graph import Graph, PRESETS, preset
+    from .graph import PRESETS, load_graph
 
     kw = {k: v for k, v in (("nodes", args.nodes), ("model", args.model), ("teacher", args.teacher)) if v is not None}
-    if args.graph in PRESETS:
-        g = preset(args.graph, **kw)
-    else:
-        if kw:
-            raise ValueError("--nodes/--model/--teacher apply to presets only; edit the graph file instead")
-        g = Graph.load(args.graph)
+    if kw and args.graph not in PRESETS:
+        raise ValueError("--nodes/--model/--teacher apply to presets only; edit the graph file instead")
+    g = load_graph(args.graph, **kw)
     if args.temperature is not None:
         g.temperature = float(args.temperature)
         g.validate()

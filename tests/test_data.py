@@ -116,6 +116,20 @@ def test_cifar_missing_lists_paths_and_remedy(tmp_path, monkeypatch):
     assert "download=True" in msg and "network unreachable" in msg and "--data-root" in msg
 
 
+def test_cifar_download_then_load(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(name, root, train):  # what torchvision would leave on disk
+        calls.append((name, root, train))
+        write_cifar(root, name, np.random.default_rng(4))
+
+    monkeypatch.setattr(cifar, "_download", fake_download)
+    ds = load_dataset("cifar100", tmp_path, split="test", download=True)
+    assert calls == [("cifar100", tmp_path, False)] and len(ds) == 3
+    load_dataset("cifar100", tmp_path, split="test", download=True)
+    assert len(calls) == 1  # present now: no second download
+
+
 def test_cifar_corrupt_batch_is_named(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()

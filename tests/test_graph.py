@@ -77,8 +77,10 @@ def test_file_errors_name_the_file(tmp_path):
     p.write_text("nodes: [resnet32]\ngates: [[cutoff, through], [cutoff, nope]]\n")
     with pytest.raises(GraphError, match=r"broken.yaml: gate\[1\]\[1\]: unknown gate 'nope'"):
         Graph.load(p)
-    with pytest.raises(GraphError, match="not found; give a preset name"):
+    with pytest.raises(GraphError, match="neither a graph preset"):
         load_graph(str(tmp_path / "missing.yaml"))
+    with pytest.raises(GraphError, match="not found; give a preset name"):
+        Graph.load(tmp_path / "missing.yaml")
     with pytest.raises(GraphError, match="unknown graph file suffix"):
         three_node().save(tmp_path / "g.txt")
 

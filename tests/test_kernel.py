@@ -1,0 +1,432 @@
+"""The fused Triton graph loss (ktg_fast.kernels) against the float64 PyTorch reference.
+
+On a machine without CUDA the kernels run on CPU tensors in the Triton
+interpreter: ``TRITON_INTERPRET=1`` must be set before Triton builds them, which
+tests/conftest.py does (and this file again, for runs of this file alone).
+Shapes are kept small because the interpreter is slow; every code path (one
+block per row, online multi-block rows, several rows per program, C split across
+programs, in-kernel and on-device batch counts) is still reached, through the
+launch overrides of ``graph_loss_triton``.  GPU-only tests (marked ``gpu``) run
+compiled kernels, ``torch.compile`` and CUDA-graph capture.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+import ktg_fast  # noqa: E402
+
+try:
+    import ktg_fast.kernels as kernels  # noqa: E402
+except ImportError:  # not yet `pip install -e .`: resolve ktg_fast.kernels from the repository root
+    ktg_fast.__path__.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import ktg_fast.kernels as kernels  # noqa: E402
+
+from ktg_fast.kernels import graph_loss as kgl  # noqa: E402
+from ktg_fast.loss import graph_loss_reference  # noqa: E402
+
+CUTOFF, THROUGH, LINEAR, CORRECT = 0, 1, 2, 3
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+pytestmark = pytest.mark.skipif(not kernels.is_available(DEV), reason="Triton kernels unavailable on this device")
+
+# Gradient tolerance relative to the largest reference gradient, per logits dtype
+# (half types are compared after rounding to their own precision, as in Liger-Kernel's tests).
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
+def mixed_gates(m: int, seed: int, p_cut: float = 0.25, frozen: tuple = ()) -> torch.Tensor:
+    """A random (M+1, M+1) code matrix with every gate kind; nodes in ``frozen`` (1-based) get no input."""
+    rng = random.Random(seed)
+    codes = torch.zeros(m + 1, m + 1, dtype=torch.int64)
+    edges = [(s, t) for t in range(1, m + 1) for s in range(m + 1) if s != t]
+    for i, (s, t) in enumerate(edges):
+        codes[s, t] = i % 4 if i < 4 else (CUTOFF if rng.random() < p_cut else rng.randrange(4))
+    for t in frozen:
+        codes[:, t] = CUTOFF
+    return codes
+
+
+def reference(z, labels, codes, temperature, progress, ignore_index=-100):
+    """float64 node loss, edge loss and d(sum node_loss)/dz from graph_loss_reference."""
+    z64 = z.detach().to(torch.float64).requires_grad_()
+    ref = graph_loss_reference(z64, labels, codes, temperature=temperature, progress=progress,
+                               ignore_index=ignore_index)
+    if ref.node_loss.requires_grad:
+        (grad,) = torch.autograd.grad(ref.node_loss.sum(), z64)
+    else:
+        grad = torch.zeros_like(z64)
+    return ref.node_loss.detach(), ref.edge_loss.detach(), grad
+
+
+def check(z, labels, codes, temperature=1.0, progress=0.6, ignore_index=-100, **launch):
+    """Run the kernel (forward + backward) and compare losses and every gradient with the reference."""
+    z = z.to(DEV)
+    labels = labels.to(DEV)
+    leaf = z.detach().clone().requires_grad_()
+    node_ref, edge_ref, grad_ref = reference(leaf, labels, codes, temperature, progress, ignore_index)
+    node, edge = kernels.graph_loss_triton(
+        leaf, labels, codes.to(DEV, torch.int32), float(temperature),
+        torch.tensor(float(progress), device=DEV), ignore_index, **launch)
+    assert node.shape == (z.shape[0],) and edge.shape == (z.shape[0] + 1,) * 2
+    assert node.dtype == edge.dtype == torch.float32
+    assert torch.isfinite(node).all() and torch.isfinite(edge).all()
+    node.sum().backward()
+    assert leaf.grad.dtype == z.dtype and leaf.grad.shape == z.shape
+    scale = max(1.0, edge_ref.abs().max().item())
+    torch.testing.assert_close(edge.double().cpu(), edge_ref.cpu(), rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(node.double().cpu(), node_ref.cpu(), rtol=1e-5, atol=1e-5 * scale)
+    gmax = max(grad_ref.abs().max().item(), 1e-30)
+    tol = GRAD_TOL[z.dtype]
+    torch.testing.assert_close(leaf.grad.double().cpu(), grad_ref.cpu(), rtol=tol, atol=tol * gmax)
+    return node, edge, leaf.grad
+
+
+def make_case(m, b, c, seed, scale=3.0, ignore_frac=0.2, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    z = (torch.randn(m, b, c, generator=gen) * scale).to(dtype)
+    labels = torch.randint(0, c, (b,), generator=gen)
+    # Let correct gates pass on some rows: node 1 is right on every third row.
+    labels[::3] = z[0, ::3].float().argmax(-1)
+    labels[torch.rand(b, generator=gen) < ignore_frac] = -100
+    return z, labels
+
+
+# (M, B, C, T, launch overrides): every M, C and T of the issue; small B for the interpreter.
+CASES = [
+    (1, 5, 2, 1.0, {}),
+    (2, 9, 10, 2.0, {}),
+    (3, 7, 10, 4.0, {"rows_per_program": 3}),  # several rows per program, partial last program
+    (7, 6, 10, 1.0, {}),
+    (2, 4, 100, 1.0, {}),
+    (3, 5, 100, 2.0, {}),
+    (7, 4, 100, 4.0, {}),
+    (1, 3, 1000, 4.0, {}),
+    (2, 3, 1000, 2.0, {"block_c": 128}),  # online softmax over 8 blocks
+    (3, 3, 1000, 1.0, {}),
+    (7, 2, 1000, 2.0, {}),
+    (2, 2, 5000, 1.0, {}),
+    (3, 2, 5000, 4.0, {}),
+    (7, 2, 5000, 2.0, {}),  # 40 blocks of 128 per row
+]
+
+
+@pytest.mark.parametrize("m, b, c, temperature, launch", CASES)
+def test_matches_reference(m, b, c, temperature, launch):
+    z, labels = make_case(m, b, c, seed=m * 1000 + c)
+    check(z, labels, mixed_gates(m, seed=c + m), temperature, progress=0.37, **launch)
+
+
+@pytest.mark.parametrize("b, num_splits, rows", [(3, 3, 1), (5, 4, 2)])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_split_c(b, num_splits, rows, temperature):
+    """C split across programs: per-chunk stats, merged; argmax of a row found in a later chunk."""
+    z, labels = make_case(3, b, 1000, seed=num_splits)
+    z[0, 0, 900] = 50.0  # node 1's argmax in the last chunk, and a row where it is correct
+    labels[0] = 900
+    check(z, labels, mixed_gates(3, seed=11), temperature, progress=0.5,
+          num_splits=num_splits, block_c=64, rows_per_program=rows)
+
+
+def test_every_gate_kind_alone():
+    """Each gate on every edge at once, labels edges included, against the reference."""
+    z, labels = make_case(3, 6, 10, seed=2)
+    for code in (THROUGH, LINEAR, CORRECT):
+        codes = torch.full((4, 4), code)
+        codes[:, 0] = CUTOFF
+        codes.fill_diagonal_(CUTOFF)
+        check(z, labels, codes, 2.0, progress=0.25)
+
+
+def test_frozen_nodes_get_zero_loss_and_gradient():
+    z, labels = make_case(3, 6, 100, seed=4)
+    codes = mixed_gates(3, seed=1, p_cut=0.0, frozen=(2,))
+    node, edge, grad = check(z, labels, codes, 2.0)
+    assert node[1] == 0 and edge[:, 2].abs().max() == 0
+    assert grad[1].abs().max() == 0 and grad[0].abs().max() > 0
+
+
+def test_all_cutoff_graph():
+    z, labels = make_case(2, 4, 10, seed=0)
+    node, edge, grad = check(z, labels, torch.zeros(3, 3, dtype=torch.int64), 1.0)
+    assert node.abs().max() == 0 and edge.abs().max() == 0 and grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("c, launch", [(10, {}), (300, {"block_c": 64})])
+def test_all_rows_ignored_gives_zeros_not_nan(c, launch):
+    z, labels = make_case(3, 5, c, seed=9)
+    labels[:] = -100
+    node, edge, grad = check(z, labels, mixed_gates(3, seed=2), 2.0, **launch)
+    assert node.abs().max() == 0 and edge.abs().max() == 0 and grad.abs().max() == 0
+
+
+def test_custom_ignore_index_and_int32_labels():
+    z, labels = make_case(2, 7, 10, seed=3, ignore_frac=0.0)
+    labels[2] = labels[5] = -1
+    check(z, labels.int(), mixed_gates(2, seed=4), 1.0, ignore_index=-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_large_magnitude_logits(temperature):
+    """+-1e4 logits: no overflow, no NaN, KL values of order 1e4 * T^2 still accurate."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randint(-1, 2, (3, 6, 100), generator=gen).float() * 1e4 + torch.randn(3, 6, 100, generator=gen)
+    z[1, 0] = 1e4  # a row of equal maxima (argmax ties: the first index wins)
+    labels = torch.randint(0, 100, (6,), generator=gen)
+    labels[0] = 0
+    check(z, labels, mixed_gates(3, seed=5, p_cut=0.0), temperature, block_c=32)
+
+
+def test_argmax_ties_take_the_first_index():
+    """The correct gate compares the first maximal index with the label, across blocks too."""
+    z = torch.zeros(2, 4, 64)
+    z[0, :, 5] = 3.0
+    z[0, :, 40] = 3.0  # a tie in another block (block_c=16)
+    z[1] = torch.randn(4, 64)
+    labels = torch.tensor([5, 40, 5, 40])
+    codes = torch.tensor([[0, 0, 0], [0, 0, CORRECT], [0, 0, 0]])
+    node, edge, _ = check(z, labels, codes, 1.0, block_c=16)
+    assert edge[1, 2] > 0  # rows 0 and 2 count, rows 1 and 3 do not (checked against the reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("c, launch", [(10, {}), (1000, {"block_c": 256})])
+def test_half_precision_inputs(dtype, c, launch):
+    z, labels = make_case(3, 4, c, seed=c, dtype=dtype)
+    check(z, labels, mixed_gates(3, seed=7), 2.0, progress=0.9, **launch)
+
+
+def test_non_contiguous_inputs_without_copy():
+    """(B, M, C) storage permuted to (M, B, C), and a slice of a wider C: strides are used as they are."""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(6, 3, 40, generator=gen)
+    z = base.permute(1, 0, 2)[:, :, 5:35]
+    assert not z.is_contiguous() and z.stride(2) == 1
+    labels = torch.randint(0, 30, (6,), generator=gen)
+    check(z, labels, mixed_gates(3, seed=8), 2.0)
+
+
+def test_non_contiguous_class_dimension_is_copied():
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 20, 5, generator=gen).transpose(1, 2)  # (2, 5, 20), stride(2) = 5
+    labels = torch.randint(0, 20, (5,), generator=gen)
+    check(z, labels, mixed_gates(2, seed=9), 1.0)
+
+
+def test_batch_count_on_device(monkeypatch):
+    """Large batches count the non-ignored rows with one torch op before the launch."""
+    monkeypatch.setattr(kgl, "_COUNT_IN_KERNEL_MAX_B", 2)
+    assert not kgl.plan(2, 8, 10, DEV).count_in_kernel
+    z, labels = make_case(2, 8, 10, seed=6)
+    check(z, labels, mixed_gates(2, seed=6), 2.0, rows_per_program=3)
+    check(z, labels, mixed_gates(2, seed=6), 2.0, num_splits=2, block_c=16)
+
+
+def test_grad_output_scales_each_node():
+    """Backward multiplies node t's gradient by grad_output[t] (ones are skipped in the kernel)."""
+    z, labels = make_case(3, 4, 10, seed=1)
+    codes = mixed_gates(3, seed=3, p_cut=0.0)
+    prog = torch.tensor(0.5, device=DEV)
+    weights = torch.tensor([2.0, 1.0, -0.5], device=DEV)
+    leaf = z.to(DEV).requires_grad_()
+    node, _ = kernels.graph_loss_triton(leaf, labels.to(DEV), codes.to(DEV), 2.0, prog)
+    (node * weights).sum().backward()
+    _, _, grad_ref = reference(z, labels, codes, 2.0, 0.5)
+    expected = grad_ref * weights.double().cpu().view(3, 1, 1)
+    torch.testing.assert_close(leaf.grad.double().cpu(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_single_node_loss_backward():
+    """Backward of one node's loss: the other nodes' gradients are zero."""
+    z, labels = make_case(2, 4, 10, seed=12)
+    leaf = z.requires_grad_()
+    node, _ = kernels.graph_loss_triton(leaf, labels, mixed_gates(2, seed=1, p_cut=0.0), 1.0, torch.tensor(1.0))
+    node[1].backward()
+    assert leaf.grad[0].abs().max() == 0 and leaf.grad[1].abs().max() > 0
+
+
+def test_second_backward_through_the_same_graph_raises():
+    z, labels = make_case(2, 4, 10, seed=0)
+    leaf = z.requires_grad_()
+    node, _ = kernels.graph_loss_triton(leaf, labels, mixed_gates(2, seed=0, p_cut=0.0), 1.0, torch.tensor(1.0))
+    node.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        node.sum().backward()
+
+
+def test_no_gradient_written_without_grad():
+    z, labels = make_case(2, 5, 10, seed=4)
+    codes = mixed_gates(2, seed=4)
+    prog = torch.tensor(0.3)
+    node_ref, edge_ref, _ = reference(z, labels, codes, 2.0, 0.3)
+    node, edge = kernels.graph_loss_triton(z, labels, codes, 2.0, prog)  # z does not require grad
+    assert not node.requires_grad
+    torch.testing.assert_close(node.double(), node_ref, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        node2, _ = kernels.graph_loss_triton(z.clone().requires_grad_(), labels, codes, 2.0, prog)
+    assert not node2.requires_grad and torch.equal(node, node2)
+    cfg = kgl.plan(2, 5, 10, z.device)
+    _, _, grad = torch.ops.ktg_fast.graph_loss_fwd(
+        z, labels, codes, prog, 2.0, -100, False, cfg.block_c, cfg.rows_per_program, cfg.num_splits,
+        cfg.chunk, cfg.num_warps, cfg.count_in_kernel)
+    assert grad.numel() == 0
+
+
+def test_edge_loss_is_detached():
+    z, labels = make_case(2, 3, 10, seed=1)
+    node, edge = kernels.graph_loss_triton(z.requires_grad_(), labels, mixed_gates(2, seed=1), 1.0,
+                                           torch.tensor(1.0))
+    assert node.requires_grad and not edge.requires_grad
+
+
+def test_progress_is_read_on_device():
+    """The linear gate's weight comes from the progress tensor at run time."""
+    z, labels = make_case(2, 4, 10, seed=3, ignore_frac=0.0)
+    codes = torch.tensor([[0, LINEAR, 0], [0, 0, LINEAR], [0, LINEAR, 0]])
+    a, _ = kernels.graph_loss_triton(z, labels, codes, 1.0, torch.tensor(0.25))
+    b, _ = kernels.graph_loss_triton(z, labels, codes, 1.0, torch.tensor(1.0))
+    torch.testing.assert_close(a * 4, b)
+
+
+def test_plan_heuristics():
+    p = kgl.plan(7, 64, 100, torch.device("cpu"))
+    assert p.block_c == 128 and p.num_splits == 1 and p.count_in_kernel
+    p = kgl.plan(2, 8192, 128256, torch.device("cpu"))
+    assert p.block_c == 2048 and p.rows_per_program == 1 and not p.count_in_kernel
+    p = kgl.plan(16, 4, 262144, torch.device("cpu"), num_splits=8)
+    assert p.block_c == 32 and p.num_splits == 8 and p.chunk * p.num_splits >= 262144
+    with pytest.raises(ValueError, match="power of two"):
+        kgl.plan(2, 4, 100, torch.device("cpu"), block_c=100)
+
+
+def test_bad_inputs_raise_clear_errors():
+    z, labels = make_case(2, 4, 10, seed=0)
+    codes = mixed_gates(2, seed=0)
+    prog = torch.tensor(1.0)
+    f = kernels.graph_loss_triton
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        f(z.double(), labels, codes, 1.0, prog)
+    with pytest.raises(ValueError, match="1 to 16 nodes"):
+        f(torch.randn(17, 2, 3), labels[:2], torch.zeros(18, 18, dtype=torch.int64), 1.0, prog)
+    with pytest.raises(ValueError, match=r"labels must be \(4,\)"):
+        f(z, labels[:3], codes, 1.0, prog)
+    with pytest.raises(ValueError, match=r"gate_codes must be \(3, 3\)"):
+        f(z, labels, codes[:2], 1.0, prog)
+    with pytest.raises(ValueError, match="temperature"):
+        f(z, labels, codes, 0.0, prog)
+    with pytest.raises(ValueError, match="progress"):
+        f(z, labels, codes, 1.0, 0.5)
+    with pytest.raises(ValueError, match=r"\(M, B, C\)"):
+        f(z[0], labels, codes, 1.0, prog)
+    if DEV.type == "cpu":  # data checks run only where they cost no synchronisation
+        bad = codes.clone()
+        bad[1, 1] = THROUGH
+        with pytest.raises(ValueError, match="diagonal"):
+            f(z, labels, bad, 1.0, prog)
+        with pytest.raises(ValueError, match=r"lie in \[0, 10\)"):
+            f(z, torch.tensor([0, 1, 10, 2]), codes, 1.0, prog)
+
+
+def test_is_available():
+    assert kernels.is_available(DEV)
+    assert not kernels.is_available("meta")
+
+
+def test_graph_loss_front_door_uses_kernel():
+    """ktg_fast.graph_loss(impl='triton') reaches the kernel and matches impl='reference'."""
+    z, labels = make_case(3, 4, 10, seed=2)
+    names = ["cutoff", "through", "linear", "correct"]
+    gates = [[names[int(c)] for c in row] for row in mixed_gates(3, seed=2)]
+    a = ktg_fast.graph_loss(z.to(DEV), labels.to(DEV), gates, temperature=2.0, progress=0.4, impl="triton")
+    b = ktg_fast.graph_loss(z.double(), labels, gates, temperature=2.0, progress=0.4, impl="reference")
+    torch.testing.assert_close(a.edge_loss.double().cpu(), b.edge_loss, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# GPU only: compiled kernels, torch.compile and CUDA-graph capture.
+# ---------------------------------------------------------------------------
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+GPU_CASES = CASES + [
+    (4, 512, 32000, 1.0, {}),
+    (2, 3, 131072, 2.0, {}),  # few rows, large C: split across programs by the heuristic
+    (16, 64, 1000, 2.0, {}),
+    (7, 2048, 100, 4.0, {}),  # many rows per program, batch counted on the device
+]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("m, b, c, temperature, launch", GPU_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_matches_reference(m, b, c, temperature, launch, dtype):
+    z, labels = make_case(m, b, c, seed=m + c, dtype=dtype)
+    check(z, labels, mixed_gates(m, seed=c), temperature, progress=0.37, **launch)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_torch_compile():
+    z, labels = make_case(3, 64, 1000, seed=1)
+    z, labels = z.cuda(), labels.cuda()
+    codes = mixed_gates(3, seed=1).cuda()
+    prog = torch.tensor(0.5, device="cuda")
+
+    def step(x):
+        node, edge = kernels.graph_loss_triton(x, labels, codes, 2.0, prog)
+        (node * torch.tensor([1.0, 2.0, 0.5], device="cuda")).sum().backward()
+        return node, edge
+
+    compiled = torch.compile(step, fullgraph=True)
+    leaf = z.clone().requires_grad_()
+    node, edge = compiled(leaf)
+    node_ref, edge_ref, grad_ref = reference(z, labels, codes, 2.0, 0.5)
+    torch.testing.assert_close(edge.double(), edge_ref, rtol=1e-5, atol=1e-5)
+    expected = grad_ref * torch.tensor([1.0, 2.0, 0.5], device="cuda", dtype=torch.float64).view(3, 1, 1)
+    torch.testing.assert_close(leaf.grad.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("launch", [{}, {"num_splits": 4}])
+def test_gpu_cuda_graph_capture_and_replay(launch):
+    """Capture forward + backward once, replay with new logits, labels and progress."""
+    m, b, c = 3, 64, 4096
+    codes = mixed_gates(m, seed=3).cuda()
+    static_z = torch.zeros(m, b, c, device="cuda", requires_grad=True)
+    static_y = torch.zeros(b, dtype=torch.int64, device="cuda")
+    static_p = torch.zeros((), device="cuda")
+
+    def step():
+        static_z.grad = None
+        node, edge = kernels.graph_loss_triton(static_z, static_y, codes, 2.0, static_p, **launch)
+        node.sum().backward()
+        return node, edge
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm up: compile kernels outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    static_z.grad = None
+    with torch.cuda.graph(graph):
+        node, edge = kernels.graph_loss_triton(static_z, static_y, codes, 2.0, static_p, **launch)
+        node.sum().backward()
+    for seed, prog in ((1, 0.25), (2, 0.9)):
+        z, labels = make_case(m, b, c, seed=seed)
+        with torch.no_grad():
+            static_z.copy_(z.cuda())
+        static_y.copy_(labels.cuda())
+        static_p.fill_(prog)
+        graph.replay()
+        node_ref, edge_ref, grad_ref = reference(z, labels, codes, 2.0, prog)
+        torch.testing.assert_close(edge.double(), edge_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(static_z.grad.double(), grad_ref, rtol=1e-5, atol=1e-7)
