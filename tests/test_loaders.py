@@ -252,6 +252,8 @@ def test_auto_choice_and_reasons(tmp_path, monkeypatch):
     ds = tagged(20)
     loader, kind, reason = make_loader("auto", ds, 4, train=True, seed=0, device="cpu")
     assert kind == "torch" and isinstance(loader, BatchLoader) and "no GPU" in reason
+    assert loader.storage == "host"
+    assert make_loader("tensor", ds, 4, train=True, seed=0)[0].storage == "device"
     folder = write_png_folder(tmp_path, 2)
     monkeypatch.setattr(factory, "dali_status", lambda: (False, "DALI missing; pip install 'ktg_fast[dali]'"))
     loader, kind, reason = make_loader("auto", folder, 2, train=False, seed=0)
@@ -308,6 +310,8 @@ def test_cuda_tensor_loader_equals_cpu(storage, train):
     got = collect(gpu)
     assert all(x.is_cuda and y.is_cuda for x, y in got)
     assert batches_equal([(x.cpu(), y.cpu()) for x, y in got], cpu)
+    loader, kind, _ = make_loader("auto", ds, 16, train=train, seed=7, device="cuda")
+    assert kind == "tensor" and loader.storage == "device" and loader.images.is_cuda
 
 
 @needs_dali
