@@ -410,8 +410,8 @@ def _split_loss_kernel(
 @triton.jit
 def _scale_kernel(grad_ptr, gout_ptr, s_g, N, BLOCK: tl.constexpr):
     """grad[m, :] *= gout[m] in place over a flat (M, N) buffer; no memory traffic when gout[m] == 1."""
-    node = tl.program_id(0)
-    blk = tl.program_id(1)
+    blk = tl.program_id(0)  # axis 0: up to 2^31 - 1 blocks (axis 1 stops at 65535)
+    node = tl.program_id(1)
     g = tl.load(gout_ptr + node * s_g).to(tl.float32)
     if g != 1.0:
         offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

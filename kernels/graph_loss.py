@@ -12,9 +12,8 @@ captured in a CUDA graph, and ``torch.library.triton_op`` lets
 """
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -36,9 +35,13 @@ _MIN_CHUNK = 8192
 _SCALE_BLOCK = 4096
 
 
+# Whether Triton built this module's kernels for its interpreter (TRITON_INTERPRET=1 at import).
+_INTERPRETED = type(K._fused_kernel).__name__ == "InterpretedFunction"
+
+
 def _interpreted() -> bool:
-    """True when this module's kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(K._fused_kernel).__name__ == "InterpretedFunction"
+    """True when the kernels run in the Triton interpreter (CPU tensors)."""
+    return _INTERPRETED
 
 
 def is_available(device: torch.device | str) -> bool:
@@ -56,13 +59,15 @@ def is_available(device: torch.device | str) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=16)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+@torch.compiler.assume_constant_result
+def _sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index`` (a constant to torch.compile)."""
+    if index < 0:
+        index = torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count  # cached by torch
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """Launch configuration chosen from the shapes (and device), never from data."""
 
     block_c: int
@@ -95,7 +100,7 @@ def plan(
     if block_c < 1 or block_c & (block_c - 1):
         raise ValueError(f"block_c must be a power of two, got {block_c}")
     on_gpu = device.type == "cuda" and not _interpreted()
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if on_gpu else 1
+    sms = _sm_count(-1 if device.index is None else device.index) if on_gpu else 1
     if num_splits is None:
         num_splits = 1
         if on_gpu and b < 2 * sms and c >= 2 * _MIN_CHUNK:
@@ -107,10 +112,9 @@ def plan(
         if num_splits > 1 or c > block_c:
             rows_per_program = 1
         else:
-            # Small C: several rows per program, while keeping >= ~4 programs per SM.
-            rows_per_program = max(1, min(b // (4 * sms), 64))
-            if not on_gpu:
-                rows_per_program = max(1, min(b, 16))
+            # Small C: several rows per program (fewer partial sums to reduce), while keeping
+            # >= ~16 programs per SM to hide each row's latency.
+            rows_per_program = max(1, min(b // (16 * sms), 16)) if on_gpu else max(1, min(b, 16))
     if rows_per_program < 1:
         raise ValueError(f"rows_per_program must be >= 1, got {rows_per_program}")
     tile = mp * mp * block_c
@@ -174,7 +178,8 @@ def _graph_loss_fwd(
         n_prog = triton.cdiv(b, rows_per_program)
         edge_p, node_p = _partials(n_prog, m, dev)
         _launch(
-            K._fused_kernel, (n_prog,), logits, logits, labels, gate_codes, progress, count, grad, edge_p, node_p,
+            K._fused_kernel, (n_prog,), logits,
+            logits, labels, gate_codes, progress, count, grad, edge_p, node_p,
             b, c, s_m, s_b, s_y, ignore_index,
             M=m, MP=mp, MP1=mp1, ROWS=rows_per_program, BLOCK_C=block_c, SINGLE_BLOCK=c <= block_c,
             WRITE_GRAD=compute_grad, num_warps=num_warps, **count_consts, **consts,
@@ -185,12 +190,14 @@ def _graph_loss_fwd(
         amax = torch.empty((b, num_splits, mp), dtype=torch.int32, device=dev)
         xbuf = torch.empty((b, num_splits, mp, mp), dtype=torch.float32, device=dev)
         _launch(
-            K._split_stats_kernel, (b, num_splits), logits, logits, gate_codes, progress, stats, amax, c, s_m, s_b, chunk,
+            K._split_stats_kernel, (b, num_splits), logits,
+            logits, gate_codes, progress, stats, amax, c, s_m, s_b, chunk,
             M=m, MP=mp, NSPLIT=num_splits, BLOCK_C=block_c, K_T=consts["K_T"], SAME_T=consts["SAME_T"],
             num_warps=num_warps,
         )
         _launch(
-            K._split_grad_kernel, (b, num_splits), logits, logits, labels, gate_codes, progress, count, stats, amax, grad, xbuf,
+            K._split_grad_kernel, (b, num_splits), logits,
+            logits, labels, gate_codes, progress, count, stats, amax, grad, xbuf,
             b, c, s_m, s_b, s_y, ignore_index, chunk,
             M=m, MP=mp, NSPLIT=num_splits, NSP=nsp, BLOCK_C=block_c, WRITE_GRAD=compute_grad,
             num_warps=num_warps, **count_consts, **consts,
@@ -198,7 +205,8 @@ def _graph_loss_fwd(
         n_prog = triton.cdiv(b, rows_per_program)
         edge_p, node_p = _partials(n_prog, m, dev)
         _launch(
-            K._split_loss_kernel, (n_prog,), logits, logits, labels, gate_codes, progress, count, stats, amax, xbuf, edge_p, node_p,
+            K._split_loss_kernel, (n_prog,), logits,
+            logits, labels, gate_codes, progress, count, stats, amax, xbuf, edge_p, node_p,
             b, c, s_m, s_b, s_y, ignore_index,
             M=m, MP=mp, MP1=mp1, ROWS=rows_per_program, NSPLIT=num_splits, NSP=nsp,
             num_warps=1, **count_consts, **consts,
@@ -216,7 +224,8 @@ def _scale_node_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     if n == 0:
         return
     _launch(
-        K._scale_kernel, (m, triton.cdiv(n, _SCALE_BLOCK)), grad, grad, grad_output, grad_output.stride(0), n, BLOCK=_SCALE_BLOCK, num_warps=8,
+        K._scale_kernel, (triton.cdiv(n, _SCALE_BLOCK), m), grad,
+        grad, grad_output, grad_output.stride(0), n, BLOCK=_SCALE_BLOCK, num_warps=8,
     )
 
 
@@ -254,6 +263,7 @@ def _check_inputs(
     gate_codes: torch.Tensor,
     temperature: float,
     progress: torch.Tensor,
+    ignore_index: int,
 ) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise ValueError(f"logits must be an (M, B, C) tensor, got {getattr(logits, 'shape', type(logits))}")
@@ -281,12 +291,14 @@ def _check_inputs(
             raise ValueError(f"{name} is on {x.device} but logits are on {logits.device}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite Python float, got {temperature!r}")
-    if logits.device.type == "cpu":
-        # Data checks cost no synchronisation on the CPU; on CUDA they are the caller's job.
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Data checks cost no synchronisation on the CPU; on CUDA (and when traced) they are the caller's job.
         if bool(((gate_codes < 0) | (gate_codes > 3)).any()):
             raise ValueError("gate_codes must hold built-in gate codes 0..3 (cutoff, through, linear, correct)")
         if bool((gate_codes[:, 0] != 0).any()) or bool((gate_codes.diagonal() != 0).any()):
             raise ValueError("gate_codes must be cutoff (0) in column 0 and on the diagonal")
+        if bool(((labels != ignore_index) & ((labels < 0) | (labels >= c))).any()):
+            raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={ignore_index}")
 
 
 def graph_loss_triton(
@@ -326,12 +338,10 @@ def graph_loss_triton(
         is detached (not differentiable).  When no gradient is needed (logits
         not requiring grad, or grad mode off), no gradient is written.
     """
-    _check_inputs(logits, labels, gate_codes, temperature, progress)
+    _check_inputs(logits, labels, gate_codes, temperature, progress, ignore_index)
     m, b, c = logits.shape
     if logits.stride(2) != 1:
         logits = logits.contiguous()  # loads along C must be contiguous; other strides are free
-    if logits.device.type == "cpu" and bool(((labels != ignore_index) & ((labels < 0) | (labels >= c))).any()):
-        raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={ignore_index}")
     progress = progress.reshape(())
     if progress.dtype != torch.float32:
         progress = progress.float()

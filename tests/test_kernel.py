@@ -333,6 +333,39 @@ def test_bad_inputs_raise_clear_errors():
             f(z, torch.tensor([0, 1, 10, 2]), codes, 1.0, prog)
 
 
+def test_registered_op_passes_opcheck():
+    """Schema, autograd registration and fake-tensor shapes of the torch.library op (and, compiled on
+    a GPU, AOT dispatch: what torch.compile relies on)."""
+    z, labels = make_case(2, 4, 10, seed=0)
+    z = z.to(DEV).requires_grad_()
+    cfg = kgl.plan(2, 4, 10, DEV)
+    args = (z, labels.to(DEV), mixed_gates(2, seed=0).to(DEV), torch.tensor(0.5, device=DEV), 2.0, -100, True,
+            *cfg)
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    if DEV.type == "cuda":  # interpreted kernels cannot be traced
+        utils.append("test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.ktg_fast.graph_loss_fwd.default, args, test_utils=utils)
+
+
+def test_dynamo_traces_the_wrapper_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces graph_loss_triton's host code (checks, launch plan) into
+    one graph around the custom op; the eager backend runs it (interpreted kernels cannot be compiled)."""
+    z, labels = make_case(2, 4, 10, seed=5)
+    codes = mixed_gates(2, seed=5).to(DEV)
+    prog = torch.tensor(0.5, device=DEV)
+    z = z.to(DEV)
+    labels = labels.to(DEV)
+
+    def f(x):
+        return kernels.graph_loss_triton(x, labels, codes, 2.0, prog)[0]
+
+    a = z.clone().requires_grad_()
+    b = z.clone().requires_grad_()
+    torch.compile(f, backend="eager", fullgraph=True)(a).sum().backward()
+    f(b).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
 def test_is_available():
     assert kernels.is_available(DEV)
     assert not kernels.is_available("meta")
@@ -430,3 +463,25 @@ def test_gpu_cuda_graph_capture_and_replay(launch):
         node_ref, edge_ref, grad_ref = reference(z, labels, codes, 2.0, prog)
         torch.testing.assert_close(edge.double(), edge_ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(static_z.grad.double(), grad_ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@requires_cuda
+def test_gpu_offsets_past_2_31_elements():
+    """(2, 8192, 131072) bfloat16 logits: rows past 2^31 elements are addressed with int64 offsets."""
+    m, b, c = 2, 8192, 131072
+    assert m * b * c > 2 ** 31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    z = torch.randn(m, b, c, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    labels = torch.full((b,), -100, device="cuda")
+    rows = torch.tensor([0, b // 2, b - 2, b - 1], device="cuda")  # only these rows count
+    labels[rows] = torch.tensor([1, 2, 3, c - 1], device="cuda")
+    codes = mixed_gates(m, seed=1, p_cut=0.0).cuda()
+    node, edge = kernels.graph_loss_triton(z, labels, codes, 2.0, torch.tensor(0.5, device="cuda"))
+    node.sum().backward()
+    node_ref, edge_ref, grad_ref = reference(z[:, rows], labels[rows], codes.cpu(), 2.0, 0.5)
+    torch.testing.assert_close(edge.double(), edge_ref, rtol=1e-5, atol=1e-5)
+    gmax = grad_ref.abs().max().item()
+    torch.testing.assert_close(z.grad[:, rows].double(), grad_ref, rtol=2 ** -7, atol=2 ** -7 * gmax)
+    assert z.grad[:, b - 3].abs().max() == 0  # an ignored row

@@ -1,0 +1,300 @@
+"""Graph loss, forward + backward: the fused Triton kernel against three baselines, in the same run.
+
+    pytest bench/test_bench_loss.py --benchmark-only     # CPU: tiny shapes, the kernel interpreted
+    pytest bench/test_bench_loss.py --benchmark-only     # on a GPU: paper and LLM shapes, JSON to bench/results/
+
+Implementations:
+    loop      a per-edge loop in the style of the authors' code: a KL (or CE) module per
+              edge, per-sample losses, gates applied after, one backward per node;
+    ref       the vectorised PyTorch reference (ktg_fast.loss.graph_loss_reference);
+    compiled  torch.compile of the reference;
+    triton    ktg_fast.kernels.graph_loss_triton.
+Shapes: the paper's (M in {2, 4, 7}, B = 64, C in {10, 100, 200}, float32, dense graphs with
+every gate kind) and distillation at LLM scale (M in {2, 4}, B = 8192, C in {32000, 128256},
+bfloat16).  On CUDA each case is timed with CUDA events (median of the rounds, after warm-up)
+and its peak extra memory recorded; LLM cases also get the memory-traffic floor: one read of
+every logit and one write of every gradient at the bandwidth of a large device-to-device copy
+measured in the same run.  A torch.profiler listing of the kernel launches of the triton path
+is added for one paper shape.  Without CUDA the Triton kernel runs in the interpreter on tiny
+shapes: the numbers then say nothing about the GPU targets, which stay unmeasured.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first built
+
+import ktg_fast  # noqa: E402
+
+try:
+    from ktg_fast import kernels  # noqa: E402
+except ImportError:  # not installed yet: resolve ktg_fast.kernels from the repository root
+    ktg_fast.__path__.append(str(Path(__file__).resolve().parents[1]))
+    from ktg_fast import kernels  # noqa: E402
+from ktg_fast.loss import graph_loss_reference  # noqa: E402
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+RESULTS_DIR = Path(__file__).parent / "results"
+IMPLS = ["loop", "ref", "compiled", "triton"]
+CUTOFF, THROUGH, LINEAR, CORRECT = 0, 1, 2, 3
+TEMPERATURE = 2.0
+PROGRESS = 0.5
+
+if CUDA:
+    PAPER = [(m, 64, c) for m in (2, 4, 7) for c in (10, 100, 200)]
+    LLM = [(m, 8192, c) for m in (2, 4) for c in (32000, 128256)]
+    ROUNDS, WARMUP = 20, 3
+else:
+    PAPER = [(2, 16, 10), (4, 16, 100)]
+    LLM = [(2, 4, 4096)]
+    ROUNDS, WARMUP = 2, 1
+    torch.set_num_threads(1)
+SHAPES = [("paper", m, b, c, torch.float32) for m, b, c in PAPER] + \
+         [("llm", m, b, c, torch.bfloat16) for m, b, c in LLM]
+
+
+def dense_gates(m: int) -> torch.Tensor:
+    """A dense graph using every gate kind: label edges through, KL edges cycling through/linear/correct."""
+    codes = torch.zeros(m + 1, m + 1, dtype=torch.int64)
+    codes[0, 1:] = THROUGH
+    kinds = [THROUGH, LINEAR, CORRECT]
+    for s in range(1, m + 1):
+        for t in range(1, m + 1):
+            if s != t:
+                codes[s, t] = kinds[(s + t) % 3]
+    return codes
+
+
+# --------------------------------------------------------------------------- implementations
+def loop_step(z: torch.Tensor, labels: torch.Tensor, codes: list[list[int]], progress: torch.Tensor) -> None:
+    """The authors' style: per edge a loss module on per-sample losses, the gate applied after,
+    then one backward per node (sources detached)."""
+    m = z.shape[0]
+    nodes = [z[i] for i in range(m)]
+    kl = nn.KLDivLoss(reduction="none")
+    ce = nn.CrossEntropyLoss(reduction="none", ignore_index=-100)
+    valid = labels != -100
+    n_valid = valid.sum().clamp(min=1)
+    for t in range(1, m + 1):
+        zt = nodes[t - 1].float()
+        loss = zt.new_zeros(())
+        for s in range(m + 1):
+            gate = codes[s][t]
+            if s == t or gate == CUTOFF:
+                continue
+            if s == 0:
+                per_sample = ce(zt, labels)
+                correct = torch.ones_like(valid)
+            else:
+                zs = nodes[s - 1].detach().float()
+                per_sample = TEMPERATURE ** 2 * kl(F.log_softmax(zt / TEMPERATURE, -1),
+                                                   F.softmax(zs / TEMPERATURE, -1)).sum(-1)
+                correct = zs.argmax(-1) == labels
+            w = {THROUGH: torch.ones_like(per_sample), LINEAR: progress.expand_as(per_sample),
+                 CORRECT: correct.to(per_sample.dtype)}[gate]
+            loss = loss + (per_sample * w * valid).sum() / n_valid
+        if loss.requires_grad:
+            loss.backward(retain_graph=t < m)
+
+
+def ref_step(z, labels, codes, progress) -> None:
+    res = graph_loss_reference(z, labels, codes, temperature=TEMPERATURE, progress=progress)
+    res.node_loss.sum().backward()
+
+
+_compiled_ref = None
+
+
+def compiled_step(z, labels, codes, progress) -> None:
+    global _compiled_ref
+    if _compiled_ref is None:
+        _compiled_ref = torch.compile(ref_step)
+    _compiled_ref(z, labels, codes, progress)
+
+
+def triton_step(z, labels, codes_dev, progress) -> None:
+    node, _ = kernels.graph_loss_triton(z, labels, codes_dev, TEMPERATURE, progress)
+    node.sum().backward()
+
+
+# --------------------------------------------------------------------------- timing
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _time(fn, rounds: int, warmup: int) -> list[float]:
+    """Seconds per call: CUDA events on a GPU, the wall clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    out = []
+    for _ in range(rounds):
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def _copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    n = 1 << 30  # 1 GiB each way
+    src = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    times = _time(lambda: dst.copy_(src), 10, 3)
+    del src, dst
+    return 2 * n / statistics.median(times)
+
+
+@pytest.fixture(scope="module")
+def table(bench_report):
+    """Results per (shape, impl); the table and ratios go to the end-of-run summary."""
+    rows: dict[tuple, dict] = {}
+    extra: dict[str, object] = {}
+    yield rows, extra
+    lines = _format(rows, extra)
+    bench_report.extend(lines)
+    if CUDA and rows:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        record = {"benchmark": "graph_loss", "device": torch.cuda.get_device_name(DEVICE),
+                  "torch": torch.__version__, "date": _dt.datetime.now().isoformat(),
+                  "python": platform.python_version(), "temperature": TEMPERATURE,
+                  "rows": [{"kind": k[0], "M": k[1], "B": k[2], "C": k[3], "dtype": str(k[4]), "impl": k[5], **v}
+                           for k, v in rows.items()],
+                  "extra": {k: v for k, v in extra.items() if isinstance(v, (int, float, str, list))},
+                  "table": lines}
+        path = RESULTS_DIR / f"graph_loss-{stamp}.json"
+        path.write_text(json.dumps(record, indent=2))
+        bench_report.append(f"written: {path}")
+
+
+def _format(rows: dict, extra: dict) -> list[str]:
+    clock = "CUDA events, median" if CUDA else "wall clock, median; Triton INTERPRETED on CPU: GPU targets unmeasured"
+    lines = [f"graph loss forward+backward, ms on {DEVICE} ({clock}), T = {TEMPERATURE}",
+             f"{'kind':>5} {'M':>2} {'B':>5} {'C':>6} " + " ".join(f"{k:>10}" for k in IMPLS) + "   ratios"]
+    bw = extra.get("copy_bandwidth")
+    for kind, m, b, c, dtype in SHAPES:
+        cells, ms = [], {}
+        for impl in IMPLS:
+            r = rows.get((kind, m, b, c, str(dtype), impl))
+            if r and "median_ms" in r:
+                ms[impl] = r["median_ms"]
+                cells.append(f"{r['median_ms']:>10.3f}")
+            else:
+                cells.append(f"{(r or {}).get('status', '-')[:10]:>10}")
+        ratios = []
+        if "triton" in ms:
+            for base in ("loop", "ref", "compiled"):
+                if base in ms:
+                    ratios.append(f"{base}/triton {ms[base] / ms['triton']:.3g}x")
+            tr = rows[(kind, m, b, c, str(dtype), "triton")]
+            if kind == "llm" and bw:
+                floor_ms = tr["traffic_bytes"] / bw * 1e3
+                ratios.append(f"triton/floor {ms['triton'] / floor_ms:.2f}x (floor {floor_ms:.3f} ms)")
+            if tr.get("peak_extra_bytes") is not None:
+                ratios.append(f"extra mem {tr['peak_extra_bytes'] / tr['grad_bytes']:.2f}x grad")
+        lines.append(f"{kind:>5} {m:>2} {b:>5} {c:>6} " + " ".join(cells) + "   " + ", ".join(ratios))
+    if bw:
+        lines.append(f"device-to-device copy: {bw / 1e9:.0f} GB/s")
+    if extra.get("launches"):
+        lines.append("triton path, kernel launches of one forward+backward (torch.profiler):")
+        lines.extend(f"    {name}: {count}" for name, count in extra["launches"])
+    lines.append("targets (H100/H200): paper loop/triton >= 20x and compiled/triton >= 3x; "
+                 "LLM triton/floor <= 1.3x and extra memory <= 1.1x the gradient buffer")
+    return lines
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind, m, b, c, dtype", SHAPES, ids=lambda v: str(v).replace("torch.", ""))
+def test_graph_loss(benchmark, table, impl, kind, m, b, c, dtype):
+    rows, extra = table
+    key = (kind, m, b, c, str(dtype), impl)
+    if impl == "compiled" and not CUDA and kind == "llm":
+        rows[key] = {"status": "skipped"}
+        pytest.skip("compiling the reference on CPU for this shape costs minutes")
+    gen = torch.Generator().manual_seed(0)
+    z0 = (torch.randn(m, b, c, generator=gen) * 2).to(dtype).to(DEVICE)
+    labels = torch.randint(0, c, (b,), generator=gen).to(DEVICE)
+    labels[::7] = -100
+    codes = dense_gates(m)
+    codes_dev = codes.to(DEVICE, torch.int32)
+    progress = torch.tensor(PROGRESS, device=DEVICE)
+    z = z0.clone().requires_grad_()
+    step = {
+        "loop": lambda: loop_step(z, labels, codes.tolist(), progress),
+        "ref": lambda: ref_step(z, labels, codes, progress),
+        "compiled": lambda: compiled_step(z, labels, codes, progress),
+        "triton": lambda: triton_step(z, labels, codes_dev, progress),
+    }[impl]
+
+    def run():
+        z.grad = None
+        step()
+
+    grad_bytes = z.numel() * z.element_size()
+    try:
+        if CUDA:
+            run()  # compile / autotune outside the measurement
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            z.grad = None
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            run()
+            torch.cuda.synchronize()
+            peak_extra = torch.cuda.max_memory_allocated() - base  # the .grad kept included
+        else:
+            peak_extra = None
+        times = _time(run, ROUNDS, WARMUP)
+        benchmark.pedantic(lambda: (run(), _sync()), rounds=max(1, ROUNDS // 2), iterations=1)
+    except torch.OutOfMemoryError:
+        rows[key] = {"status": "OOM"}
+        torch.cuda.empty_cache()
+        pytest.skip("out of memory")
+    # peak_extra_bytes: the peak above what was allocated before the call (logits, labels), the
+    # gradient buffer included (for the triton path it becomes .grad; the target is <= 1.1x of it).
+    rec = {"median_ms": statistics.median(times) * 1e3, "times_ms": [t * 1e3 for t in times],
+           "grad_bytes": grad_bytes, "peak_extra_bytes": peak_extra, "traffic_bytes": 2 * grad_bytes}
+    rows[key] = rec
+    benchmark.extra_info.update({k: v for k, v in rec.items() if k != "times_ms"})
+    if CUDA and kind == "llm" and "copy_bandwidth" not in extra:
+        extra["copy_bandwidth"] = _copy_bandwidth()
+    if CUDA and impl == "triton" and kind == "paper" and "launches" not in extra:
+        extra["launches"] = _launches(run)
+    z.grad = None
+
+
+def _launches(run) -> list[tuple[str, int]]:
+    """Names and counts of the device kernels one call launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    counts: dict[str, int] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            counts[ev.name[:60]] = counts.get(ev.name[:60], 0) + 1
+    return sorted(counts.items(), key=lambda kv: -kv[1])
