@@ -44,9 +44,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -58,17 +57,18 @@ from .models import canonical_model_name
 from .recipe import TrainConfig
 from .step import EagerStep, TrainStep, _node_lrs
 
-__all__ = ["NodeGroup", "FusedStep", "GraphStep", "make_fused_step", "group_nodes", "FUSED_KINDS"]
+__all__ = ["NodeGroup", "FusedStep", "GraphStep", "make_fused_step", "group_nodes", "architecture_key", "FUSED_KINDS",
+           "CPU_AUTO_KIND"]
 
 log = logging.getLogger("ktg_fast")
 
 FUSED_KINDS = ("auto", "fused", "graph")
 
-# On the CPU "auto" takes the eager step.  Measured with bench/test_bench_step.py
-# on 2 cores (3 x resnet8 and resnet8/wrn10_1/resnet8/resnet14, batch 16): the
-# vmapped group's grouped convolutions are no faster than separate ones on
-# oneDNN, and the step is arithmetic-bound there, not launch-bound, so fusing
-# buys nothing and eager avoids vmap's extra reshapes.
+# On the CPU "auto" takes the eager step.  bench/test_bench_step.py (batch 16,
+# 32x32; 3 x resnet8, and resnet8/wrn10_1/resnet8/resnet14) put the fused step
+# at 0.75-1.1x the eager one over several runs on 1 and 2 shared cores: a CPU
+# step is arithmetic-bound, not launch-bound, and oneDNN runs vmap's grouped
+# convolutions no faster than separate ones, so fusing buys nothing there.
 CPU_AUTO_KIND = "eager"
 
 _said: set[str] = set()
@@ -269,10 +269,13 @@ class NodeGroup:
         self._grads_bound = True
 
     def grads_intact(self) -> bool:
-        """Whether every gradient is still the flat buffers' alias (nothing set it to None or replaced it)."""
+        """Whether every gradient is still the flat buffers' alias (nothing set it to None or replaced it).
+
+        Only loop mode differentiates the nets' own parameters, which callers can reach
+        (``net.zero_grad()``); vmap mode's stacked leaves are private to the group.
+        """
         if self.mode == "vmap":
-            return all(leaf.grad is not None and leaf.grad.data_ptr() == self.regions[n].stacked(
-                self.regions[n].flat.grad).data_ptr() for n, leaf in self.leaves.items() if leaf.requires_grad)
+            return True
         for i, net in enumerate(self.nets):
             for n, p in net.named_parameters():
                 if p.requires_grad and (p.grad is None or p.grad.data_ptr() != self.regions[n].node(
@@ -408,13 +411,13 @@ class FusedStep(TrainStep):
         cfg: learning rates, momentum, Nesterov, weight decay.
         loss_impl: passed to :func:`~ktg_fast.loss.graph_loss`.
         streams: on CUDA, run groups on separate streams.
-        vmap: batch groups with vmap (False: every group loops over its nets).
+        use_vmap: batch groups with vmap (False: every group loops over its nets).
     """
 
     kind = "fused"
 
     def __init__(self, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConfig, *, loss_impl: str = "auto",
-                 streams: bool = True, vmap: bool = True):
+                 streams: bool = True, use_vmap: bool = True):
         if len(nets) != graph.num_nodes:
             raise ValueError(f"{len(nets)} nets for a graph of {graph.num_nodes} network nodes")
         devices = {p.device for net in nets for p in net.parameters()} | {b.device for net in nets for b in net.buffers()}
@@ -432,7 +435,7 @@ class FusedStep(TrainStep):
         self.groups: list[NodeGroup] = []
         self.slot: dict[int, tuple[NodeGroup, int]] = {}
         for trainable, ts in group_nodes(graph, self.nets):
-            grp = NodeGroup(ts, [self.nets[t - 1] for t in ts], trainable=trainable, vmap_ok=vmap)
+            grp = NodeGroup(ts, [self.nets[t - 1] for t in ts], trainable=trainable, vmap_ok=use_vmap)
             self.groups.append(grp)
             for i, t in enumerate(ts):
                 self.slot[t] = (grp, i)
@@ -617,8 +620,8 @@ class GraphStep(FusedStep):
     kind = "graph"
 
     def __init__(self, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConfig, *, loss_impl: str = "auto",
-                 streams: bool = True, vmap: bool = True, warmup: int = 3):
-        super().__init__(graph, nets, cfg, loss_impl=loss_impl, streams=streams, vmap=vmap)
+                 streams: bool = True, use_vmap: bool = True, warmup: int = 3):
+        super().__init__(graph, nets, cfg, loss_impl=loss_impl, streams=streams, use_vmap=use_vmap)
         if self.device.type != "cuda":
             raise ValueError("a CUDA-graph step needs the nets on a CUDA device; use the fused step on "
                              f"{self.device.type}")
@@ -626,6 +629,7 @@ class GraphStep(FusedStep):
         self._calls = 0
         self._graph: Optional["torch.cuda.CUDAGraph"] = None
         self._failed = False
+        self._last_shape: Optional[tuple] = None
         self._side = torch.cuda.Stream(self.device)
 
     def __call__(self, x, y, progress):
@@ -638,7 +642,9 @@ class GraphStep(FusedStep):
                 self._sp.fill_(float(progress))
             self._graph.replay()
             return self._out_loss.clone(), self._out_logits.clone()
-        if self._graph is None and not self._failed and self._calls >= self.warmup:
+        shape = (tuple(x.shape), tuple(y.shape))
+        # Capture after the warm-up, on a batch shaped like the last one (not an odd one out).
+        if self._graph is None and not self._failed and self._calls >= self.warmup and shape == self._last_shape:
             try:
                 self._capture(x, y, progress)
             except Exception as e:  # noqa: BLE001 - any capture failure means "stay eager"
@@ -647,6 +653,7 @@ class GraphStep(FusedStep):
                 self._graph.replay()
                 return self._out_loss.clone(), self._out_logits.clone()
         self._calls += 1
+        self._last_shape = shape
         return self._eager_side(x, y, progress)
 
     def _eager_side(self, x, y, progress) -> tuple[torch.Tensor, torch.Tensor]:

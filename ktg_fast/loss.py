@@ -128,11 +128,13 @@ def graph_loss_reference(
         )
     ctx = _gates.GateContext(source_logits=z.detach(), labels=labels, progress=prog, correct=correct)
     weights = torch.zeros(m + 1, m + 1, b, dtype=dtype, device=dev)
-    codes_dev = codes.to(dev)
+    codes_dev = _device_codes(codes, dev)  # cached: no host copy per step (CUDA-graph capturable)
     for code in codes.unique().tolist():  # a loop over gate kinds (at most a handful), never over edges
         if code == _gates.CUTOFF:
             continue
-        w = torch.as_tensor(_gates.get_gate(code).weight(ctx), dtype=dtype, device=dev)
+        w = _gates.get_gate(code).weight(ctx)
+        # A Python number becomes a device fill, not a host-to-device copy.
+        w = torch.full((), float(w), dtype=dtype, device=dev) if not isinstance(w, torch.Tensor) else w.to(dev, dtype)
         w = torch.broadcast_to(w, (m + 1, b))
         weights = torch.where((codes_dev == code).unsqueeze(-1), w.unsqueeze(1), weights)
     weights = weights * inv_b  # fold the batch mean and the ignore mask into the weights
@@ -152,8 +154,8 @@ def graph_loss_reference(
         per_sample = (t * t) * (neg_entropy.unsqueeze(1) - cross)  # (S, T, B)
         w_kl = weights[1:, 1:][kl_sources][:, kl_targets]
         vals = (w_kl * per_sample).sum(-1)
-        si = torch.tensor(kl_sources, device=dev) + 1
-        ti = torch.tensor(kl_targets, device=dev) + 1
+        si = _index_tensor(tuple(s + 1 for s in kl_sources), str(dev))
+        ti = _index_tensor(tuple(t + 1 for t in kl_targets), str(dev))
         edge = edge.index_put((si.unsqueeze(1), ti.unsqueeze(0)), vals)
 
     ce_targets = (codes[0, 1:] != _gates.CUTOFF).nonzero().flatten().tolist()
@@ -161,10 +163,15 @@ def graph_loss_reference(
         zt = zf[ce_targets]
         ce = torch.logsumexp(zt, dim=-1) - zt.gather(-1, safe_labels.expand(len(ce_targets), b).unsqueeze(-1)).squeeze(-1)
         vals = (weights[0, 1:][ce_targets] * ce).sum(-1)
-        edge = edge.index_put((torch.zeros(len(ce_targets), dtype=torch.long, device=dev),
-                               torch.tensor(ce_targets, device=dev) + 1), vals)
+        edge = edge.index_put((_index_tensor((0,) * len(ce_targets), str(dev)),
+                               _index_tensor(tuple(t + 1 for t in ce_targets), str(dev))), vals)
 
     return GraphLossResult(node_loss=edge[:, 1:].sum(0), edge_loss=edge)
+
+
+@functools.lru_cache(maxsize=256)
+def _index_tensor(idx: tuple, device: str) -> torch.Tensor:
+    return torch.tensor(idx, dtype=torch.long, device=device)
 
 
 @functools.lru_cache(maxsize=64)
