@@ -10,26 +10,21 @@ synchronisation at the end of each epoch. The table and ratios print at the end 
 """
 from __future__ import annotations
 
-import datetime as _dt
-import json
-import platform
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from benchutil import CUDA, DEVICE, write_result  # noqa: E402
+
 from ktg_fast.data import dali_status, make_loader, make_synthetic
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 DALI_OK, DALI_MSG = dali_status()
 SIZES = [32, 64]
 BATCHES = [64, 512]
 # images per timed epoch: small on CPU (the whole module stays under a minute on 2 cores)
 N_IMAGES = {32: 50_000, 64: 20_000} if CUDA else {32: 2048, 64: 1024}
 ROUNDS = 3 if CUDA else 2
-RESULTS_DIR = Path(__file__).parent / "results"
 LOADERS = ["tensor", "dali", "dataloader"]
 if not CUDA:
     # On a small shared CPU, intra-op thread pools mostly wait for each other (a 2-thread
@@ -45,15 +40,10 @@ def table(bench_report):
     lines = _format(rows)
     bench_report.extend(lines)
     if CUDA and rows:
-        RESULTS_DIR.mkdir(exist_ok=True)
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        record = {"benchmark": "loaders", "device": torch.cuda.get_device_name(DEVICE),
-                  "torch": torch.__version__, "date": _dt.datetime.now().isoformat(),
-                  "python": platform.python_version(), "dali": DALI_MSG,
+        record = {"dali": DALI_MSG,
                   "rows": [{"loader": k[0], "size": k[1], "batch": k[2], **v} for k, v in rows.items()],
                   "table": lines}
-        path = RESULTS_DIR / f"loaders-{stamp}.json"
-        path.write_text(json.dumps(record, indent=2))
+        path = write_result("loaders", record)
         bench_report.append(f"written: {path}")
 
 

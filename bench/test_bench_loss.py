@@ -20,34 +20,24 @@ shapes: the numbers then say nothing about the GPU targets, which stay unmeasure
 """
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
-import platform
 import statistics
-import time
-from pathlib import Path
 
 import pytest
 import torch
+
 import torch.nn as nn
 import torch.nn.functional as F
 
-CUDA = torch.cuda.is_available()
+from benchutil import CUDA, DEVICE, sync, time_calls, write_result  # noqa: E402
+
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first built
 
-import ktg_fast  # noqa: E402
 
-try:
-    from ktg_fast import kernels  # noqa: E402
-except ImportError:  # not installed yet: resolve ktg_fast.kernels from the repository root
-    ktg_fast.__path__.append(str(Path(__file__).resolve().parents[1]))
-    from ktg_fast import kernels  # noqa: E402
+from ktg_fast import kernels  # noqa: E402
 from ktg_fast.loss import graph_loss_reference  # noqa: E402
 
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-RESULTS_DIR = Path(__file__).parent / "results"
 IMPLS = ["loop", "ref", "compiled", "triton"]
 CUTOFF, THROUGH, LINEAR, CORRECT = 0, 1, 2, 3
 TEMPERATURE = 2.0
@@ -131,30 +121,11 @@ def triton_step(z, labels, codes_dev, progress) -> None:
 
 
 # --------------------------------------------------------------------------- timing
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
+_sync = sync
 
 
 def _time(fn, rounds: int, warmup: int) -> list[float]:
-    """Seconds per call: CUDA events on a GPU, the wall clock on the CPU."""
-    for _ in range(warmup):
-        fn()
-    _sync()
-    out = []
-    for _ in range(rounds):
-        if CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return out
+    return time_calls(fn, rounds, warmup)
 
 
 def _copy_bandwidth() -> float:
@@ -163,7 +134,6 @@ def _copy_bandwidth() -> float:
     src = torch.empty(n, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     times = _time(lambda: dst.copy_(src), 10, 3)
-    del src, dst
     return 2 * n / statistics.median(times)
 
 
@@ -176,17 +146,12 @@ def table(bench_report):
     lines = _format(rows, extra)
     bench_report.extend(lines)
     if CUDA and rows:
-        RESULTS_DIR.mkdir(exist_ok=True)
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        record = {"benchmark": "graph_loss", "device": torch.cuda.get_device_name(DEVICE),
-                  "torch": torch.__version__, "date": _dt.datetime.now().isoformat(),
-                  "python": platform.python_version(), "temperature": TEMPERATURE,
+        record = {"temperature": TEMPERATURE,
                   "rows": [{"kind": k[0], "M": k[1], "B": k[2], "C": k[3], "dtype": str(k[4]), "impl": k[5], **v}
                            for k, v in rows.items()],
                   "extra": {k: v for k, v in extra.items() if isinstance(v, (int, float, str, list))},
                   "table": lines}
-        path = RESULTS_DIR / f"graph_loss-{stamp}.json"
-        path.write_text(json.dumps(record, indent=2))
+        path = write_result("graph_loss", record)
         bench_report.append(f"written: {path}")
 
 

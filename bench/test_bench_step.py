@@ -24,35 +24,23 @@ authors on graph b, graph >= 3x eager on graph a.  Without CUDA the graph varian
 """
 from __future__ import annotations
 
-import datetime as _dt
-import json
-import platform
 import statistics
-import time
-from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
+
+from benchutil import CUDA, DEVICE, sync, time_calls, write_result  # noqa: E402
 import torch.nn.functional as F
 from torch import nn
 
-import ktg_fast
 
-try:
-    from ktg_fast import kernels  # noqa: F401  (the fused loss kernel, when built)
-except ImportError:  # not installed as a subpackage yet: resolve ktg_fast.kernels from the repository root
-    if (Path(__file__).resolve().parents[1] / "kernels").is_dir():
-        ktg_fast.__path__.append(str(Path(__file__).resolve().parents[1]))
 from ktg_fast.fusion import FusedStep, GraphStep  # noqa: E402
 from ktg_fast.graph import Graph, Node  # noqa: E402
 from ktg_fast.models import get_model  # noqa: E402
 from ktg_fast.recipe import TrainConfig  # noqa: E402
 from ktg_fast.step import EagerStep  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-RESULTS_DIR = Path(__file__).parent / "results"
 VARIANTS = ["authors", "eager", "fused", "graph"]
 
 if CUDA:
@@ -160,28 +148,11 @@ def cpu_threads():
     torch.set_num_threads(before)
 
 
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
+_sync = sync
 
 
 def _time(fn: Callable[[], None], rounds: int) -> list[float]:
-    """Seconds per call of ``fn``: CUDA events on a GPU, the wall clock on the CPU."""
-    out = []
-    _sync()
-    for _ in range(rounds):
-        if CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return out
+    return time_calls(fn, rounds)
 
 
 @pytest.fixture(scope="module")
@@ -192,15 +163,10 @@ def table(bench_report):
     lines = _format(rows)
     bench_report.extend(lines)
     if CUDA and rows:
-        RESULTS_DIR.mkdir(exist_ok=True)
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        record = {"benchmark": "train_step", "device": torch.cuda.get_device_name(DEVICE),
-                  "torch": torch.__version__, "cuda": torch.version.cuda, "date": _dt.datetime.now().isoformat(),
-                  "python": platform.python_version(), "batch": BATCH, "image": IMAGE, "classes": CLASSES,
+        record = {"batch": BATCH, "image": IMAGE, "classes": CLASSES,
                   "graphs": GRAPHS, "rows": [{"graph": g, "variant": v, **r} for (g, v), r in rows.items()],
                   "table": lines}
-        path = RESULTS_DIR / f"train_step-{stamp}.json"
-        path.write_text(json.dumps(record, indent=2))
+        path = write_result("train_step", record)
         bench_report.append(f"written: {path}")
 
 

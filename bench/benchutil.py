@@ -1,0 +1,51 @@
+"""Timing and result files shared by the benchmark suites (METHOD.md: warm up, CUDA events, medians)."""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ktg_fast.io import atomic_write_json
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def time_calls(fn: Callable[[], object], rounds: int, warmup: int = 0) -> list[float]:
+    """Seconds per call of ``fn`` after ``warmup`` calls: CUDA events on a GPU, the wall clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(rounds):
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def write_result(name: str, record: dict) -> Path:
+    """Write ``bench/results/<name>-<stamp>.json`` with the device, versions and date added."""
+    now = _dt.datetime.now()
+    full = {"benchmark": name, "device": torch.cuda.get_device_name(DEVICE) if CUDA else platform.processor() or "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "date": now.isoformat(),
+            "python": platform.python_version(), **record}
+    return atomic_write_json(RESULTS_DIR / f"{name}-{now.strftime('%Y%m%d-%H%M%S')}.json", full)
