@@ -113,33 +113,39 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _load_data(self) -> None:
-        from .data import load_dataset, make_loader, train_val_split
+        from .data import canonical_name, load_dataset, load_image_folder, make_loader, train_val_split
 
         d = self.data
-        train = load_dataset(d.dataset, d.root, split="train", download=d.download, **d.options)
+        # Image-folder datasets stay files so DALI can decode them; other loaders decode them into memory.
+        if canonical_name(d.dataset) == "tiny-imagenet" and d.loader in ("auto", "dali"):
+            def load(split):
+                return load_image_folder(d.dataset, d.root, split=split)
+        else:
+            def load(split):
+                return load_dataset(d.dataset, d.root, split=split, download=d.download, **d.options)
+        train = load("train")
         val = None
         if d.val_size:
             train, val = train_val_split(train, d.val_size, seed=SPLIT_SEED)
         if d.train_subset:
             train = train.subset(range(min(d.train_subset, len(train))))
-        test = load_dataset(d.dataset, d.root, split="test", download=d.download, **d.options) if d.test else None
+        test = load("test") if d.test else None
         if d.eval_subset:
             val = val.subset(range(min(d.eval_subset, len(val)))) if val is not None else None
             test = test.subset(range(min(d.eval_subset, len(test)))) if test is not None else None
         if len(train) < self.cfg.batch_size:
             raise ValueError(f"{len(train)} training images are fewer than one batch of {self.cfg.batch_size}")
         self.num_classes = train.num_classes
-        self.in_channels = train.images.shape[1]
+        self.in_channels = train.image_shape[0]
         self.train_loader, chosen, why = make_loader(d.loader, train, self.cfg.batch_size, train=True,
                                                      seed=self.cfg.seed, device=self.device,
                                                      augment=self.cfg.augment)
-        log.info("loader: %s (%s)", chosen, why)
         self.loader_kind = chosen
         self.eval_loaders = {}
         for name, ds in (("val", val), ("test", test)):
             if ds is not None:
-                self.eval_loaders[name], _, _ = make_loader(chosen if chosen != "dali" else "torch", ds, 1000,
-                                                            train=False, seed=0, device=self.device, augment=False)
+                self.eval_loaders[name], _, _ = make_loader(chosen, ds, 1000, train=False, seed=0,
+                                                            device=self.device, augment=False)
 
     # ----------------------------------------------------------------- setup
     def _build(self) -> None:

@@ -234,3 +234,23 @@ def test_fashion_mnist_end_to_end(tmp_path):
     final = Trainer(preset("dml", nodes=2, model="resnet8"), data, small_cfg(epochs=2, batch_size=64, lr=0.1),
                     tmp_path / "fm", progress=False).run()
     assert final["val_acc"][0] > 60.0 and final["test_acc"][1] > 60.0  # chance is 10 %
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_tiny_imagenet_folder_trains_through_each_loader(tmp_path, loader):
+    """Image folders reach the trainer as files (DALI decodes them) or decoded in memory."""
+    import numpy as np
+
+    from ktg_fast.data import dali_status
+    from test_data import write_tiny_imagenet
+
+    if loader == "dali" and not dali_status()[0]:
+        pytest.skip(dali_status()[1])
+    write_tiny_imagenet(tmp_path / "data", np.random.default_rng(0), per_class=6)
+    data = DataSpec("tiny-imagenet", root=str(tmp_path / "data"), loader=loader)
+    t = Trainer(preset("vanilla", model="resnet8"), data, small_cfg(epochs=1, batch_size=6), tmp_path / "run",
+                step="eager", progress=False)
+    final = t.run()
+    assert t.loader_kind == loader and t.num_classes == 3 and t.in_channels == 3
+    assert len(final["test_acc"]) == 1 and 0.0 <= final["test_acc"][0] <= 100.0
+    assert final["step"] == 3  # 18 images, batch 6, last incomplete batch dropped
