@@ -13,6 +13,7 @@ setup(
         "ktg_fast.models",
         "ktg_fast.data",
         "ktg_fast.kernels",
+        "ktg_fast.search",
     ],
     # kernels/ lives at the top of the repository but is never a top-level module.
     package_dir={"ktg_fast": "ktg_fast", "ktg_fast.kernels": "kernels"},

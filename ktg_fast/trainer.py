@@ -216,7 +216,9 @@ class Trainer:
         start_epoch, step = (self._resume() if resume and self.checkpoint_path.exists() else (0, 0))
         if start_epoch >= self.cfg.epochs:
             log.info("%s is already complete", self.out)
-            return _read_json(self.out / "final.json")
+            final = self.out / "final.json"
+            # A kill after the last checkpoint but before final.json: finish from the last record.
+            return _read_json(final) if final.exists() else self._finish(_read_metrics(self.out / "metrics.jsonl")[-1])
         fault_at = int(os.environ.get("KTG_TEST_KILL_AT_STEP", "0"))  # tests: a real SIGKILL mid-run
 
         m = self.graph.num_nodes
@@ -320,8 +322,19 @@ def _truncate_metrics(path: Path, epoch: int) -> None:
     """Drop metric lines written after the checkpoint (a kill between the two writes)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= epoch]
+    keep = [json.dumps(r) for r in _read_metrics(path) if r["epoch"] <= epoch]
     atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """Records of ``metrics.jsonl``; a last line cut short by a kill is skipped."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def _read_json(path: Path) -> dict:

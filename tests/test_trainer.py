@@ -96,6 +96,15 @@ def test_training_learns_and_writes_everything(tmp_path):
 
     ckpt = load_model_checkpoint(out / "nodes" / "node1_resnet8.pt", net)
     assert ckpt["test_acc"] == final["test_acc"][0]
+    # Killed after the last checkpoint, before final.json, mid-way through a metrics line: resume finishes.
+    (out / "final.json").unlink()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "trai')
+    again = Trainer(preset("dml", nodes=2, model="resnet8"), synth(val_size=200, train_subset=640, eval_subset=200),
+                    small_cfg(epochs=2), out, step="eager", progress=False).run(resume=True)
+    assert again["test_acc"] == final["test_acc"] and (out / "final.json").exists()
+    # The cut line is dropped and nothing was retrained.
+    assert [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     with pytest.raises(RunExistsError, match="--resume"):
         Trainer(preset("dml", nodes=2, model="resnet8"), synth(val_size=200, train_subset=384), small_cfg(), out,
                 progress=False).run()

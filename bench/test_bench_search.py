@@ -1,0 +1,93 @@
+"""Search throughput: trials per hour of the paper's search on one device, with 1, 2 and 4 workers.
+
+    pytest bench/test_bench_search.py -s          # KTG_BENCH_WINDOW_S=20 by default (timed seconds per run)
+
+The paper's setting: 3 nodes (ResNet32 target; auxiliary nodes from ResNet32,
+ResNet110, WRN-28-2; four gates), CIFAR-100-sized data (40k train / 10k val,
+batch 64), 200-epoch budget, successive halving with reduction factor 2 and
+minimum resource 1 epoch.  Trials per hour = 3600 x (epochs per second of all
+workers together) / (expected epochs per trial, 4.78: ``search.budget``).
+Each worker is a separate process training its own sampled graph
+(``python -m ktg_fast.search.throughput``); with K workers the K processes
+share the device and time the same window.  The input loader is left out
+(static on-device batch), so this is the training-step bound.
+
+Target on one H100/H200: the paper's 1,500 trials in under 6 hours (about 250
+trials/hour).  On a CPU the sizes are the paper's too, so figures are tiny and
+say nothing about the GPU target.  A JSON record goes to bench/results/.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ktg_fast.search.budget import expected_epochs_per_trial, trials_per_hour
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(__file__).parent / "results"
+CUDA = torch.cuda.is_available()
+WINDOW_S = float(os.environ.get("KTG_BENCH_WINDOW_S", "20"))
+WORKERS = (1, 2, 4)
+TRIALS, HOURS_TARGET = 1500, 6.0
+
+
+def run_workers(k: int, seeds: list[int]) -> list[dict]:
+    """Start ``k`` measuring processes together; return their JSON records."""
+    threads = None if CUDA else max(1, (os.cpu_count() or 1) // k)
+    with tempfile.TemporaryDirectory() as barrier:
+        procs = []
+        for i in range(k):
+            cmd = [sys.executable, "-m", "ktg_fast.search.throughput", "--graph-seed", str(seeds[i % len(seeds)]),
+                   "--window", str(WINDOW_S), "--barrier", barrier, "--workers", str(k), "--index", str(i),
+                   "--warmup", "3" if CUDA else "1", "--val-sample", "1000" if CUDA else "100"]
+            if threads:
+                cmd += ["--threads", str(threads)]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env={**os.environ, "PYTHONPATH": str(REPO)}))
+        out = []
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=1800)
+            assert p.returncode == 0, stderr[-2000:]
+            out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def test_trials_per_hour_of_the_paper_search():
+    e_trial = expected_epochs_per_trial(200, 1, 2, 0)
+    device = torch.cuda.get_device_name(0) if CUDA else f"CPU ({platform.processor() or platform.machine()}, " \
+                                                         f"{os.cpu_count()} cores)"
+    rows = []
+    for k in WORKERS:
+        recs = run_workers(k, seeds=list(range(4)))
+        eps = sum(1.0 / r["epoch_s"] for r in recs)  # epochs per second of all workers together
+        tph = trials_per_hour(eps, epochs=200, min_resource=1, reduction_factor=2, min_early_stopping_rate=0)
+        rows.append({"workers": k, "epoch_s": [r["epoch_s"] for r in recs], "step_s": [r["step_s"] for r in recs],
+                     "val_epoch_s": [r["val_epoch_s"] for r in recs], "frozen": [r["frozen"] for r in recs],
+                     "step_path": recs[0]["step_path"], "epochs_per_s": eps, "trials_per_hour": tph,
+                     "hours_for_1500": TRIALS / tph})
+        assert eps > 0 and tph > 0
+    print(f"\nsearch throughput on {device}: expected epochs per trial {e_trial:.2f} (200 epochs, rf 2)")
+    print("| workers | s/epoch per worker | epochs/s (all) | trials/hour | hours for 1500 trials |")
+    print("|---:|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['workers']} | {', '.join(f'{s:.1f}' for s in r['epoch_s'])} | {r['epochs_per_s']:.4f} | "
+              f"{r['trials_per_hour']:.1f} | {r['hours_for_1500']:.1f} |")
+    best = min(rows, key=lambda r: r["hours_for_1500"])
+    verdict = (f"target (1,500 trials < {HOURS_TARGET:.0f} h on one GPU): "
+               + ("met" if best["hours_for_1500"] < HOURS_TARGET else "not met")
+               + f" with {best['workers']} worker(s): {best['hours_for_1500']:.1f} h")
+    print(verdict if CUDA else "no GPU: the GPU figure is unmeasured; " + verdict.replace("target", "CPU vs target"))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    tag = "cuda" if CUDA else "cpu"
+    record = {"bench": "search_trials_per_hour", "date": _dt.datetime.now().isoformat(timespec="seconds"),
+              "device": device, "torch": torch.__version__, "window_s": WINDOW_S,
+              "expected_epochs_per_trial": e_trial, "rows": rows, "verdict": verdict}
+    (RESULTS_DIR / f"search_trials_per_hour_{tag}.json").write_text(json.dumps(record, indent=2) + "\n")

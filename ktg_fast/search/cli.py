@@ -1,0 +1,372 @@
+"""``python -m ktg_fast.search``: ASHA over knowledge transfer graphs, on one machine or many.
+
+    python -m ktg_fast.search --nodes 3 --target resnet32 --dataset cifar100 --trials 1500 --out runs/s3
+    python -m ktg_fast.search --nodes 3 ... --storage postgresql://user@host/db --study s3   # on every machine
+    python -m ktg_fast.search --out runs/s3                  # run again: resumes the same study
+    python -m ktg_fast.search export --out runs/s3 --top 5   # best graphs, trials table, plots
+    python -m ktg_fast.train --graph runs/s3/best/graph.yaml --dataset cifar100 --seeds 0 1 2 3 4
+
+A quick real search on CPU (a few minutes):
+
+    python -m ktg_fast.search --nodes 2 --target resnet8 --models resnet8 --dataset fashion-mnist \\
+        --trials 6 --epochs 2 --train-subset 5000 --out runs/demo
+    python -m ktg_fast.search export --out runs/demo
+
+Trials train on the dataset's search split (e.g. CIFAR 40k train / 10k
+validation) and are pruned by successive halving on the target's validation
+accuracy; the test set is never read.  ``--trials N`` counts finished trials
+(complete, pruned or failed); trials rejected before training (frozen target,
+a graph already tried) do not count.  Settings are saved in <out>/search.json;
+the embedded study is <out>/study.db (open it with
+``optuna-dashboard sqlite:///<out>/study.db``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import SearchConfig, load_config, spec_differences
+from .space import DEFAULT_GATES, DEFAULT_MODELS, SearchError
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("ktg_fast.search")
+
+S = argparse.SUPPRESS  # absent flags stay absent: a rerun keeps the saved settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ktg_fast.search", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=S)
+    p.add_argument("--out", required=True, help="output folder: settings, study file, trial folders, exports")
+    g = p.add_argument_group("search space (paper: 3 nodes, ResNet32 target)")
+    g.add_argument("--nodes", type=int, help="network nodes N, target included (default 3; at least 2)")
+    g.add_argument("--target", help="model of the target node 1 (default resnet32)")
+    g.add_argument("--models", nargs="+", help=f"choices for the auxiliary nodes (default {' '.join(DEFAULT_MODELS)})")
+    g.add_argument("--gates", nargs="+", help=f"choices for every edge (default {' '.join(DEFAULT_GATES)})")
+    g.add_argument("--temperature", type=float, help="T of the KL edges (default 1)")
+    g = p.add_argument_group("budget and pruning")
+    g.add_argument("--trials", type=int, help="finished trials to reach (default 1500); a rerun may raise it")
+    g.add_argument("--epochs", type=int, help="epochs of a trial that is never pruned (default 200)")
+    g.add_argument("--sampler", choices=["random", "tpe"], help="graph sampler (default random, as in the paper)")
+    g.add_argument("--min-resource", type=int, help="epochs before the first rung (default 1)")
+    g.add_argument("--reduction-factor", type=int, help="1/rf of the trials pass each rung (default 2)")
+    g.add_argument("--min-early-stopping-rate", type=int, help="skip the first rungs (default 0)")
+    g = p.add_argument_group("data (the search split; never the test set)")
+    g.add_argument("--dataset", help="cifar10, cifar100, fashion-mnist, tiny-imagenet or synthetic")
+    g.add_argument("--data-root", help="dataset folder (default $KTG_DATA_ROOT or ./data)")
+    g.add_argument("--val-size", type=int, help="validation images held out of train (default: the dataset's "
+                                                  "search split, 10000 for CIFAR/Tiny-ImageNet/Fashion-MNIST)")
+    g.add_argument("--train-subset", type=int, help="train on only the first N training images (quick runs)")
+    g.add_argument("--eval-subset", type=int, help="validate on only the first N validation images (quick runs)")
+    g.add_argument("--loader", choices=["auto", "tensor", "dali", "torch"], help="input pipeline (default auto)")
+    g = p.add_argument_group("recipe (defaults: the paper's)")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--no-nesterov", dest="nesterov", action="store_false")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--milestones", type=int, nargs="*", help="epochs of the x0.1 steps (default: scaled to --epochs)")
+    g.add_argument("--gamma", type=float)
+    g.add_argument("--no-augment", dest="augment", action="store_false")
+    g.add_argument("--seed", type=int, help="trial t trains with seed + t (default 0)")
+    g = p.add_argument_group("teachers of frozen nodes")
+    g.add_argument("--teachers", help="teacher folder (default $KTG_TEACHERS or ./teachers; <out>/teachers "
+                                      "with --train-subset)")
+    g.add_argument("--teacher-epochs", type=int, help="epochs of teachers pre-trained on demand (default --epochs)")
+    g.add_argument("--no-pretrain", dest="pretrain", action="store_false",
+                   help="never pre-train: missing teachers are an error")
+    g = p.add_argument_group("storage, workers, fault tolerance")
+    g.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user@host/db (default "
+                                     "sqlite:///<out>/study.db)")
+    g.add_argument("--study", help="study name (default: the --out folder's name)")
+    g.add_argument("--workers", type=int, help="local worker processes (default 1; several per GPU are fine; "
+                                               "with several GPUs they are spread over them)")
+    g.add_argument("--heartbeat", type=int, help="seconds between a running trial's heartbeats (default 60)")
+    g.add_argument("--grace", type=int, help="seconds without heartbeat before a trial is failed and re-queued "
+                                             "(default 2 x --heartbeat)")
+    g.add_argument("--max-retry", type=int, help="re-runs of a trial whose worker died (default 3)")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
+    g.add_argument("--step", choices=["auto", "eager", "fused", "graph"], help="training-step path (default auto)")
+    g.add_argument("--cpu-threads", type=int, help="torch threads per worker on CPU (default: cores / workers)")
+    g.add_argument("--poll", dest="poll_s", type=float, help="seconds between storage polls (default 5)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress line")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ktg_fast.search export",
+                                description="Best graphs (YAML, DOT, PNG), a table of trials and plots of a search. "
+                                            "Works while the search runs.")
+    p.add_argument("--out", required=True, help="the search's output folder")
+    p.add_argument("--top", type=int, default=5, help="graphs to export (default 5)")
+    p.add_argument("--storage", default=None, help="storage URL (default: the one in <out>/search.json)")
+    p.add_argument("--study", default=None, help="study name (default: the one in <out>/search.json)")
+    p.add_argument("--to", default=None, help="write here instead of <out>")
+    return p
+
+
+# -------------------------------------------------------------------- config
+def resolve_config(args: argparse.Namespace) -> tuple[SearchConfig, bool]:
+    """Saved settings of ``--out`` updated by the flags given; returns (config, --trials given)."""
+    given = {k: v for k, v in vars(args).items() if k not in ("progress", "verbose", "out")}
+    saved = load_config(args.out)
+    if saved is None:
+        cfg = SearchConfig(out=args.out, **given)
+    else:
+        cfg = SearchConfig.from_dict({**saved.to_dict(), **given, "out": args.out})
+        if given:
+            cfg.validate()
+            diffs = spec_differences(saved.study_spec(), cfg.study_spec())
+            if diffs:
+                raise SearchError(f"{args.out} holds a search with other settings (saved vs this command: "
+                                  f"{'; '.join(diffs)}). Drop those flags to resume it, or use another --out")
+    if isinstance(cfg.models, str) or isinstance(cfg.gates, str):
+        raise SearchError("--models and --gates take names separated by spaces")
+    cfg.validate()
+    return cfg, "trials" in given
+
+
+def _preflight(cfg: SearchConfig) -> None:
+    """Check what a worker would stumble on, before any trial starts."""
+    from ..data import canonical_name, dataset_info
+
+    name = canonical_name(cfg.dataset)
+    dataset_info(name)
+    if name != "tiny-imagenet":  # loading its JPEG folder takes long; its workers report a missing folder
+        from ..data import load_dataset
+
+        n = len(load_dataset(name, cfg.data_root, split="train"))
+        val = cfg.resolved_val_size()
+        if not 0 < val < n:
+            raise SearchError(f"--val-size {val} does not fit the {n} training images of {name}")
+        if cfg.train_subset and cfg.train_subset < cfg.batch_size:
+            raise SearchError(f"--train-subset {cfg.train_subset} is smaller than one batch ({cfg.batch_size})")
+    if not cfg.pretrain and "cutoff" in cfg.space().gates:
+        from .teachers import missing_teachers, teacher_file
+
+        missing = missing_teachers(cfg, cfg.space().models)
+        if missing:
+            from .teachers import _pretrain_hint
+
+            raise SearchError("--no-pretrain is set but auxiliary nodes may be frozen and these teachers are missing: "
+                              + "; ".join(f"{m} ({teacher_file(cfg, m)})" for m in missing)
+                              + f". Train them first, e.g. `{_pretrain_hint(cfg, missing[0])}`, "
+                              "or drop --no-pretrain")
+
+
+# ----------------------------------------------------------------------- run
+def run_search(cfg: SearchConfig, *, trials_given: bool, progress: bool = True) -> int:
+    """Create or join the study, run the workers to the end, print the outcome."""
+    from .study import BUDGET_ATTR, create_or_join
+
+    if trials_given:
+        cfg.check_budget(cfg.trials)  # before any file is written
+    _preflight(cfg)
+    study, created = create_or_join(cfg, trials_given=trials_given)
+    cfg.save()
+    url = cfg.storage_url()
+    from .storage import mask_url
+
+    print(f"{'new' if created else 'joined'} study {study.study_name!r} in {mask_url(url)}: "
+          f"{cfg.space().describe()}; {cfg.trials} trials of up to {cfg.epochs} epochs; "
+          f"{cfg.workers} worker(s) here", file=sys.stderr)
+    from .progress import Progress
+    from .study import open_for_reading
+
+    reader = open_for_reading(url, study.study_name)
+    prog = Progress(reader, lambda: int(reader.user_attrs.get(BUDGET_ATTR, cfg.trials)), workers=cfg.workers,
+                    interval_s=min(2.0, cfg.poll_s)) if progress else None
+    code = _run_inline(cfg, prog) if cfg.workers == 1 else _run_processes(cfg, prog)
+    book = prog.close() if prog else None
+    if book is None:
+        from .ledger import Ledger
+
+        book = Ledger(reader.get_trials(deepcopy=False), int(reader.user_attrs.get(BUDGET_ATTR, cfg.trials)))
+    best = book.best()
+    if book.complete:
+        print(f"search complete: {book.done} trials; best trial {best.number if best else '-'}"
+              + (f" (target val {best.value:.2f}%)" if best else "")
+              + f". Export: python -m ktg_fast.search export --out {cfg.out}", file=sys.stderr)
+    return code
+
+
+def _run_inline(cfg: SearchConfig, prog: Any) -> int:
+    from .worker import Worker
+
+    worker = Worker(cfg, 0)
+    if prog is not None:
+        prog.start()
+    try:
+        if prog is not None and prog.tty:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            with logging_redirect_tqdm(loggers=[logging.root]):
+                worker.run()
+        else:
+            worker.run()
+    except KeyboardInterrupt:
+        if prog is not None:
+            prog.close()
+        print("interrupted; run the same command again to continue the search", file=sys.stderr)
+        return 130
+    finally:
+        if prog is not None:
+            prog.close()  # stop its thread whatever happened
+    return 0
+
+
+def _run_processes(cfg: SearchConfig, prog: Any) -> int:
+    """Start ``cfg.workers`` worker processes (logs in <out>/logs/) and watch them and the study."""
+    logs = cfg.out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for k in range(cfg.workers):
+        f = open(logs / f"worker{k}.log", "a")
+        cmd = [sys.executable, "-m", "ktg_fast.search", "worker", "--out", str(cfg.out), "--worker-id", str(k)]
+        procs.append((k, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), f))
+        time.sleep(0.2)  # staggered starts keep SQLite's first writes apart
+    print(f"{cfg.workers} workers started; their logs: {logs}/worker<k>.log", file=sys.stderr)
+    failed: list[str] = []
+    from .worker import _interrupt
+
+    prev = signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM stops the workers like Ctrl-C
+    try:
+        return _watch(cfg, procs, prog, logs, failed)
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
+def _watch(cfg: SearchConfig, procs: list, prog: Any, logs: Path, failed: list[str]) -> int:
+    """Wait for the workers, reporting deaths and progress; Ctrl-C/SIGTERM stops them all."""
+    try:
+        alive = set(range(len(procs)))
+        while alive:
+            for k, p, f in procs:
+                if k in alive and p.poll() is not None:
+                    alive.discard(k)
+                    f.close()
+                    if p.returncode != 0:
+                        why = f"signal {-p.returncode}" if p.returncode < 0 else f"exit code {p.returncode}"
+                        last = _last_line(logs / f"worker{k}.log")
+                        failed.append(f"worker {k} ended with {why}: {last}")
+                        msg = f"worker {k} ended with {why}" + (f": {last}" if last else "") + (
+                            "; its trial is re-queued after the heartbeat timeout" if p.returncode < 0 else "")
+                        (prog._write if prog is not None else lambda m: print(m, file=sys.stderr))(msg)
+            if prog is not None:
+                try:
+                    prog.poll()
+                except Exception as e:
+                    log.debug("progress poll failed: %s", e)
+            time.sleep(0.5 if prog is None else prog.interval_s)
+    except KeyboardInterrupt:
+        for k, p, f in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)  # (SIGINT may be ignored in background jobs)
+        for k, p, f in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            f.close()
+        print("interrupted; run the same command again to continue the search", file=sys.stderr)
+        return 130
+    if failed and len(failed) == len(procs):
+        raise SearchError("every worker stopped before the search was complete: " + " | ".join(failed)
+                          + f"; see {logs}; run the same command again to continue")
+    return 0
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+# --------------------------------------------------------------- subcommands
+def worker_main(argv: list[str]) -> int:
+    """``python -m ktg_fast.search worker --out DIR --worker-id K`` (started by the search itself)."""
+    p = argparse.ArgumentParser(prog="python -m ktg_fast.search worker")
+    p.add_argument("--out", required=True)
+    p.add_argument("--worker-id", type=int, default=0)
+    args = p.parse_args(argv)
+    cfg = load_config(args.out)
+    if cfg is None:
+        raise SearchError(f"{args.out} holds no search.json: start the search with `python -m ktg_fast.search ...`")
+    from .worker import Worker
+
+    try:
+        n = Worker(cfg, args.worker_id).run()
+    except KeyboardInterrupt:
+        return 130
+    log.info("worker %d done after %d trials", args.worker_id, n)
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    args = build_export_parser().parse_args(argv)
+    from .export import export_study
+    from .study import open_for_reading
+
+    cfg = load_config(args.out)
+    if cfg is None and args.storage is None:
+        raise SearchError(f"{args.out} holds no search.json: give --storage (and --study) to export from a storage")
+    url = args.storage or cfg.storage_url()
+    from .storage import sqlite_path
+
+    db = sqlite_path(url)
+    if db is not None and not db.exists():
+        raise SearchError(f"no study file {db}: the search has not started in {args.out} (or give --storage)")
+    name = args.study or (cfg.study_name() if cfg is not None and args.storage is None else None)
+    study = open_for_reading(url, name)
+    res = export_study(study, args.to or args.out, top=args.top, url=url)
+    s = res["summary"]
+    print(f"{s['done']}/{s['budget']} trials finished (complete {s['complete']}, pruned {s['pruned']}, "
+          f"failed {s['failed']}, running {s['running']})")
+    for r in res["top"]:
+        print(f"  #{r['rank']}: trial {r['trial']}, target val {r['value']:.2f}%")
+    dest = Path(args.to or args.out)
+    if res["top"]:
+        print(f"best graph: {dest / 'best' / 'graph.yaml'}  (retrain: python -m ktg_fast.train --graph "
+              f"{dest / 'best' / 'graph.yaml'} --dataset <dataset> --seeds 0 1 2 3 4)")
+    else:
+        print("no completed trial yet: no graph exported")
+    print(f"table: {dest / 'trials.md'}; plots: {dest / 'history.png'}, {dest / 'intermediate.png'}")
+    return 0
+
+
+def _quiet(verbose: bool) -> None:
+    """Log the search's own events; the trainer's and loaders' per-run notes only with -v."""
+    from ..cli_common import setup_logging
+
+    setup_logging(verbose)
+    if not verbose:
+        logging.getLogger("ktg_fast").setLevel(logging.WARNING)
+        logging.getLogger("ktg_fast.search").setLevel(logging.INFO)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from ..cli_common import setup_logging
+
+    if argv and argv[0] == "export":
+        setup_logging(False)
+        return export_main(argv[1:])
+    if argv and argv[0] == "worker":
+        _quiet("-v" in argv)
+        return worker_main([a for a in argv[1:] if a != "-v"])
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    _quiet(getattr(args, "verbose", False))
+    cfg, trials_given = resolve_config(args)
+    return run_search(cfg, trials_given=trials_given, progress=getattr(args, "progress", True))

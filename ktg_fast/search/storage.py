@@ -1,0 +1,212 @@
+"""Opening Optuna storages, with clear errors, heartbeats and a cross-worker lock.
+
+The embedded default is an SQLite file ``<out>/study.db`` in WAL mode with a
+long lock timeout, which several worker processes on one machine share safely;
+``--storage URL`` takes any SQLAlchemy URL Optuna's RDB storage accepts
+(PostgreSQL for many machines).  Every storage records trial heartbeats, so a
+trial whose worker died is failed after the grace period and re-queued.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import sqlite3
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from .space import SearchError
+
+__all__ = ["default_storage_url", "open_storage", "mask_url", "admission_lock", "sqlite_path", "sqlite_lock_path"]
+
+log = logging.getLogger("ktg_fast.search")
+
+SQLITE_TIMEOUT_S = 120  # how long a writer waits for the SQLite lock before failing
+LOCK_WAIT_S = 120  # how long a worker waits for the cross-worker lock before going on without it
+
+
+def default_storage_url(out: str | os.PathLike) -> str:
+    """``sqlite:///<absolute out>/study.db``."""
+    return f"sqlite:///{Path(out).resolve() / 'study.db'}"
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for messages and tables)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        u = make_url(url)
+        return u.render_as_string(hide_password=True) if u.password else url
+    except Exception:
+        return url
+
+
+def sqlite_path(url: str) -> Optional[Path]:
+    """The database file of an ``sqlite:///`` URL (None for other URLs and in-memory databases)."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database)
+
+
+def _normalise(url: str) -> str:
+    """Pick an installed PostgreSQL driver: SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        u = make_url(url)
+    except Exception:
+        raise SearchError(f"--storage {url!r} is not a database URL: use sqlite:///path/study.db or "
+                          "postgresql://user@host:port/database") from None
+    if u.drivername == "postgresql":
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return u.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    return url
+
+
+def open_storage(url: str, *, heartbeat: Optional[int] = None, grace: Optional[int] = None,
+                 retry_callback: Any = None) -> Any:
+    """An ``optuna.storages.RDBStorage`` for ``url``; unreachable or malformed URLs raise :class:`SearchError`.
+
+    Args:
+        url: SQLAlchemy URL; an SQLite file is created (with its folder) and switched to WAL mode.
+        heartbeat: seconds between a running trial's heartbeats (None: no heartbeats; readers only).
+        grace: seconds without a heartbeat after which a running trial is failed (default 2 x heartbeat).
+        retry_callback: called with (study, trial) for each trial failed that way.
+    """
+    import optuna
+    import sqlalchemy.exc
+
+    shown = mask_url(url)  # messages name the URL as the user gave it
+    url = _normalise(url)
+    engine_kwargs: dict[str, Any] = {}
+    path = sqlite_path(url)
+    backend = url.split(":", 1)[0].split("+", 1)[0]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _enable_wal(path)
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+    elif backend == "postgresql":
+        engine_kwargs["connect_args"] = {"connect_timeout": 15}
+        engine_kwargs["pool_pre_ping"] = True
+    kw: dict[str, Any] = {}
+    if heartbeat:
+        kw = {"heartbeat_interval": int(heartbeat), "grace_period": int(grace) if grace else None,
+              "heartbeat_stale_trial_callback": retry_callback}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kw)
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
+        detail = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(getattr(e, "orig", e)).strip() else type(e).__name__
+        raise SearchError(f"cannot reach storage {shown}: {detail}; check that the server is running and "
+                          "the URL's user, host, port and database are right") from None
+    except sqlalchemy.exc.ArgumentError as e:
+        raise SearchError(f"--storage {shown} is not a usable database URL ({e}): use "
+                          "sqlite:///path/study.db or postgresql://user@host:port/database") from None
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise SearchError(f"--storage {shown}: SQLAlchemy has no dialect {backend!r}; use sqlite or "
+                          "postgresql") from None
+    except ImportError as e:  # Optuna re-raises a missing driver as a plain ImportError
+        cause = e if isinstance(e, ModuleNotFoundError) else e.__cause__
+        name = getattr(cause, "name", None) or "a database driver"
+        hint = {"psycopg": "'psycopg[binary]' (or write postgresql+psycopg2:// and pip install psycopg2-binary)",
+                "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient (or write mysql+pymysql:// and pip install "
+                                                          "pymysql)"}.get(str(name), str(name))
+        raise SearchError(f"--storage {shown} needs the Python package {name!r}: pip install {hint}") from None
+    except (ValueError, RuntimeError) as e:
+        raise SearchError(f"cannot open storage {shown}: {e}") from None
+
+
+def _enable_wal(path: Path) -> None:
+    """Switch an SQLite file to write-ahead logging: readers (export, dashboards) never block writers."""
+    for attempt in range(20):
+        try:
+            con = sqlite3.connect(str(path), timeout=SQLITE_TIMEOUT_S)
+            try:
+                con.execute("PRAGMA journal_mode=WAL")
+            finally:
+                con.close()
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == 19:
+                raise SearchError(f"cannot open the study file {path}: {e}") from None
+            time.sleep(0.25)
+
+
+@contextlib.contextmanager
+def admission_lock(storage: Any, url: str, name: str, *, wait_s: float = LOCK_WAIT_S) -> Iterator[bool]:
+    """Serialise a short critical section across every worker of a study.
+
+    SQLite: an ``fcntl`` lock on a file beside the database.  PostgreSQL: a
+    session advisory lock (released by the server if the worker dies).  Other
+    backends, or a lock not obtained within ``wait_s``: no lock (yields False),
+    with a warning.
+    """
+    key = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
+    lock_path = sqlite_lock_path(url, name)
+    if lock_path is not None:
+        with open(lock_path, "a") as f:
+            if not _wait(lambda: _try_flock(f), wait_s):
+                log.warning("could not lock %s within %.0f s; going on without it", lock_path, wait_s)
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.lockf(f, fcntl.LOCK_UN)
+        return
+    engine = getattr(storage, "engine", None)
+    if engine is None or engine.dialect.name != "postgresql":
+        yield False
+        return
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        got = _wait(lambda: bool(conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()),
+                    wait_s)
+        conn.commit()
+        if not got:
+            log.warning("could not take the study's advisory lock within %.0f s; going on without it", wait_s)
+        try:
+            yield got
+        finally:
+            if got:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+
+
+def sqlite_lock_path(url: str, name: str) -> Optional[Path]:
+    """The lock file of study ``name`` in an SQLite storage (None for other storages)."""
+    path = sqlite_path(_normalise(url))
+    if path is None:
+        return None
+    return path.with_name(path.name + f".{hashlib.sha1(name.encode()).hexdigest()[:8]}.lock")
+
+
+def _try_flock(f: Any) -> bool:
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _wait(try_once: Any, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    delay = 0.01
+    while True:
+        if try_once():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
