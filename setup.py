@@ -33,6 +33,7 @@ setup(
             "pytest-benchmark",
             "pytest-timeout",
             "graphviz",
+            "optuna-dashboard",
         ],
         "dali": ["nvidia-dali-cuda130"],
         "postgres": ["psycopg2-binary"],

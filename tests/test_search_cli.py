@@ -98,6 +98,13 @@ def test_real_search_prunes_at_rungs_exports_and_retrains(tmp_path, keep_threads
     tops = sorted((out / "top").iterdir())
     assert tops[0].name == f"1-trial{best.number}" and len(tops) <= 3
 
+    # optuna-dashboard serves the same storage: the study and every trial (rejected ones included).
+    status, body = dashboard_get(f"sqlite:///{out / 'study.db'}", "/api/studies")
+    summaries = json.loads(body)["study_summaries"]
+    assert status.startswith("200") and [s["study_name"] for s in summaries] == ["s"]
+    status, body = dashboard_get(f"sqlite:///{out / 'study.db'}", f"/api/studies/{summaries[0]['study_id']}")
+    assert len(json.loads(body)["trials"]) == len(study.trials)
+
     # Retrain the best graph with the training command (its teachers: the search's, same split).
     from ktg_fast import train
 
@@ -110,6 +117,19 @@ def test_real_search_prunes_at_rungs_exports_and_retrains(tmp_path, keep_threads
     # Running the finished search again does nothing new; raising --trials continues it.
     assert cli.main(["--out", str(out), "--no-progress"]) == 0
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'study.db'}").trials) == len(study.trials)
+
+
+def dashboard_get(storage_url, path):
+    """GET ``path`` from optuna-dashboard's WSGI app over ``storage_url`` (no server, no socket)."""
+    import io
+
+    optuna_dashboard = pytest.importorskip("optuna_dashboard")
+    app = optuna_dashboard.wsgi(optuna.storages.RDBStorage(storage_url))
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "localhost",
+           "SERVER_PORT": "80", "wsgi.input": io.BytesIO(b""), "wsgi.url_scheme": "http", "wsgi.errors": io.StringIO()}
+    status = []
+    body = b"".join(app(env, lambda s, headers, exc_info=None: status.append(s)))
+    return status[0], body
 
 
 def run_cli_subprocess(args, **kw):
