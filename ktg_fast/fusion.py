@@ -55,7 +55,7 @@ from .graph import Graph
 from .loss import graph_loss
 from .models import canonical_model_name
 from .recipe import TrainConfig
-from .step import EagerStep, TrainStep, _node_lrs
+from .step import EagerStep, TrainStep, node_lrs, eval_mode_logits
 
 __all__ = ["NodeGroup", "FusedStep", "GraphStep", "make_fused_step", "group_nodes", "architecture_key", "FUSED_KINDS",
            "CPU_AUTO_KIND"]
@@ -377,14 +377,7 @@ class NodeGroup:
                 self.base.train(self.trainable)
         if train:
             return torch.stack([net(x) for net in self.nets])
-        with torch.no_grad():
-            outs = []
-            for net in self.nets:
-                was = net.training
-                net.eval()
-                outs.append(net(x))
-                net.train(was)
-            return torch.stack(outs)
+        return eval_mode_logits(self.nets, x)
 
     # ------------------------------------------------------------ per-node access
     def node_grads(self, i: int) -> dict[str, Optional[torch.Tensor]]:
@@ -451,7 +444,7 @@ class FusedStep(TrainStep):
         self.lrs = {g: torch.zeros(g.k, dtype=torch.float64, device=self.device) for g in self.train_groups}
         self._first_step_done = False
         self._has_momentum = False
-        self.set_lrs(_node_lrs(graph, cfg))
+        self.set_lrs(node_lrs(graph, cfg))
 
     # ------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, train: bool = True) -> torch.Tensor:

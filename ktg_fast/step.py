@@ -19,9 +19,21 @@ from .graph import Graph
 from .loss import graph_loss
 from .recipe import TrainConfig, make_optimizer
 
-__all__ = ["TrainStep", "EagerStep", "make_step", "STEP_KINDS"]
+__all__ = ["TrainStep", "EagerStep", "eval_mode_logits", "make_step", "STEP_KINDS"]
 
 STEP_KINDS = ("auto", "eager", "fused", "graph")
+
+
+@torch.no_grad()
+def eval_mode_logits(nets: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Stacked eval-mode outputs of ``nets`` on ``x``; each net's train/eval mode is restored."""
+    outs = []
+    for net in nets:
+        was = net.training
+        net.eval()
+        outs.append(net(x))
+        net.train(was)
+    return torch.stack(outs)
 
 
 class TrainStep(ABC):
@@ -35,16 +47,9 @@ class TrainStep(ABC):
     def __call__(self, x: torch.Tensor, y: torch.Tensor, progress: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Train on one batch; return detached node losses (M,) and logits (M, B, C)."""
 
-    @torch.no_grad()
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (M, B, C) of every node in eval mode."""
-        outs = []
-        for net in self.nets:
-            was = net.training
-            net.eval()
-            outs.append(net(x))
-            net.train(was)
-        return torch.stack(outs)
+        return eval_mode_logits(self.nets, x)
 
     @abstractmethod
     def set_lrs(self, lrs: Sequence[float]) -> None:
@@ -92,7 +97,7 @@ class EagerStep(TrainStep):
         self.codes = graph.gate_codes()
         self.loss_impl = loss_impl
         self.trainable = graph.trainable
-        lrs = _node_lrs(graph, cfg)
+        lrs = node_lrs(graph, cfg)
         self.optimizer = make_optimizer([list(self.nets[t - 1].parameters()) for t in self.trainable], lrs, cfg)
         for t in self.trainable:
             self.nets[t - 1].train()
@@ -139,7 +144,7 @@ class EagerStep(TrainStep):
                     self.optimizer.state[p]["momentum_buffer"] = named[name].to(p.device, p.dtype).clone()
 
 
-def _node_lrs(graph: Graph, cfg: TrainConfig) -> list[float]:
+def node_lrs(graph: Graph, cfg: TrainConfig) -> list[float]:
     """Learning rate of each trainable node: ``cfg.node_lr`` is per network node (frozen ones ignored)."""
     if cfg.node_lr is None:
         return [cfg.lr] * len(graph.trainable)

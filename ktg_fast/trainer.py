@@ -26,7 +26,7 @@ from .nodes import build_nodes, save_model_checkpoint
 from .recipe import TrainConfig, lr_at_epoch
 from .step import TrainStep, make_step
 
-__all__ = ["Trainer", "NonFiniteLossError", "RunExistsError", "DataSpec", "resolve_device"]
+__all__ = ["Trainer", "NonFiniteLossError", "RunExistsError", "DataSpec", "read_metrics", "resolve_device"]
 
 log = logging.getLogger("ktg_fast")
 
@@ -218,7 +218,7 @@ class Trainer:
             log.info("%s is already complete", self.out)
             final = self.out / "final.json"
             # A kill after the last checkpoint but before final.json: finish from the last record.
-            return _read_json(final) if final.exists() else self._finish(_read_metrics(self.out / "metrics.jsonl")[-1])
+            return _read_json(final) if final.exists() else self._finish(read_metrics(self.out / "metrics.jsonl")[-1])
         fault_at = int(os.environ.get("KTG_TEST_KILL_AT_STEP", "0"))  # tests: a real SIGKILL mid-run
 
         m = self.graph.num_nodes
@@ -322,12 +322,14 @@ def _truncate_metrics(path: Path, epoch: int) -> None:
     """Drop metric lines written after the checkpoint (a kill between the two writes)."""
     if not path.exists():
         return
-    keep = [json.dumps(r) for r in _read_metrics(path) if r["epoch"] <= epoch]
+    keep = [json.dumps(r) for r in read_metrics(path) if r["epoch"] <= epoch]
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    """Records of ``metrics.jsonl``; a last line cut short by a kill is skipped."""
+def read_metrics(path: Path) -> list[dict]:
+    """Records of a ``metrics.jsonl`` (none if it is missing); a line cut short by a kill is skipped."""
+    if not path.exists():
+        return []
     out = []
     for line in path.read_text().splitlines():
         try:

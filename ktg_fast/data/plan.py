@@ -9,6 +9,7 @@ costs one randperm per epoch; the device loaders upload it once per epoch, async
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -106,7 +107,7 @@ def parse_normalize(normalize: Normalize | None, channels: int) -> tuple[list[fl
 Batch = tuple[Tensor, Tensor]
 
 
-class EpochLoader:
+class EpochLoader(ABC):
     """Base of all loaders: iterating yields one epoch of (x float32 (B, C, H, W), y int64 (B,)).
 
     Each ``iter()`` runs the epoch set by :meth:`set_epoch` (default: the one after the last
@@ -185,11 +186,11 @@ class EpochLoader:
         self._fill_iter = None
         return 0
 
+    @abstractmethod
     def _iter_plan(self, plan: EpochPlan, start: int,
                    out: Batch | list[Tensor] | None) -> Iterator[Batch]:
         """Yield batches ``start..`` of ``plan``; with ``out``, write into ``out[0]``/``out[1]``
         (read anew at every batch) and yield views of them."""
-        raise NotImplementedError
 
     @staticmethod
     def _check_out(out: Batch | list[Tensor] | None, batch_size: int, shape: tuple[int, int, int],

@@ -40,7 +40,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..io import atomic_write_json, atomic_write_text
-from ..trainer import NonFiniteLossError
+from ..trainer import NonFiniteLossError, read_metrics
 from .config import SearchConfig
 from .ledger import ATTR_FAIL, ATTR_KEY, ATTR_REJECTED, Ledger, is_retry, root_of
 from .space import FrozenTargetError, SearchError
@@ -282,7 +282,7 @@ class Worker:
         def on_epoch_end(record: dict) -> None:
             epoch = int(record["epoch"])
             if len(reported) < epoch - 1:  # a resumed run: report the epochs trained before the kill
-                for r in _read_metrics(out / "metrics.jsonl"):
+                for r in read_metrics(out / "metrics.jsonl"):
                     if r["epoch"] < epoch and r["epoch"] not in reported:
                         trial.report(float(r["val_acc"][target - 1]), int(r["epoch"]))
                         reported.add(int(r["epoch"]))
@@ -339,13 +339,13 @@ class Worker:
             src = trial_dir(self.cfg.out, int(number))
             if not (src / "checkpoint.pt").is_file() or (src / "final.json").is_file():
                 continue
-            done = [r["epoch"] for r in _read_metrics(src / "metrics.jsonl")]
+            done = [r["epoch"] for r in read_metrics(src / "metrics.jsonl")]
             if done and max(done) >= self.cfg.epochs:
                 continue  # killed while finishing: its last epoch may lack final.json; train afresh
             if out.exists():
                 shutil.rmtree(out)
             shutil.copytree(src, out, ignore=shutil.ignore_patterns("trial.json", "error.txt", "*.tmp"))
-            records = _read_metrics(out / "metrics.jsonl")  # drop a line the kill may have cut short
+            records = read_metrics(out / "metrics.jsonl")  # drop a line the kill may have cut short
             atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             log.info("trial %d resumes from the checkpoint of trial %d", me.number, number)
             return True
@@ -375,19 +375,6 @@ def _save_target(trainer: Any, out: Path, graph: Any, epoch: int, acc: float) ->
     save_model_checkpoint(out / "nodes" / f"node{t}_{node.model}.pt", trainer.step.nets[t - 1], name=node.model,
                           num_classes=trainer.num_classes, in_channels=trainer.in_channels,
                           dataset=trainer.data.dataset, epochs=epoch, val_acc=acc, pruned=True)
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    """Records of a metrics.jsonl; a line cut short by a kill is skipped."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def _describe(graph: Any) -> str:
