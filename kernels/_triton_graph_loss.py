@@ -130,6 +130,16 @@ def _row_weights(w_kl, is_corr, w_lab, amax, y, valid):
 
 
 @triton.jit
+def _settle_row(m, s_t, s_1, lm, w_kl, is_corr, w_lab, amax, y, valid):
+    """A row's finished softmax stats (masked nodes made harmless: max 0, sums 1) and its gate weights."""
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    s_t = tl.where(lm, s_t, 1.0)
+    s_1 = tl.where(lm, s_1, 1.0)
+    w, w0, wsum = _row_weights(w_kl, is_corr, w_lab, amax, y, valid)
+    return m_ref, s_t, s_1, w, w0, wsum
+
+
+@triton.jit
 def _pass2_block(z, cols, cmask, lm, nmask, m_ref, inv_st, inv_s1, w, w0, wsum, y, inv, X,
                  grow_ptr, gnode_off, row_ok,
                  WRITE_GRAD: tl.constexpr, T: tl.constexpr, K_T: tl.constexpr, SAME_T: tl.constexpr):
@@ -253,19 +263,13 @@ def _fused_kernel(
             m, s_t, s_1, amax = _stats_update(
                 z, 0, tl.full([MP], float("-inf"), tl.float32), tl.zeros([MP], tl.float32),
                 tl.zeros([MP], tl.float32), tl.zeros([MP], tl.int32), K_T, SAME_T)
-            m_ref = tl.where(m == float("-inf"), 0.0, m)
-            s_t = tl.where(lm, s_t, 1.0)
-            s_1 = tl.where(lm, s_1, 1.0)
-            w, w0, wsum = _row_weights(w_kl, is_corr, w_lab, amax, y, valid)
+            m_ref, s_t, s_1, w, w0, wsum = _settle_row(m, s_t, s_1, lm, w_kl, is_corr, w_lab, amax, y, valid)
             X = _pass2_block(tl.where(mask2, z, 0.0), cols, cmask, lm, nmask, m_ref, 1.0 / s_t, 1.0 / s_1,
                              w, w0, wsum, y, inv, tl.zeros([MP, MP], tl.float32),
                              grow_ptr, gnode_off, row_ok, WRITE_GRAD, T, K_T, SAME_T)
         else:
             m, s_t, s_1, amax = _stats_pass(row_ptr, node_off, lm, 0, C, MP, BLOCK_C, K_T, SAME_T)
-            m_ref = tl.where(m == float("-inf"), 0.0, m)
-            s_t = tl.where(lm, s_t, 1.0)
-            s_1 = tl.where(lm, s_1, 1.0)
-            w, w0, wsum = _row_weights(w_kl, is_corr, w_lab, amax, y, valid)
+            m_ref, s_t, s_1, w, w0, wsum = _settle_row(m, s_t, s_1, lm, w_kl, is_corr, w_lab, amax, y, valid)
             X = _pass2_loop(row_ptr, node_off, lm, nmask, 0, C, m_ref, 1.0 / s_t, 1.0 / s_1, w, w0, wsum, y,
                             inv, grow_ptr, gnode_off, row_ok, MP, BLOCK_C, WRITE_GRAD, T, K_T, SAME_T)
         zy = _label_logits(row_ptr, node_off, y, C, lm, w0)
@@ -353,10 +357,7 @@ def _split_grad_kernel(
     valid = y != ignore_index
     lm = need & valid
     m, s_t, s_1, amax = _merge_stats(stats_ptr, amax_ptr, row, MP, NSPLIT, NSP, K_T, SAME_T)
-    m_ref = tl.where(m == float("-inf"), 0.0, m)
-    s_t = tl.where(lm, s_t, 1.0)
-    s_1 = tl.where(lm, s_1, 1.0)
-    w, w0, wsum = _row_weights(w_kl, is_corr, w_lab, amax, y, valid)
+    m_ref, s_t, s_1, w, w0, wsum = _settle_row(m, s_t, s_1, lm, w_kl, is_corr, w_lab, amax, y, valid)
     c_lo = k * CHUNK
     c_hi = tl.minimum(c_lo + CHUNK, C)
     X = _pass2_loop(logits_ptr + row.to(tl.int64) * s_b, node_off, lm, nmask, c_lo, c_hi, m_ref,
@@ -392,10 +393,7 @@ def _split_loss_kernel(
         valid = row_ok & (y != ignore_index)
         lm = need & valid
         m, s_t, s_1, amax = _merge_stats(stats_ptr, amax_ptr, row, MP, NSPLIT, NSP, K_T, SAME_T)
-        m_ref = tl.where(m == float("-inf"), 0.0, m)
-        s_t = tl.where(lm, s_t, 1.0)
-        s_1 = tl.where(lm, s_1, 1.0)
-        w, w0, wsum = _row_weights(w_kl, is_corr, w_lab, amax, y, valid)
+        m_ref, s_t, s_1, w, w0, wsum = _settle_row(m, s_t, s_1, lm, w_kl, is_corr, w_lab, amax, y, valid)
         xoff = row.to(tl.int64) * (NSPLIT * MP * MP) + ks[:, None, None] * (MP * MP) \
             + nodes[None, :, None] * MP + nodes[None, None, :]
         X = tl.sum(tl.load(xbuf_ptr + xoff, mask=(ks < NSPLIT)[:, None, None], other=0.0), axis=0)

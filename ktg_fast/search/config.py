@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..io import atomic_write_json
+from ..recipe import TrainConfig
 from .space import DEFAULT_GATES, DEFAULT_MODELS, SearchError, SearchSpace
 
 __all__ = ["SearchConfig", "STUDY_KEYS", "CONFIG_FILE", "load_config"]
@@ -57,16 +58,16 @@ class SearchConfig:
     train_subset: Optional[int] = None
     eval_subset: Optional[int] = None
     loader: str = "auto"
-    # recipe
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
+    # recipe: the paper's defaults, taken from TrainConfig so the two never drift apart
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
+    momentum: float = TrainConfig.momentum
+    nesterov: bool = TrainConfig.nesterov
+    weight_decay: float = TrainConfig.weight_decay
     milestones: Optional[list[int]] = None
-    gamma: float = 0.1
-    augment: bool = True
-    seed: int = 0
+    gamma: float = TrainConfig.gamma
+    augment: bool = TrainConfig.augment
+    seed: int = TrainConfig.seed
     # teachers of frozen nodes
     teachers: Optional[str] = None
     teacher_epochs: Optional[int] = None
@@ -134,8 +135,6 @@ class SearchConfig:
                         train_subset=self.train_subset, eval_subset=self.eval_subset, loader=self.loader)
 
     def train_config(self, seed: int, epochs: Optional[int] = None):
-        from ..recipe import TrainConfig
-
         return TrainConfig(epochs=epochs or self.epochs, batch_size=self.batch_size, lr=self.lr,
                            momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay,
                            milestones=self.milestones, gamma=self.gamma, seed=seed, augment=self.augment)
