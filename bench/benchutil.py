@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import time
 from pathlib import Path
@@ -13,7 +14,24 @@ from ktg_fast.io import atomic_write_json
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-RESULTS_DIR = Path(__file__).parent / "results"
+# Where result files go: bench/results/ unless KTG_BENCH_RESULTS names another folder (bench/gpu.sh).
+RESULTS_DIR = Path(os.environ.get("KTG_BENCH_RESULTS") or Path(__file__).parent / "results")
+# KTG_BENCH_QUICK=1: the paper's sizes with few repetitions (bench/gpu.sh, a verification in minutes).
+QUICK = os.environ.get("KTG_BENCH_QUICK", "0") not in ("", "0")
+
+
+def versions() -> dict:
+    """Device, torch, Triton and CUDA versions, date: what every result file records."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": torch.cuda.get_device_name(DEVICE) if CUDA else platform.processor() or "cpu",
+            "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "date": _dt.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
+            "quick": QUICK}
 
 
 def sync() -> None:
@@ -45,7 +63,5 @@ def time_calls(fn: Callable[[], object], rounds: int, warmup: int = 0) -> list[f
 def write_result(name: str, record: dict) -> Path:
     """Write ``bench/results/<name>-<stamp>.json`` with the device, versions and date added."""
     now = _dt.datetime.now()
-    full = {"benchmark": name, "device": torch.cuda.get_device_name(DEVICE) if CUDA else platform.processor() or "cpu",
-            "torch": torch.__version__, "cuda": torch.version.cuda, "date": now.isoformat(),
-            "python": platform.python_version(), **record}
+    full = {"benchmark": name, **versions(), **record}
     return atomic_write_json(RESULTS_DIR / f"{name}-{now.strftime('%Y%m%d-%H%M%S')}.json", full)

@@ -1,6 +1,6 @@
 """Search throughput: trials per hour of the paper's search on one device, with 1, 2 and 4 workers.
 
-    pytest bench/test_bench_search.py -s          # KTG_BENCH_WINDOW_S=20 by default (timed seconds per run)
+    pytest bench/test_bench_search.py --benchmark-only -s   # KTG_BENCH_WINDOW_S=20 by default (timed s per run)
 
 The paper's setting: 3 nodes (ResNet32 target; auxiliary nodes from ResNet32,
 ResNet110, WRN-28-2; four gates), CIFAR-100-sized data (40k train / 10k val,
@@ -18,7 +18,6 @@ say nothing about the GPU target.  A JSON record goes to bench/results/.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import platform
@@ -29,13 +28,14 @@ from pathlib import Path
 
 import torch
 
+from benchutil import QUICK, RESULTS_DIR, versions
 from ktg_fast.search.budget import expected_epochs_per_trial, trials_per_hour
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = Path(__file__).parent / "results"
 CUDA = torch.cuda.is_available()
-WINDOW_S = float(os.environ.get("KTG_BENCH_WINDOW_S", "20"))
-WORKERS = (1, 2, 4)
+WINDOW_S = float(os.environ.get("KTG_BENCH_WINDOW_S", "8" if QUICK else "20"))
+# On a CPU more workers than cores only time-slice them: 1 and 2 there.
+WORKERS = (1, 2, 4) if CUDA else (1, 2)
 TRIALS, HOURS_TARGET = 1500, 6.0
 
 
@@ -60,7 +60,12 @@ def run_workers(k: int, seeds: list[int]) -> list[dict]:
     return out
 
 
-def test_trials_per_hour_of_the_paper_search():
+def test_trials_per_hour_of_the_paper_search(benchmark):
+    # Through pytest-benchmark (one round), so `pytest bench/ --benchmark-only` runs this suite too.
+    benchmark.pedantic(_measure_and_report, rounds=1, iterations=1)
+
+
+def _measure_and_report() -> None:
     e_trial = expected_epochs_per_trial(200, 1, 2, 0)
     device = torch.cuda.get_device_name(0) if CUDA else f"CPU ({platform.processor() or platform.machine()}, " \
                                                          f"{os.cpu_count()} cores)"
@@ -87,7 +92,6 @@ def test_trials_per_hour_of_the_paper_search():
     print(verdict if CUDA else "no GPU: the GPU figure is unmeasured; " + verdict.replace("target", "CPU vs target"))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if CUDA else "cpu"
-    record = {"bench": "search_trials_per_hour", "date": _dt.datetime.now().isoformat(timespec="seconds"),
-              "device": device, "torch": torch.__version__, "window_s": WINDOW_S,
+    record = {"bench": "search_trials_per_hour", **versions(), "device": device, "window_s": WINDOW_S,
               "expected_epochs_per_trial": e_trial, "rows": rows, "verdict": verdict}
     (RESULTS_DIR / f"search_trials_per_hour_{tag}.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -27,10 +27,14 @@ Kernels:
     _split_stats_kernel  pass 1 over a chunk of C        (few rows, large C:
     _split_grad_kernel   pass 2 over a chunk of C         C split across
     _split_loss_kernel   merge X of the chunks, losses    programs)
-    _scale_kernel        backward: grad[m] *= grad_output[m], skipped when 1.
+    _scale_kernel        backward: grad[m] *= grad_output[m] (skipped when 1), or the
+                         same into a new buffer of the logits' dtype (fp16 logits).
 
 Every kernel converts what it loads to float32 at once and stores gradients
-in the logits' dtype; offsets are int64.
+in the gradient buffer's dtype (the logits' dtype, float32 for float16 logits);
+offsets are int64.  Masked classes (logits -inf) follow 0 * log 0 = 0, and a
+cutoff edge contributes exactly zero to loss and gradient whatever its source
+holds (NaN or inf included).
 """
 from __future__ import annotations
 
@@ -147,15 +151,17 @@ def _pass2_block(z, cols, cmask, lm, nmask, m_ref, inv_st, inv_s1, w, w0, wsum, 
     mask2 = lm[:, None] & cmask[None, :]
     d = tl.where(mask2, z - m_ref[:, None], 0.0)
     p = tl.where(mask2, tl.exp2(d * K_T) * inv_st[:, None], 0.0)
-    # X[s, t] += sum_c p_s d_t
-    X += tl.sum(p[:, None, :] * d[None, :, :], axis=2)
+    # X[s, t] += sum_c p_s d_t.  A masked class (logit -inf) has p = 0 and d = -inf: clamping d to
+    # the most negative float keeps 0 * log 0 = 0 (no NaN), while p_s > 0 against it stays huge.
+    X += tl.sum(p[:, None, :] * tl.maximum(d, -3.0e38)[None, :, :], axis=2)
     if WRITE_GRAD:
         if SAME_T:
             q = p
         else:
             q = tl.where(mask2, tl.exp2(d * 1.4426950408889634) * inv_s1[:, None], 0.0)
-        # mix[t, c] = sum_s w_st p_s
-        mix = tl.sum(w[:, :, None] * p[:, None, :], axis=0)
+        # mix[t, c] = sum_s w_st p_s; where(), not w * p: a cutoff edge (w = 0) from a source holding
+        # NaN or inf must leave the target's gradient untouched (0 * NaN is NaN).
+        mix = tl.sum(tl.where(w[:, :, None] != 0.0, w[:, :, None] * p[:, None, :], 0.0), axis=0)
         onehot = tl.where(cols[None, :] == y, 1.0, 0.0)
         g = (T * (wsum[:, None] * p - mix) + w0[:, None] * (q - onehot)) * inv
         smask = nmask[:, None] & cmask[None, :] & row_ok
@@ -406,14 +412,28 @@ def _split_loss_kernel(
 
 
 @triton.jit
-def _scale_kernel(grad_ptr, gout_ptr, s_g, N, BLOCK: tl.constexpr):
-    """grad[m, :] *= gout[m] in place over a flat (M, N) buffer; no memory traffic when gout[m] == 1."""
-    blk = tl.program_id(0)  # axis 0: up to 2^31 - 1 blocks (axis 1 stops at 65535)
+def _scale_loop(src_ptr, dst_ptr, node, g, N, BLOCK: tl.constexpr):
+    """dst[node, :] = src[node, :] * g over blocks pid, pid + P, ... (a stride loop over a fixed grid)."""
+    base = node.to(tl.int64) * N
+    # The loop variable takes N's integer width: int64 once a node holds 2^31 elements or more.
+    for start in range(tl.program_id(0) * BLOCK, N, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < N
+        x = tl.load(src_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst_ptr + base + offs, (x * g).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_kernel(src_ptr, dst_ptr, gout_ptr, s_g, N, BLOCK: tl.constexpr, IN_PLACE: tl.constexpr):
+    """dst[m, :] = src[m, :] * gout[m] over flat (M, N) buffers; grid (P, M) with P small and fixed.
+
+    In place (src is dst), a node whose gout is 1 costs no memory traffic; out of place (an fp32
+    gradient cast to fp16 logits' dtype) every node is written.
+    """
     node = tl.program_id(1)
     g = tl.load(gout_ptr + node * s_g).to(tl.float32)
-    if g != 1.0:
-        offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        ptr = grad_ptr + node.to(tl.int64) * N + offs
-        x = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptr, (x * g).to(ptr.dtype.element_ty), mask=mask)
+    if IN_PLACE:
+        if g != 1.0:
+            _scale_loop(src_ptr, dst_ptr, node, g, N, BLOCK)
+    else:
+        _scale_loop(src_ptr, dst_ptr, node, g, N, BLOCK)

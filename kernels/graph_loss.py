@@ -9,9 +9,20 @@ in place, by ``grad_output`` (a kernel that touches no memory for nodes whose
 grad_output is 1).  No host synchronisation happens anywhere, so the op can be
 captured in a CUDA graph, and ``torch.library.triton_op`` lets
 ``torch.compile`` trace into it.
+
+Precision: float16 logits get a float32 gradient buffer, scaled by
+``grad_output`` and cast once in backward, so a loss scaled by
+``torch.amp.GradScaler`` (grad_output 65536) keeps gradients that float16
+would flush to zero at about p / B.  bfloat16 shares float32's exponent range,
+so its gradient is stored in bfloat16 (half the memory at LLM vocabularies).
+
+Devices: Triton launches on the *current* CUDA device, not on the tensors'
+one, so every launch enters the logits' device (``cuda:1`` works when the
+current device is 0).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -33,6 +44,14 @@ _LABEL_BLOCK = 1024
 # Split C only into chunks at least this long.
 _MIN_CHUNK = 8192
 _SCALE_BLOCK = 4096
+# The backward's scale kernel runs a fixed grid of at most this many programs (over all nodes),
+# each looping over blocks: a node whose grad_output is 1 then costs a handful of idle programs.
+_SCALE_GRID = 1024
+
+
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the gradient buffer the forward writes for logits of ``dtype`` (float16 -> float32)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 # Whether Triton built this module's kernels for its interpreter (TRITON_INTERPRET=1 at import).
@@ -87,11 +106,14 @@ def plan(
     num_splits: int | None = None,
     block_c: int | None = None,
     rows_per_program: int | None = None,
+    sms: int | None = None,
 ) -> Plan:
     """Choose block sizes, rows per program and the C split for an (m, b, c) problem.
 
     The keyword arguments override the heuristics (tests use them to reach the
-    multi-block, multi-row and split-C code paths with small shapes).
+    multi-block, multi-row and split-C code paths with small shapes); ``sms``
+    (streaming multiprocessors) stands in for the device's when planning ahead
+    of time without a GPU (:mod:`ktg_fast.kernels.aot`).
     """
     mp = triton.next_power_of_2(m)
     if block_c is None:
@@ -100,7 +122,10 @@ def plan(
     if block_c < 1 or block_c & (block_c - 1):
         raise ValueError(f"block_c must be a power of two, got {block_c}")
     on_gpu = device.type == "cuda" and not _interpreted()
-    sms = _sm_count(-1 if device.index is None else device.index) if on_gpu else 1
+    if not on_gpu:
+        sms = 1
+    elif sms is None:
+        sms = _sm_count(-1 if device.index is None else device.index)
     if num_splits is None:
         num_splits = 1
         if on_gpu and b < 2 * sms and c >= 2 * _MIN_CHUNK:
@@ -117,22 +142,40 @@ def plan(
             rows_per_program = max(1, min(b // (16 * sms), 16)) if on_gpu else max(1, min(b, 16))
     if rows_per_program < 1:
         raise ValueError(f"rows_per_program must be >= 1, got {rows_per_program}")
+    # At most 16 elements of the [MP, MP, BLOCK_C] tile per thread: with 32 (8 warps at M = 16, or 4 at
+    # MP = 2, BLOCK_C = 1024) ptxas spills on sm_90 (tests/test_kernel_build.py checks every plan).
     tile = mp * mp * block_c
-    num_warps = 1 if tile <= 1024 else 2 if tile <= 2048 else 4 if tile <= 4096 else 8
+    num_warps = max(1, min(16, tile // (32 * 16)))
     return Plan(block_c, int(rows_per_program), int(num_splits), int(chunk), num_warps,
                 b <= _COUNT_IN_KERNEL_MAX_B)
 
 
+def _device_guard(probe: torch.Tensor):
+    """Make ``probe``'s CUDA device current for a launch (Triton launches on the current device).
+
+    Only real CUDA tensors get a guard: fake tensors (tracing) and CPU tensors (the interpreter)
+    need none, and Inductor's generated launches carry their own.
+    """
+    if _is_real_cuda(probe):
+        return torch.cuda.device(probe.device)
+    return contextlib.nullcontext()
+
+
+def _is_real_cuda(t: torch.Tensor) -> bool:
+    return type(t) is torch.Tensor and t.device.type == "cuda"
+
+
 def _launch(kernel, grid: tuple, probe: torch.Tensor, *args, **kwargs) -> None:
-    """Launch ``kernel`` traceably (``wrap_triton``); under the interpreter call it directly.
+    """Launch ``kernel`` on ``probe``'s device, traceably (``wrap_triton``); under the interpreter directly.
 
     Interpreted kernels cannot be traced: on fake tensors (shape propagation) they are skipped.
     """
-    if _interpreted():
-        if not isinstance(probe, torch._subclasses.FakeTensor):
-            kernel[grid](*args, **kwargs)
-    else:
-        wrap_triton(kernel)[grid](*args, **kwargs)
+    with _device_guard(probe):
+        if _interpreted():
+            if not isinstance(probe, torch._subclasses.FakeTensor):
+                kernel[grid](*args, **kwargs)
+        else:
+            wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def _partials(n_prog: int, m: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,14 +203,17 @@ def _graph_loss_fwd(
     num_warps: int,
     count_in_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Functional forward: (node_loss (M,), edge_loss (M+1, M+1), grad (M, B, C) or (0,))."""
+    """Functional forward: (node_loss (M,), edge_loss (M+1, M+1), grad (M, B, C) or (0,)).
+
+    ``grad`` has dtype :func:`grad_dtype` of the logits' (float32 for float16 logits).
+    """
     m, b, c = logits.shape
     mp = triton.next_power_of_2(m)
     mp1 = triton.next_power_of_2(m + 1)
     dev = logits.device
     t = float(temperature)
     consts = dict(T=t, K_T=K._LOG2E / t, SAME_T=t == 1.0)
-    grad = torch.empty((m, b, c) if compute_grad else (0,), dtype=logits.dtype, device=dev)
+    grad = torch.empty((m, b, c) if compute_grad else (0,), dtype=grad_dtype(logits.dtype), device=dev)
     count = labels  # a placeholder pointer when counting inside the kernel
     if not count_in_kernel:
         count = (labels != ignore_index).sum()
@@ -216,22 +262,36 @@ def _graph_loss_fwd(
     return node_p.sum(0), edge_p.sum(0), grad
 
 
+def _scale_launch(src: torch.Tensor, dst: torch.Tensor, grad_output: torch.Tensor) -> None:
+    m = src.shape[0]
+    n = src.numel() // max(m, 1)
+    if n == 0:
+        return
+    nblk = triton.cdiv(n, _SCALE_BLOCK)
+    programs = max(1, min(nblk, _SCALE_GRID // m))
+    _launch(
+        K._scale_kernel, (programs, m), src,
+        src, dst, grad_output, grad_output.stride(0), n, BLOCK=_SCALE_BLOCK,
+        IN_PLACE=src is dst, num_warps=8,
+    )
+
+
 @triton_op("ktg_fast::scale_node_grad_", mutates_args={"grad"})
 def _scale_node_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     """grad[m] *= grad_output[m] in place; nodes whose grad_output is 1 cost no memory traffic."""
-    m = grad.shape[0]
-    n = grad.numel() // max(m, 1)
-    if n == 0:
-        return
-    _launch(
-        K._scale_kernel, (triton.cdiv(n, _SCALE_BLOCK), m), grad,
-        grad, grad_output, grad_output.stride(0), n, BLOCK=_SCALE_BLOCK, num_warps=8,
-    )
+    _scale_launch(grad, grad, grad_output)
+
+
+@triton_op("ktg_fast::scale_node_grad_into", mutates_args={"out"})
+def _scale_node_grad_into(grad: torch.Tensor, grad_output: torch.Tensor, out: torch.Tensor) -> None:
+    """out[m] = grad[m] * grad_output[m] in out's dtype (an fp32 gradient cast once to fp16)."""
+    _scale_launch(grad, out, grad_output)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     _, _, grad = output
     ctx.compute_grad = inputs[6]
+    ctx.logits_dtype = inputs[0].dtype
     ctx.save_for_backward(grad if ctx.compute_grad else None)
 
 
@@ -244,7 +304,11 @@ def _backward(ctx, grad_node, grad_edge, grad_grad):
     traced = torch.compiler.is_compiling() or type(grad) is not torch.Tensor
     if traced:
         # Under torch.compile: functional (Inductor fuses the multiply; no in-place on a saved tensor).
-        out = (grad.to(torch.float32) * g.view(-1, 1, 1)).to(grad.dtype)
+        out = (grad.to(torch.float32) * g.view(-1, 1, 1)).to(ctx.logits_dtype)
+    elif grad.dtype != ctx.logits_dtype:
+        # fp16 logits: scale the fp32 gradient, then round once (GradScaler's factor applied before it).
+        out = torch.empty(grad.shape, dtype=ctx.logits_dtype, device=grad.device)
+        torch.ops.ktg_fast.scale_node_grad_into(grad, g, out)
     else:
         # Eager: scale the saved buffer in place (no second gradient-sized buffer) and bump its
         # version, so a second backward through the same graph fails loudly instead of scaling twice.
@@ -280,7 +344,8 @@ def _check_inputs(
             "with TRITON_INTERPRET=1 set before ktg_fast.kernels is first imported"
         )
     if labels.shape != (b,) or labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"labels must be ({b},) int64, got shape {tuple(labels.shape)} {labels.dtype}")
+        raise ValueError(f"labels must be ({b},) int64 or int32 class indices, got shape {tuple(labels.shape)} "
+                         f"{labels.dtype}")
     if gate_codes.shape != (m + 1, m + 1) or gate_codes.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"gate_codes must be ({m + 1}, {m + 1}) int32/int64, got shape "
                          f"{tuple(gate_codes.shape)} {gate_codes.dtype}")

@@ -42,6 +42,7 @@ Streams and CUDA graph
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
@@ -490,8 +491,15 @@ class FusedStep(TrainStep):
     # ------------------------------------------------------------ the step
     def __call__(self, x: torch.Tensor, y: torch.Tensor, progress: Union[float, torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        node_loss, logits = self._train_body(x, y, progress)
+        with self._on_device():
+            node_loss, logits = self._train_body(x, y, progress)
         return node_loss.detach(), logits.detach()
+
+    def _on_device(self):
+        """Make the nets' CUDA device current: streams, Triton launches and captures use the current one."""
+        if self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
 
     def _train_body(self, x: torch.Tensor, y: torch.Tensor, progress: Union[float, torch.Tensor]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -619,13 +627,19 @@ class GraphStep(FusedStep):
             raise ValueError("a CUDA-graph step needs the nets on a CUDA device; use the fused step on "
                              f"{self.device.type}")
         self.warmup = max(1, int(warmup))
+        self.steady_after = self.warmup + 1  # warm-up calls, then the call that captures
         self._calls = 0
         self._graph: Optional["torch.cuda.CUDAGraph"] = None
         self._failed = False
         self._last_shape: Optional[tuple] = None
         self._side = torch.cuda.Stream(self.device)
+        self._capture_stream = torch.cuda.Stream(self.device)
 
     def __call__(self, x, y, progress):
+        with self._on_device():
+            return self._call(x, y, progress)
+
+    def _call(self, x, y, progress):
         if self._graph is not None and x.shape == self._sx.shape and y.shape == self._sy.shape:
             self._sx.copy_(x)
             self._sy.copy_(y)
@@ -672,7 +686,10 @@ class GraphStep(FusedStep):
         graph = torch.cuda.CUDAGraph()
         prev = torch.cuda.current_stream(self.device)
         try:
-            with torch.cuda.graph(graph):
+            # A capture stream of the nets' device (torch.cuda.graph's default is made on whichever device
+            # is current at its first use), and thread-local errors: DALI's and other threads' CUDA calls
+            # during the capture are theirs, not an invalidation of ours.
+            with torch.cuda.graph(graph, stream=self._capture_stream, capture_error_mode="thread_local"):
                 loss, logits = self._train_body(self._sx, self._sy, self._sp)
         except BaseException:
             torch.cuda.set_stream(prev)  # an aborted capture may leave its stream current

@@ -129,11 +129,28 @@ def get_gate(key: str | int) -> Gate:
     return gate
 
 
+def _code_of(g: object, s: int, t: int) -> int:
+    """The code of one gate-matrix entry: a gate name or an integer code (never a float or a bool)."""
+    if isinstance(g, str):
+        return get_gate(g).code
+    if isinstance(g, bool) or not isinstance(g, int):
+        # 1.7 must not silently become through (1), nor True/yes become a code.
+        raise ValueError(f"gate[{s}][{t}] is {g!r}: a gate is a name ({', '.join(gate_names())}) or an integer code")
+    return get_gate(g).code
+
+
 def gate_codes(gates: Union[torch.Tensor, Sequence[Sequence[Union[str, int]]]]) -> torch.Tensor:
-    """Turn a square gate matrix of names or codes into an int64 CPU tensor of codes."""
+    """Turn a square gate matrix of names or integer codes into an int64 CPU tensor of codes.
+
+    Raises ``ValueError`` for a non-square matrix or a float / bool entry (naming it) and
+    ``KeyError`` for an unknown gate name or code.
+    """
     if isinstance(gates, torch.Tensor):
         if gates.dim() != 2 or gates.shape[0] != gates.shape[1]:
             raise ValueError(f"gate matrix must be square (M+1, M+1), got shape {tuple(gates.shape)}")
+        if gates.dtype.is_floating_point or gates.dtype.is_complex or gates.dtype == torch.bool:
+            raise ValueError(f"a gate-code tensor must have an integer dtype, got {gates.dtype}: "
+                             "codes are 0 cutoff, 1 through, 2 linear, 3 correct")
         codes = gates.detach().to("cpu", torch.int64)
         for c in codes.unique().tolist():
             get_gate(c)
@@ -142,4 +159,5 @@ def gate_codes(gates: Union[torch.Tensor, Sequence[Sequence[Union[str, int]]]]) 
     n = len(rows)
     if n == 0 or any(len(r) != n for r in rows):
         raise ValueError(f"gate matrix must be square (M+1, M+1), got row lengths {[len(r) for r in rows]}")
-    return torch.tensor([[get_gate(g).code for g in r] for r in rows], dtype=torch.int64)
+    return torch.tensor([[_code_of(g, s, t) for t, g in enumerate(r)] for s, r in enumerate(rows)],
+                        dtype=torch.int64)

@@ -9,6 +9,8 @@ tested against.
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 from typing import NamedTuple, Sequence, Union
 
 import torch
@@ -40,14 +42,49 @@ def _stack_logits(logits: LogitsLike) -> torch.Tensor:
     if isinstance(logits, torch.Tensor):
         if logits.dim() != 3:
             raise ValueError(f"logits must be (M, B, C) or a list of M (B, C) tensors, got shape {tuple(logits.shape)}")
-        return logits
-    logits = list(logits)
-    if not logits:
-        raise ValueError("logits is an empty list: pass one (B, C) tensor per network node")
-    shapes = {tuple(z.shape) for z in logits}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise ValueError(f"every node's logits must be (B, C) with the same B and C, got shapes {sorted(shapes)}")
-    return torch.stack(logits)
+        z = logits
+    else:
+        logits = list(logits)
+        if not logits:
+            raise ValueError("logits is an empty list: pass one (B, C) tensor per network node")
+        if not all(isinstance(x, torch.Tensor) for x in logits):
+            raise TypeError("logits must be tensors: an (M, B, C) tensor or a list of M (B, C) tensors")
+        shapes = {tuple(x.shape) for x in logits}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"every node's logits must be (B, C) with the same B and C, got shapes {sorted(shapes)}")
+        z = torch.stack(logits)
+    if not z.dtype.is_floating_point:
+        raise TypeError(f"logits must be floating point (float32, float64, bfloat16 or float16), got {z.dtype}")
+    return z
+
+
+_LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_labels(labels: torch.Tensor, z: torch.Tensor, ignore_index: int) -> None:
+    """Shape, dtype and (on the CPU, where it costs no synchronisation) range of the labels."""
+    m, b, c = z.shape
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a ({b},) int64 or int32 tensor of class indices, got {type(labels).__name__}")
+    if labels.shape != (b,):
+        raise ValueError(f"labels must be ({b},) to match logits {tuple(z.shape)}, got {tuple(labels.shape)}")
+    if labels.dtype not in _LABEL_DTYPES:
+        raise ValueError(f"labels must be int64 or int32 class indices, got {labels.dtype}")
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= c))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={ignore_index}; "
+                             f"labels[{i}] is {int(labels[i])}")
+
+
+def _check_temperature(temperature: float) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a positive finite number, got {temperature!r}")
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return t
 
 
 def prepare_gates(gates: GatesLike, num_nodes: int) -> torch.Tensor:
@@ -76,11 +113,26 @@ def prepare_gates(gates: GatesLike, num_nodes: int) -> torch.Tensor:
 def _progress_tensor(
     progress: Union[float, torch.Tensor], device: torch.device, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
+    """progress as a 0-dim tensor; values outside [0, 1] (or NaN) are refused where it costs no sync.
+
+    A float is always checked; a CPU tensor too; a CUDA tensor is not (it would synchronise every step).
+    """
     if isinstance(progress, torch.Tensor):
-        if progress.numel() != 1:
-            raise ValueError(f"progress must be a float or a 0-dim tensor, got shape {tuple(progress.shape)}")
+        if progress.numel() != 1 or not progress.dtype.is_floating_point:
+            raise ValueError(f"progress must be a float or a 0-dim floating-point tensor, got "
+                             f"{progress.dtype} of shape {tuple(progress.shape)}")
+        if progress.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_progress_value(float(progress))
         return progress.reshape(()).to(device=device, dtype=dtype)
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)):
+        raise TypeError(f"progress must be a number in [0, 1] or a 0-dim tensor, got {progress!r}")
+    _check_progress_value(float(progress))
     return torch.tensor(float(progress), device=device, dtype=dtype)
+
+
+def _check_progress_value(v: float) -> None:
+    if not 0.0 <= v <= 1.0:  # also false for NaN
+        raise ValueError(f"progress (k / k_end of the linear gate) must lie in [0, 1], got {v!r}")
 
 
 def graph_loss_reference(
@@ -102,14 +154,11 @@ def graph_loss_reference(
     z = _stack_logits(logits)
     m, b, c = z.shape
     codes = prepare_gates(gates, m)
-    if labels.shape != (b,):
-        raise ValueError(f"labels must be ({b},) to match logits {tuple(z.shape)}, got {tuple(labels.shape)}")
+    _check_labels(labels, z, ignore_index)
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     dev = z.device
     zf = z.to(dtype)
-    t = float(temperature)
-    if not t > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    t = _check_temperature(temperature)
 
     labels = labels.to(dev)
     valid = labels != ignore_index
@@ -148,12 +197,20 @@ def graph_loss_reference(
         zs = zf[kl_sources].detach() / t
         logp_s = torch.log_softmax(zs, dim=-1)
         p_s = logp_s.exp()
-        neg_entropy = (p_s * logp_s).sum(-1)  # (S, B): sum_c p_s log p_s
-        logp_t = torch.log_softmax(zf[kl_targets] / t, dim=-1)
-        cross = torch.einsum("sbc,tbc->stb", p_s, logp_t)  # sum_c p_s log p_t for every pair
+        # 0 * log 0 = 0: masked classes (logits -inf) have p = 0 and log p = -inf; clamping log p to
+        # the most negative float keeps them at 0, while p_s > 0 against a masked target class stays huge.
+        fmin = torch.finfo(dtype).min
+        neg_entropy = (p_s * logp_s.clamp(min=fmin)).sum(-1)  # (S, B): sum_c p_s log p_s
+        logp_t = torch.log_softmax(zf[kl_targets] / t, dim=-1).clamp(min=fmin)
+        # The pairwise product also carries every target's gradient (sum_s w_st p_s): a source holding
+        # NaN/inf must not reach targets it has only cutoff edges to (0 * NaN), so the product sees
+        # finite probabilities; such a source's live edges still get a NaN loss through neg_entropy.
+        p_fin = torch.nan_to_num(p_s, nan=0.0, posinf=0.0, neginf=0.0)
+        cross = torch.einsum("sbc,tbc->stb", p_fin, logp_t)  # sum_c p_s log p_t for every pair
         per_sample = (t * t) * (neg_entropy.unsqueeze(1) - cross)  # (S, T, B)
         w_kl = weights[1:, 1:][kl_sources][:, kl_targets]
-        vals = (w_kl * per_sample).sum(-1)
+        # where(), not w * l: a cutoff edge (or an ignored row) is exactly 0 whatever l holds.
+        vals = torch.where(w_kl != 0, w_kl * per_sample, 0.0).sum(-1)
         si = _index_tensor(tuple(s + 1 for s in kl_sources), str(dev))
         ti = _index_tensor(tuple(t + 1 for t in kl_targets), str(dev))
         edge = edge.index_put((si.unsqueeze(1), ti.unsqueeze(0)), vals)
@@ -162,7 +219,8 @@ def graph_loss_reference(
     if ce_targets:
         zt = zf[ce_targets]
         ce = torch.logsumexp(zt, dim=-1) - zt.gather(-1, safe_labels.expand(len(ce_targets), b).unsqueeze(-1)).squeeze(-1)
-        vals = (weights[0, 1:][ce_targets] * ce).sum(-1)
+        w_ce = weights[0, 1:][ce_targets]
+        vals = torch.where(w_ce != 0, w_ce * ce, 0.0).sum(-1)
         edge = edge.index_put((_index_tensor((0,) * len(ce_targets), str(dev)),
                                _index_tensor(tuple(t + 1 for t in ce_targets), str(dev))), vals)
 
@@ -184,23 +242,60 @@ def _device_codes(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
     return _cached_codes(tuple(map(tuple, codes.tolist())), str(device))
 
 
+# Devices on which the kernel failed to build or launch under impl="auto": they use the reference.
+_KERNEL_BROKEN: dict[str, str] = {}
+
+
+def _kernel_dtype_ok(z: torch.Tensor) -> bool:
+    return z.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernel_device_ok(z: torch.Tensor) -> bool:
+    """Whether impl="auto" tries the kernel on z's device: CUDA only (the interpreter is for tests)."""
+    return z.is_cuda
+
+
+def _warn_fallback(device: torch.device, cause: str) -> None:
+    key = str(device)
+    if key not in _KERNEL_BROKEN:
+        _KERNEL_BROKEN[key] = cause
+        warnings.warn(f"graph_loss: the fused Triton kernel is unavailable on {device} ({cause}); using the "
+                      "PyTorch reference there (slower, same result). Pass impl='triton' to get the error instead.",
+                      RuntimeWarning, stacklevel=3)
+
+
 def _use_kernel(z: torch.Tensor, codes: torch.Tensor, impl: str) -> bool:
+    if impl not in ("auto", "triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
     if impl == "reference":
         return False
     kernel_ok = all(int(cde) in _gates.KERNEL_GATES for cde in codes.unique().tolist())
     if impl == "triton":
         if not kernel_ok:
             raise ValueError("impl='triton' supports the built-in gates only; use impl='reference' for custom gates")
+        if z.dtype == torch.float64:
+            raise TypeError("impl='triton' takes float32, bfloat16 or float16 logits; use impl='reference' for "
+                            "float64")
         return True
-    if impl != "auto":
-        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
-    if not (kernel_ok and z.is_cuda and z.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+    if not (kernel_ok and _kernel_device_ok(z) and _kernel_dtype_ok(z)) or str(z.device) in _KERNEL_BROKEN:
         return False
     try:
         from . import kernels
-    except ImportError:
+    except ImportError as e:  # e.g. an un-installed checkout: kernels/ is installed as ktg_fast.kernels
+        _warn_fallback(z.device, f"cannot import ktg_fast.kernels: {e}; install the package with pip install -e .")
         return False
-    return hasattr(kernels, "graph_loss_triton") and kernels.is_available(z.device)
+    return kernels.is_available(z.device)
+
+
+def _kernel_loss(z: torch.Tensor, labels: torch.Tensor, codes: torch.Tensor, temperature: float,
+                 progress: Union[float, torch.Tensor], ignore_index: int) -> GraphLossResult:
+    from . import kernels
+
+    node, edge = kernels.graph_loss_triton(
+        z, labels.to(z.device), _device_codes(codes, z.device), temperature,
+        _progress_tensor(progress, z.device), int(ignore_index),
+    )
+    return GraphLossResult(node_loss=node, edge_loss=edge)
 
 
 def graph_loss(
@@ -212,43 +307,80 @@ def graph_loss(
     progress: Union[float, torch.Tensor] = 1.0,
     ignore_index: int = -100,
     impl: str = "auto",
+    check_finite: bool = False,
 ) -> GraphLossResult:
     """Losses of every node and edge of a knowledge transfer graph for one batch.
 
     Args:
         logits: (M, B, C) stacked logits of network nodes 1..M, or a list of
-            M (B, C) tensors (node order of the graph).
-        labels: (B,) int64 class labels; rows equal to ``ignore_index`` are
-            left out of every edge and of the batch count.
+            M (B, C) tensors (node order of the graph); float32, float64,
+            bfloat16 or float16.  Masked classes may hold -inf (0 * log 0 = 0).
+        labels: (B,) int64 or int32 class labels; rows equal to ``ignore_index``
+            are left out of every edge and of the batch count.  A row whose
+            label class has logit -inf gets an infinite cross-entropy.
         gates: (M+1, M+1) gate matrix [source][destination] of gate names or
             integer codes (a nested list or an integer tensor); node 0 is the label.
-        temperature: T of the KL edges (the label edge always uses T = 1).
-        progress: k / k_end for linear gates, a float or a 0-dim tensor
-            (a device tensor keeps CUDA-graph replays correct).
+        temperature: T of the KL edges, positive and finite (the label edge always uses T = 1).
+        progress: k / k_end for linear gates in [0, 1], a float or a 0-dim
+            tensor (a device tensor keeps CUDA-graph replays correct; its value
+            is checked on the CPU only, never at the cost of a synchronisation).
         ignore_index: label value of rows to ignore.
-        impl: "auto" (Triton kernel on CUDA, reference elsewhere),
-            "triton" (force the kernel; on CPU only under TRITON_INTERPRET=1)
-            or "reference".
+        impl: "auto" (Triton kernel on CUDA, reference elsewhere; if the
+            kernel cannot build or launch, the reference with one warning),
+            "triton" (force the kernel, errors raised; on CPU only under
+            TRITON_INTERPRET=1) or "reference".
+        check_finite: raise ``FloatingPointError`` naming the node (and a
+            masked label class, if that is the cause) when a node loss is not
+            finite.  Costs one synchronisation; off by default.
 
     Returns:
         :class:`GraphLossResult` with ``node_loss`` (M,) and ``edge_loss`` (M+1, M+1).
+
+    Raises:
+        ValueError / TypeError naming the argument for malformed inputs: a gate
+        matrix of the wrong size or with edges into the label or a node itself,
+        labels of the wrong shape, dtype or (on the CPU) range, integer or
+        complex logits, a temperature that is not positive and finite, progress
+        outside [0, 1].
+
+    Semantics: docs/SEMANTICS.md (the paper's Eq. 1-3 with the gates of Sec. 3.2).
     """
     z = _stack_logits(logits)
     codes = prepare_gates(gates, z.shape[0])
+    _check_labels(labels, z, ignore_index)
+    t = _check_temperature(temperature)
     if not _use_kernel(z, codes, impl):
-        return graph_loss_reference(
-            z, labels, codes, temperature=temperature, progress=progress, ignore_index=ignore_index
-        )
-    from . import kernels
+        res = graph_loss_reference(z, labels, codes, temperature=t, progress=progress, ignore_index=ignore_index)
+    elif impl == "triton" or torch.compiler.is_compiling():
+        res = _kernel_loss(z, labels, codes, t, progress, ignore_index)
+    else:
+        try:
+            res = _kernel_loss(z, labels, codes, t, progress, ignore_index)
+        except (ValueError, TypeError, torch.OutOfMemoryError):
+            raise  # the caller's inputs or memory, not the kernel's build: the reference would not help
+        except Exception as e:  # noqa: BLE001 - a Triton build or launch failure of any kind
+            _warn_fallback(z.device, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            res = graph_loss_reference(z, labels, codes, temperature=t, progress=progress,
+                                       ignore_index=ignore_index)
+    if check_finite:
+        _raise_if_not_finite(res, z, labels, ignore_index)
+    return res
 
-    if labels.shape != (z.shape[1],):
-        raise ValueError(f"labels must be ({z.shape[1]},) to match logits {tuple(z.shape)}, got {tuple(labels.shape)}")
-    node, edge = kernels.graph_loss_triton(
-        z,
-        labels.to(z.device),
-        _device_codes(codes, z.device),
-        float(temperature),
-        _progress_tensor(progress, z.device),
-        int(ignore_index),
-    )
-    return GraphLossResult(node_loss=node, edge_loss=edge)
+
+def _raise_if_not_finite(res: GraphLossResult, z: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
+    bad = (~torch.isfinite(res.node_loss.detach())).nonzero().flatten().tolist()
+    if not bad:
+        return
+    t = bad[0] + 1
+    msg = f"graph_loss: the loss of node {t} is {float(res.node_loss[t - 1])}"
+    rows = labels != ignore_index
+    safe = torch.where(rows, labels, torch.zeros_like(labels)).long().to(z.device)
+    at_label = z[t - 1].detach().gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    masked = (rows.to(z.device) & (at_label == float("-inf"))).nonzero().flatten().tolist()
+    if masked:
+        r = masked[0]
+        msg += (f": row {r}'s label {int(labels[r])} is a masked class (logit -inf) of node {t}, so its "
+                "cross-entropy is infinite; mask such rows with ignore_index or leave the label class unmasked")
+    elif not bool(torch.isfinite(z[t - 1].detach()).all()):
+        msg += f": node {t}'s logits hold NaN or inf"
+    raise FloatingPointError(msg)

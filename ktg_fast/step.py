@@ -42,6 +42,9 @@ class TrainStep(ABC):
     kind = "base"
     graph: Graph
     nets: list[nn.Module]
+    # Calls after which every call runs the steady-state path (a CUDA-graph step captures on a later
+    # call than its warm-up): timings must start after this many calls.
+    steady_after: int = 1
 
     @abstractmethod
     def __call__(self, x: torch.Tensor, y: torch.Tensor, progress: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

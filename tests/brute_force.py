@@ -44,7 +44,8 @@ def brute_force_graph_loss(logits, labels, gates, temperature, progress, ignore_
                         raise ValueError(g)
                     ps = torch.softmax(zs / T, dim=0)
                     log_pt = torch.log_softmax(zt[n] / T, dim=0)
-                    l = T * T * torch.sum(ps * (torch.log(ps) - log_pt))
+                    # 0 * log 0 = 0: a masked class (logit -inf) of the source contributes nothing.
+                    l = T * T * torch.sum(torch.where(ps > 0, ps * (torch.log(ps) - log_pt), 0.0))
                 total = total + w * l
             edge[s][t] = total / b_eff if b_eff else total * 0
     edge_t = torch.stack([torch.stack(r) for r in edge])

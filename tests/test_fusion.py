@@ -380,7 +380,7 @@ def test_make_fused_step_kinds(caplog, monkeypatch) -> None:
     assert step.kind == "fused"  # no CUDA here: the graph step falls back, saying so once
     assert sum("needs CUDA" in r.getMessage() for r in caplog.records) == 1
     assert any("step auto ->" in r.getMessage() for r in caplog.records)
-    assert auto.kind == (CPU_AUTO_KIND if not torch.cuda.is_available() else "graph")
+    assert auto.kind == CPU_AUTO_KIND  # these nets are on the CPU, whether or not CUDA exists
     with pytest.raises(ValueError, match="unknown fast step"):
         make_fused_step("fast", graph, build(graph), TrainConfig())
     if not torch.cuda.is_available():
@@ -515,4 +515,59 @@ def test_gpu_streams_give_the_same_result(cuda_exact) -> None:
     assert a._streams is not None and b._streams is None
     for x, y in _gpu_batches(32, steps=3):
         torch.testing.assert_close(a(x, y, 0.5), b(x, y, 0.5), rtol=1e-5, atol=1e-5)
+    assert_nets_equal(a_nets, b_nets)
+
+
+# ---------------------------------------------------------------------------- devices
+def test_runs_make_their_cuda_device_current(monkeypatch) -> None:
+    """A run on cuda:1 makes cuda:1 current (Triton launches and graph captures use the current device);
+    a device the machine lacks is refused by name. CUDA is mocked: this runs on the CPU."""
+    from ktg_fast import trainer as tr
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    assert tr.use_device(tr.resolve_device("cuda:1")) == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)]
+    assert tr.use_device(tr.resolve_device("cuda")) == torch.device("cuda", 0)
+    assert tr.use_device(tr.resolve_device("cpu")) == torch.device("cpu") and len(current) == 2
+    with pytest.raises(ValueError, match=r"'cuda:3' asked for but this machine has 2 CUDA devices"):
+        tr.resolve_device("cuda:3")
+
+
+def test_fused_step_enters_its_device(monkeypatch) -> None:
+    """Every call of a fused step runs inside its nets' device context (a no-op on the CPU)."""
+    graph = dml_graph(["resnet8"] * 2)
+    step = FusedStep(graph, build(graph), TrainConfig())
+    entered = []
+    real = step._on_device
+
+    def spy():
+        entered.append(step.device)
+        return real()
+
+    monkeypatch.setattr(step, "_on_device", spy)
+    x, y = torch.rand(4, 3, 32, 32, dtype=F64), torch.randint(0, 10, (4,))
+    step(x, y, torch.zeros((), dtype=F64))
+    assert entered == [torch.device("cpu")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_graph_step_on_the_second_device(cuda_exact) -> None:
+    """Nets on cuda:1 while cuda:0 is current: the captured step (its capture stream, its Triton launches)
+    runs on cuda:1 and equals the fused step there."""
+    graph = dml_graph(["resnet20", "resnet20", "wrn16_2"])
+    dev1 = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    a_nets = [n.to(dev1) for n in build(graph, torch.float32, num_classes=100)]
+    b_nets = [n.to(dev1) for n in build(graph, torch.float32, num_classes=100)]
+    a, b = GraphStep(graph, a_nets, TrainConfig()), FusedStep(graph, b_nets, TrainConfig())
+    progress = torch.zeros((), device=dev1)
+    for x, y in _gpu_batches(32, steps=6):
+        x, y = x.to(dev1), y.to(dev1)
+        torch.testing.assert_close(a(x, y, progress), b(x, y, progress), rtol=1e-5, atol=1e-5)
+    assert a.kind == "graph" and a._graph is not None and torch.cuda.current_device() == 0
     assert_nets_equal(a_nets, b_nets)

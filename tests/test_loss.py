@@ -179,5 +179,170 @@ def test_bad_shapes_and_args():
         kf.graph_loss([torch.randn(2, 3), torch.randn(2, 4)], torch.tensor([0, 1]), [["cutoff"] * 3] * 3)
     with pytest.raises(ValueError, match="impl must be"):
         kf.graph_loss(torch.randn(1, 2, 3), torch.tensor([0, 1]), g, impl="fast")
-    with pytest.raises(ValueError, match="temperature must be positive"):
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
         kf.graph_loss(torch.randn(1, 2, 3), torch.tensor([0, 1]), g, temperature=0)
+
+
+# --------------------------------------------------------------- masked classes, non-finite sources
+def _masked_case(seed: int, m: int = 3, b: int = 6, c: int = 12, masked=(2, 7, 11)):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(m, b, c, generator=gen, dtype=torch.float64) * 2
+    z[:, :, list(masked)] = float("-inf")  # e.g. padded vocabulary entries, masked in every node
+    keep = [k for k in range(c) if k not in masked]
+    labels = torch.tensor(keep)[torch.randint(0, len(keep), (b,), generator=gen)]
+    labels[1] = -100
+    return z, labels, keep
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_masked_classes_follow_0_log_0(seed):
+    """-inf logits shared by all nodes: finite losses equal to the loss over the unmasked classes,
+    zero gradient on masked classes, against the brute force too."""
+    z, labels, keep = _masked_case(seed)
+    rng = random.Random(seed)
+    gates = random_gates(3, rng, p_cut=0.0)
+    leaf = z.clone().requires_grad_()
+    res = kf.graph_loss(leaf, labels, gates, temperature=2.0, progress=0.5)
+    assert torch.isfinite(res.edge_loss).all()
+    (grad,) = torch.autograd.grad(res.node_loss.sum(), leaf)
+    assert torch.isfinite(grad).all() and grad[:, :, [2, 7, 11]].abs().max() == 0
+    # The same loss on the sub-vocabulary: remap labels onto the kept classes.
+    remap = {k: i for i, k in enumerate(keep)}
+    sub_labels = torch.tensor([remap.get(int(y), -100) for y in labels])
+    sub = z[:, :, keep].clone().requires_grad_()
+    ref = kf.graph_loss(sub, sub_labels, gates, temperature=2.0, progress=0.5)
+    torch.testing.assert_close(res.edge_loss, ref.edge_loss, rtol=0, atol=1e-12)
+    (sub_grad,) = torch.autograd.grad(ref.node_loss.sum(), sub)
+    torch.testing.assert_close(grad[:, :, keep], sub_grad, rtol=0, atol=1e-12)
+    node_bf, edge_bf = brute_force_graph_loss(list(z.unbind(0)), labels, gates, 2.0, 0.5)
+    torch.testing.assert_close(res.edge_loss, edge_bf, rtol=0, atol=1e-10)
+
+
+def test_masked_source_class_against_an_open_target_is_finite():
+    """Node 1 masks classes node 2 keeps: KL(p_1 || p_2) is finite (0 log 0 = 0 on the source side)."""
+    z, labels, _ = _masked_case(5, m=2)
+    z[1] = torch.randn(z.shape[1:], dtype=torch.float64)  # node 2 masks nothing
+    gates = [["cutoff", "through", "through"], ["cutoff", "cutoff", "through"], ["cutoff", "cutoff", "cutoff"]]
+    res = kf.graph_loss(z, labels, gates, temperature=2.0)
+    _, edge_bf = brute_force_graph_loss(list(z.unbind(0)), labels, gates, 2.0, 1.0)
+    assert torch.isfinite(res.edge_loss).all()
+    torch.testing.assert_close(res.edge_loss, edge_bf, rtol=0, atol=1e-10)
+
+
+def test_masked_label_class_gives_infinite_ce_and_a_clear_error_when_asked():
+    z, labels, _ = _masked_case(1, m=2)
+    labels[0] = 7  # a masked class
+    gates = [["cutoff", "through", "cutoff"], ["cutoff", "cutoff", "through"], ["cutoff", "through", "cutoff"]]
+    res = kf.graph_loss(z, labels, gates)
+    assert res.edge_loss[0, 1] == float("inf") and not torch.isnan(res.edge_loss).any()
+    with pytest.raises(FloatingPointError, match=r"node 1.*row 0's label 7 is a masked class"):
+        kf.graph_loss(z, labels, gates, check_finite=True)
+    labels[0] = 0
+    kf.graph_loss(z, labels, gates, check_finite=True)  # finite: no error
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_cutoff_edges_are_zero_whatever_the_source_holds(bad):
+    """Node 1 diverged (NaN / inf logits); node 3 takes nothing from it: its loss and gradient stay
+    exactly those of the brute force (which never reads node 1 for node 3), only node 2 (a through
+    edge from node 1) sees the NaN."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64)
+    z[0, 2, 3] = bad
+    labels = torch.randint(0, 7, (5,), generator=gen)
+    gates = [["cutoff", "through", "through", "through"],
+             ["cutoff", "cutoff", "through", "cutoff"],   # 1 -> 2 through, 1 -> 3 cutoff
+             ["cutoff", "through", "cutoff", "through"],
+             ["cutoff", "linear", "correct", "cutoff"]]
+    leaf = z.clone().requires_grad_()
+    res = kf.graph_loss(leaf, labels, gates, temperature=2.0, progress=0.5)
+    (grad,) = torch.autograd.grad(res.node_loss[2], leaf)
+    clean = [x.clone().requires_grad_() for x in z.unbind(0)]
+    node_bf, edge_bf = brute_force_graph_loss(clean, labels, gates, 2.0, 0.5)
+    (g3,) = torch.autograd.grad(node_bf[2], clean[2])
+    assert torch.isfinite(res.node_loss[2]) and res.edge_loss[1, 3] == 0
+    torch.testing.assert_close(res.node_loss[2], node_bf[2], rtol=0, atol=1e-10)
+    torch.testing.assert_close(grad[2], g3, rtol=0, atol=1e-10)
+    assert grad[1].abs().max() == 0  # node 3's loss reaches node 3's logits only
+    assert not torch.isfinite(res.node_loss[1])  # the through edge 1 -> 2 carries the divergence
+
+
+# --------------------------------------------------------------- input validation
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"temperature": float("inf")}, ValueError, r"temperature must be a positive finite number, got inf"),
+    ({"temperature": float("nan")}, ValueError, r"got nan"),
+    ({"temperature": "2"}, TypeError, r"temperature"),
+    ({"progress": 1.5}, ValueError, r"progress .* must lie in \[0, 1\], got 1.5"),
+    ({"progress": -0.1}, ValueError, r"got -0.1"),
+    ({"progress": float("nan")}, ValueError, r"got nan"),
+    ({"progress": torch.tensor(2.0)}, ValueError, r"got 2.0"),
+])
+def test_bad_temperature_and_progress_are_refused(kwargs, exc, match):
+    g = [["cutoff", "linear"], ["cutoff", "cutoff"]]
+    for impl in ("reference", "auto"):
+        with pytest.raises(exc, match=match):
+            kf.graph_loss(torch.randn(1, 2, 3), torch.tensor([0, 1]), g, impl=impl, **kwargs)
+
+
+@pytest.mark.parametrize("gates, match", [
+    ([[0, 1.7], [0, 0]], r"gate\[0\]\[1\] is 1.7"),
+    ([[0, True], [0, 0]], r"gate\[0\]\[1\] is True"),
+    (torch.tensor([[0.0, 1.7], [0.0, 0.0]]), "integer dtype, got torch.float32"),
+])
+def test_float_and_bool_gate_codes_are_refused(gates, match):
+    with pytest.raises(ValueError, match=match):
+        kf.graph_loss(torch.randn(1, 2, 3), torch.tensor([0, 1]), gates)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool])
+def test_non_float_logits_are_refused(dtype):
+    z = torch.ones(1, 2, 3, dtype=dtype)
+    with pytest.raises(TypeError, match=f"logits must be floating point.*got {dtype}"):
+        kf.graph_loss(z, torch.tensor([0, 1]), [["cutoff", "through"], ["cutoff", "cutoff"]])
+
+
+@pytest.mark.parametrize("labels, match", [
+    (torch.tensor([0.0, 1.0]), "labels must be int64 or int32 class indices, got torch.float32"),
+    (torch.tensor([0, 1], dtype=torch.uint8), "int64 or int32.*torch.uint8"),
+    (torch.tensor([0, 3]), r"lie in \[0, 3\).*labels\[1\] is 3"),
+    (torch.tensor([-5, 1]), r"labels\[0\] is -5"),
+])
+def test_bad_labels_get_one_message_on_every_path(labels, match):
+    g = [["cutoff", "through"], ["cutoff", "cutoff"]]
+    for impl in ("reference", "auto"):
+        with pytest.raises(ValueError, match=match):
+            kf.graph_loss(torch.randn(1, 2, 3), labels, g, impl=impl)
+    kf.graph_loss(torch.randn(1, 2, 3), torch.tensor([0, 1], dtype=torch.int32), g)  # int32 is fine
+
+
+# --------------------------------------------------------------- impl="auto" falls back
+def test_auto_falls_back_to_reference_with_one_warning_when_the_kernel_fails(monkeypatch):
+    """A kernel that cannot build or launch (ptxas, driver, old GPU) costs speed, not the run:
+    impl='auto' warns once naming the cause and uses the reference; impl='triton' still raises."""
+    import ktg_fast.kernels as kernels
+    from ktg_fast import loss as L
+
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("PTXAS error: Internal Triton PTX codegen error\nmore lines")
+
+    monkeypatch.setattr(L, "_KERNEL_BROKEN", {})
+    monkeypatch.setattr(L, "_kernel_device_ok", lambda z: True)  # pretend these CPU tensors are on a GPU
+    monkeypatch.setattr(kernels, "is_available", lambda device: True)
+    monkeypatch.setattr(kernels, "graph_loss_triton", broken)
+    z = torch.randn(2, 4, 5)
+    y = torch.tensor([0, 1, 2, 3])
+    g = [["cutoff", "through", "through"], ["cutoff", "cutoff", "through"], ["cutoff", "through", "cutoff"]]
+    with pytest.warns(RuntimeWarning, match=r"kernel is unavailable on cpu \(RuntimeError: PTXAS error: "
+                                            r"Internal Triton PTX codegen error\)") as rec:
+        a = kf.graph_loss(z, y, g, temperature=2.0)
+        b = kf.graph_loss(z, y, g, temperature=2.0)
+    assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1
+    assert len(calls) == 1  # the broken device is remembered, not retried every step
+    ref = kf.graph_loss(z, y, g, temperature=2.0, impl="reference")
+    torch.testing.assert_close(a.edge_loss, ref.edge_loss)
+    torch.testing.assert_close(b.edge_loss, ref.edge_loss)
+    with pytest.raises(RuntimeError, match="PTXAS"):
+        kf.graph_loss(z, y, g, temperature=2.0, impl="triton")

@@ -1,0 +1,43 @@
+"""bench/summary.py: the one-screen summary of bench/gpu.sh from JUnit files and result JSON."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_summary_reads_counts_and_ratios(tmp_path):
+    (tmp_path / "machine.log").write_text("== machine\ntorch 2.11.0 cuda 13.0 triton 3.6.0 device NVIDIA H200\n")
+    (tmp_path / "tests.xml").write_text(
+        '<testsuites><testsuite tests="10" failures="1" errors="0" skipped="2"/></testsuites>')
+    rows = [{"kind": "paper", "M": 2, "B": 64, "C": 100, "impl": "loop", "median_ms": 5.0},
+            {"kind": "paper", "M": 2, "B": 64, "C": 100, "impl": "compiled", "median_ms": 0.5},
+            {"kind": "paper", "M": 2, "B": 64, "C": 100, "impl": "triton", "median_ms": 0.1},
+            {"kind": "llm", "M": 2, "B": 8192, "C": 32000, "impl": "triton", "median_ms": 1.0,
+             "traffic_bytes": 4e9, "grad_bytes": 2e9, "peak_extra_bytes": 2.4e9},
+            {"kind": "llm", "M": 4, "B": 8192, "C": 128256, "impl": "triton", "status": "OOM"}]
+    (tmp_path / "graph_loss-1.json").write_text(json.dumps({"rows": rows, "extra": {"copy_bandwidth": 5e12}}))
+    steps = [{"graph": "b", "variant": "authors", "s_per_step": 0.12}, {"graph": "b", "variant": "graph",
+             "s_per_step": 0.01, "step_kind": "graph"},
+             {"graph": "a", "variant": "eager", "s_per_step": 0.02}, {"graph": "a", "variant": "graph",
+             "s_per_step": 0.01, "step_kind": "fused"}]
+    (tmp_path / "train_step-1.json").write_text(json.dumps({"rows": steps}))
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "summary.py"), str(tmp_path)], capture_output=True,
+                       text=True, check=True)
+    out = r.stdout
+    assert "device NVIDIA H200" in out
+    assert "tests    7 passed, 1 failed, 0 errors, 2 skipped" in out
+    assert "loss     not run" in out
+    lines = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.startswith("  ") and "target" in line}
+    assert "50x" in lines["paper shapes: per-edge loop / kernel (worst)"] and "met" in lines[
+        "paper shapes: per-edge loop / kernel (worst)"]
+    assert "5x" in lines["paper shapes: compiled reference / kernel (worst)"]
+    # 4e9 bytes at 5e12 B/s = 0.8 ms floor; 1.0 ms measured -> 1.25x (target 1.3x: met)
+    assert "1.25x" in lines["LLM shapes: kernel / memory-traffic floor (worst)"]
+    assert "1.2x" in lines["LLM shapes: extra memory / gradient (worst)"] and "NOT met" in lines[
+        "LLM shapes: extra memory / gradient (worst)"]
+    assert "12x" in lines["graph b: CUDA-graph step / authors' step"]
+    assert "2x" in lines["graph a: CUDA-graph step / eager step"] and "NOT met" in lines[
+        "graph a: CUDA-graph step / eager step"]
+    assert "loaders: no result file" in out and "search: no result file" in out
