@@ -14,6 +14,7 @@ setup(
         "ktg_fast.data",
         "ktg_fast.kernels",
         "ktg_fast.search",
+        "ktg_fast.steps",
     ],
     # kernels/ lives at the top of the repository but is never a top-level module.
     package_dir={"ktg_fast": "ktg_fast", "ktg_fast.kernels": "kernels"},

@@ -192,7 +192,7 @@ def test_training_step_consumption(benchmark, table, size, batch):
     from ktg_fast.graph import preset
     from ktg_fast.models import get_model
     from ktg_fast.recipe import TrainConfig
-    from ktg_fast.step import make_step
+    from ktg_fast.steps import make_step
 
     graph = preset("vanilla", model="resnet20")
     nets = [get_model("resnet20", num_classes=10).to(DEVICE)]

@@ -26,9 +26,8 @@ import statistics
 import pytest
 import torch
 
-import torch.nn as nn
-import torch.nn.functional as F
 
+import authors  # noqa: E402
 from benchutil import CUDA, DEVICE, QUICK, sync, time_calls, write_result  # noqa: E402
 
 if not CUDA:
@@ -39,7 +38,7 @@ from ktg_fast import kernels  # noqa: E402
 from ktg_fast.loss import graph_loss_reference  # noqa: E402
 
 IMPLS = ["loop", "ref", "compiled", "triton"]
-CUTOFF, THROUGH, LINEAR, CORRECT = 0, 1, 2, 3
+from ktg_fast.gates import CORRECT, LINEAR, THROUGH  # noqa: E402
 TEMPERATURE = 2.0
 PROGRESS = 0.5
 
@@ -74,34 +73,8 @@ def dense_gates(m: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- implementations
 def loop_step(z: torch.Tensor, labels: torch.Tensor, codes: list[list[int]], progress: torch.Tensor) -> None:
-    """The authors' style: per edge a loss module on per-sample losses, the gate applied after,
-    then one backward per node (sources detached)."""
-    m = z.shape[0]
-    nodes = [z[i] for i in range(m)]
-    kl = nn.KLDivLoss(reduction="none")
-    ce = nn.CrossEntropyLoss(reduction="none", ignore_index=-100)
-    valid = labels != -100
-    n_valid = valid.sum().clamp(min=1)
-    for t in range(1, m + 1):
-        zt = nodes[t - 1].float()
-        loss = zt.new_zeros(())
-        for s in range(m + 1):
-            gate = codes[s][t]
-            if s == t or gate == CUTOFF:
-                continue
-            if s == 0:
-                per_sample = ce(zt, labels)
-                correct = torch.ones_like(valid)
-            else:
-                zs = nodes[s - 1].detach().float()
-                per_sample = TEMPERATURE ** 2 * kl(F.log_softmax(zt / TEMPERATURE, -1),
-                                                   F.softmax(zs / TEMPERATURE, -1)).sum(-1)
-                correct = zs.argmax(-1) == labels
-            w = {THROUGH: torch.ones_like(per_sample), LINEAR: progress.expand_as(per_sample),
-                 CORRECT: correct.to(per_sample.dtype)}[gate]
-            loss = loss + (per_sample * w * valid).sum() / n_valid
-        if loss.requires_grad:
-            loss.backward(retain_graph=t < m)
+    """The authors' style (bench/authors.py): a loss module per edge, gates after, one backward per node."""
+    authors.loss_step(z, labels, codes, TEMPERATURE, progress)
 
 
 def ref_step(z, labels, codes, progress) -> None:

@@ -11,7 +11,7 @@ Step variants, timed in the same run on the same synthetic on-device batches (no
              one torch.optim.SGD per node;
     eager    simultaneous update, unfused: this project's EagerStep (graph_loss, one backward, one SGD);
     fused    FusedStep without streams: one vmapped forward per architecture, flat SGD per group;
-    graph    GraphStep: fused groups on CUDA streams, the whole step captured as one CUDA graph.
+    graph    CudaGraphStep: fused groups on CUDA streams, the whole step captured as one CUDA graph.
 The eager, fused and graph variants use ``graph_loss(impl="auto")``: the fused Triton loss kernel on
 CUDA when it is available, the PyTorch reference elsewhere.
 
@@ -31,15 +31,14 @@ import pytest
 import torch
 
 from benchutil import CUDA, DEVICE, QUICK, sync, time_calls, write_result  # noqa: E402
-import torch.nn.functional as F
 from torch import nn
 
 
-from ktg_fast.fusion import FusedStep, GraphStep  # noqa: E402
-from ktg_fast.graph import Graph, Node  # noqa: E402
+from ktg_fast.steps import CudaGraphStep, EagerStep, FusedStep  # noqa: E402
+from authors import AuthorsStep  # noqa: E402
+from ktg_fast.graph import Graph, preset  # noqa: E402
 from ktg_fast.models import get_model  # noqa: E402
 from ktg_fast.recipe import TrainConfig  # noqa: E402
-from ktg_fast.step import EagerStep  # noqa: E402
 
 VARIANTS = ["authors", "eager", "fused", "graph"]
 
@@ -61,67 +60,8 @@ PEAKS = [("H200", 989.0, 494.5), ("H100 PCIe", 756.0, 378.0), ("H100 NVL", 835.0
 
 
 def dense_graph(models: list[str]) -> Graph:
-    m = len(models)
-    gates = [["cutoff"] + ["through"] * m] + [
-        ["cutoff"] + ["cutoff" if s == t else "through" for t in range(1, m + 1)] for s in range(1, m + 1)]
-    return Graph([Node(n) for n in models], gates)
-
-
-# ------------------------------------------------------------------ the authors' style
-class KLEdge(nn.Module):
-    """Per-sample T^2 * KL(p_source || p_target), source detached."""
-
-    def __init__(self, temperature: float):
-        super().__init__()
-        self.t = temperature
-
-    def forward(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        log_q = F.log_softmax(target / self.t, dim=-1)
-        p = F.softmax(source.detach() / self.t, dim=-1)
-        return self.t * self.t * F.kl_div(log_q, p, reduction="none").sum(-1)
-
-
-class LabelEdge(nn.Module):
-    """Per-sample cross-entropy with the label."""
-
-    def forward(self, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(target, labels, reduction="none")
-
-
-class ThroughGate(nn.Module):
-    def forward(self, per_sample: torch.Tensor) -> torch.Tensor:
-        return per_sample * torch.ones_like(per_sample)
-
-
-class AuthorsStep:
-    """A forward per node, a loss module and gate per edge, one backward per node, one optimizer per node."""
-
-    kind = "authors"
-
-    def __init__(self, graph: Graph, nets: list[nn.Module], cfg: TrainConfig):
-        self.graph, self.nets = graph, nets
-        self.edges = {t: [(s, LabelEdge() if s == 0 else KLEdge(graph.temperature), ThroughGate())
-                          for s in range(graph.num_nodes + 1) if graph.gates[s][t] != "cutoff"]
-                      for t in graph.trainable}
-        self.opts = {t: torch.optim.SGD(nets[t - 1].parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                        nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-                     for t in graph.trainable}
-        for net in nets:
-            net.train()
-
-    def __call__(self, x, y, progress):
-        outs = [net(x) for net in self.nets]
-        losses = []
-        for t, edges in self.edges.items():
-            loss = 0.0
-            for s, edge, gate in edges:
-                loss = loss + gate(edge(outs[t - 1], y if s == 0 else outs[s - 1])).mean()
-            self.opts[t].zero_grad()
-            loss.backward(retain_graph=True)
-            losses.append(loss.detach())
-        for opt in self.opts.values():
-            opt.step()
-        return torch.stack(losses), torch.stack(outs).detach()
+    """Every node learns from the label and every other node: the DML preset."""
+    return preset("dml", models=models)
 
 
 def make_variant(variant: str, graph: Graph, nets: list[nn.Module], cfg: TrainConfig):
@@ -132,7 +72,7 @@ def make_variant(variant: str, graph: Graph, nets: list[nn.Module], cfg: TrainCo
     if variant == "fused":
         return FusedStep(graph, nets, cfg, streams=False)
     if CUDA:
-        return GraphStep(graph, nets, cfg)
+        return CudaGraphStep(graph, nets, cfg)
     return FusedStep(graph, nets, cfg)  # no CUDA: nothing to capture, no streams
 
 
@@ -247,6 +187,6 @@ def test_train_step(benchmark, table, graph_name: str, variant: str) -> None:
         flops = sum(TRAIN_GFLOP[m] for m in models) * 1e9 * BATCH / s
         row.update(tflops=flops / 1e12, bf16_fraction=flops / peaks[0], tf32_fraction=flops / peaks[1])
     if variant == "graph" and CUDA:
-        assert step.kind == "graph", "the CUDA graph was not captured (see the log for why)"
+        assert step.kind == "cudagraph", "the CUDA graph was not captured (see the log for why)"
     benchmark.extra_info.update(row)
     table[(graph_name, variant)] = row

@@ -360,8 +360,9 @@ def _check_inputs(
         # Data checks cost no synchronisation on the CPU; on CUDA (and when traced) they are the caller's job.
         if bool(((gate_codes < 0) | (gate_codes > 3)).any()):
             raise ValueError("gate_codes must hold built-in gate codes 0..3 (cutoff, through, linear, correct)")
-        if bool((gate_codes[:, 0] != 0).any()) or bool((gate_codes.diagonal() != 0).any()):
-            raise ValueError("gate_codes must be cutoff (0) in column 0 and on the diagonal")
+        from ..graph import check_gate_structure  # ktg_fast.graph: the one home of the rule
+
+        check_gate_structure(gate_codes)
         if bool(((labels != ignore_index) & ((labels < 0) | (labels >= c))).any()):
             raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={ignore_index}")
 

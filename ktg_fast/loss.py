@@ -11,13 +11,15 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence, Union
 
 import torch
 
 from . import gates as _gates
+from .graph import check_gate_structure
 
-__all__ = ["GraphLossResult", "graph_loss", "graph_loss_reference", "prepare_gates"]
+__all__ = ["GraphLoss", "GraphLossResult", "graph_loss", "graph_loss_reference", "prepare_gates"]
 
 LogitsLike = Union[torch.Tensor, Sequence[torch.Tensor]]
 GatesLike = Union[torch.Tensor, Sequence[Sequence[Union[str, int]]]]
@@ -99,14 +101,7 @@ def prepare_gates(gates: GatesLike, num_nodes: int) -> torch.Tensor:
             f"gate matrix is {codes.shape[0]}x{codes.shape[0]} but logits hold {num_nodes} nodes: "
             f"it must be {num_nodes + 1}x{num_nodes + 1} (label node 0 plus one row per network)"
         )
-    bad = [(s, 0) for s in range(num_nodes + 1) if codes[s, 0] != _gates.CUTOFF]
-    bad += [(s, s) for s in range(1, num_nodes + 1) if codes[s, s] != _gates.CUTOFF]
-    if bad:
-        s, t = bad[0]
-        what = "into the label node 0" if t == 0 else f"from node {s} to itself"
-        raise ValueError(
-            f"gate[{s}][{t}] is {_gates.get_gate(int(codes[s, t])).name!r}: there is no edge {what}; set it to 'cutoff'"
-        )
+    check_gate_structure(codes)
     return codes
 
 
@@ -152,14 +147,47 @@ def graph_loss_reference(
     losses.  Targets whose inputs are all cutoff cost nothing.
     """
     z = _stack_logits(logits)
-    m, b, c = z.shape
-    codes = prepare_gates(gates, m)
+    codes = prepare_gates(gates, z.shape[0])
     _check_labels(labels, z, ignore_index)
+    t = _check_temperature(temperature)
+    return _reference(z, labels, _edge_plan(codes), t, progress, ignore_index)
+
+
+@dataclass(frozen=True)
+class _EdgePlan:
+    """What a gate matrix asks the reference to compute; derived once per matrix (GraphLoss binds it)."""
+
+    codes: torch.Tensor  # (M+1, M+1) int64 on the CPU
+    kinds: tuple[int, ...]  # the non-cutoff gate codes present
+    needs_correct: bool  # some gate other than cutoff, through, linear (it may read correctness)
+    kl_targets: tuple[int, ...]  # 0-based nodes with a non-cutoff KL input (frozen nodes cost nothing)
+    kl_sources: tuple[int, ...]  # 0-based nodes feeding those targets
+    ce_targets: tuple[int, ...]  # 0-based nodes with a label edge
+    kernel_ok: bool  # built-in gates only: the Triton kernel can run it
+
+    @property
+    def num_nodes(self) -> int:
+        return self.codes.shape[0] - 1
+
+
+def _edge_plan(codes: torch.Tensor) -> _EdgePlan:
+    kinds = tuple(c for c in codes.unique().tolist() if c != _gates.CUTOFF)
+    codes_kl = codes[1:, 1:]
+    kl_targets = tuple((codes_kl != _gates.CUTOFF).any(dim=0).nonzero().flatten().tolist())
+    kl_sources = tuple((codes_kl[:, list(kl_targets)] != _gates.CUTOFF).any(dim=1).nonzero().flatten().tolist()) \
+        if kl_targets else ()
+    ce_targets = tuple((codes[0, 1:] != _gates.CUTOFF).nonzero().flatten().tolist())
+    return _EdgePlan(codes, kinds, any(c not in (_gates.THROUGH, _gates.LINEAR) for c in kinds), kl_targets,
+                     kl_sources, ce_targets, all(c in _gates.KERNEL_GATES for c in kinds))
+
+
+def _reference(z: torch.Tensor, labels: torch.Tensor, plan: _EdgePlan, t: float,
+               progress: Union[float, torch.Tensor], ignore_index: int) -> GraphLossResult:
+    """The reference on validated inputs (see :func:`graph_loss_reference`)."""
+    m, b, c = z.shape
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     dev = z.device
     zf = z.to(dtype)
-    t = _check_temperature(temperature)
-
     labels = labels.to(dev)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
@@ -170,17 +198,15 @@ def graph_loss_reference(
     # Per-sample gate weights W[s, t, n] for the edges that exist.
     prog = _progress_tensor(progress, dev, dtype)
     correct = None
-    if any(cde not in (_gates.CUTOFF, _gates.THROUGH, _gates.LINEAR) for cde in codes.unique().tolist()):
+    if plan.needs_correct:
         # The label source (row 0) is always correct.
         correct = torch.cat(
             [torch.ones(1, b, dtype=torch.bool, device=dev), z.detach().argmax(dim=-1) == labels.unsqueeze(0)]
         )
     ctx = _gates.GateContext(source_logits=z.detach(), labels=labels, progress=prog, correct=correct)
     weights = torch.zeros(m + 1, m + 1, b, dtype=dtype, device=dev)
-    codes_dev = _device_codes(codes, dev)  # cached: no host copy per step (CUDA-graph capturable)
-    for code in codes.unique().tolist():  # a loop over gate kinds (at most a handful), never over edges
-        if code == _gates.CUTOFF:
-            continue
+    codes_dev = _device_codes(plan.codes, dev)  # cached: no host copy per step (CUDA-graph capturable)
+    for code in plan.kinds:  # a loop over gate kinds (at most a handful), never over edges
         w = _gates.get_gate(code).weight(ctx)
         # A Python number becomes a device fill, not a host-to-device copy.
         w = torch.full((), float(w), dtype=dtype, device=dev) if not isinstance(w, torch.Tensor) else w.to(dev, dtype)
@@ -189,11 +215,9 @@ def graph_loss_reference(
     weights = weights * inv_b  # fold the batch mean and the ignore mask into the weights
 
     edge = torch.zeros(m + 1, m + 1, dtype=dtype, device=dev)
-    codes_kl = codes[1:, 1:]
     # Only targets with some non-cutoff KL input are computed: frozen nodes cost nothing.
-    kl_targets = (codes_kl != _gates.CUTOFF).any(dim=0).nonzero().flatten().tolist()
+    kl_targets, kl_sources = list(plan.kl_targets), list(plan.kl_sources)
     if kl_targets:
-        kl_sources = (codes_kl[:, kl_targets] != _gates.CUTOFF).any(dim=1).nonzero().flatten().tolist()
         zs = zf[kl_sources].detach() / t
         logp_s = torch.log_softmax(zs, dim=-1)
         p_s = logp_s.exp()
@@ -215,7 +239,7 @@ def graph_loss_reference(
         ti = _index_tensor(tuple(t + 1 for t in kl_targets), str(dev))
         edge = edge.index_put((si.unsqueeze(1), ti.unsqueeze(0)), vals)
 
-    ce_targets = (codes[0, 1:] != _gates.CUTOFF).nonzero().flatten().tolist()
+    ce_targets = list(plan.ce_targets)
     if ce_targets:
         zt = zf[ce_targets]
         ce = torch.logsumexp(zt, dim=-1) - zt.gather(-1, safe_labels.expand(len(ce_targets), b).unsqueeze(-1)).squeeze(-1)
@@ -264,15 +288,21 @@ def _warn_fallback(device: torch.device, cause: str) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-def _use_kernel(z: torch.Tensor, codes: torch.Tensor, impl: str) -> bool:
-    if impl not in ("auto", "triton", "reference"):
+_IMPLS = ("auto", "triton", "reference")
+
+
+def _check_impl(impl: str, plan: _EdgePlan) -> None:
+    if impl not in _IMPLS:
         raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    if impl == "triton" and not plan.kernel_ok:
+        raise ValueError("impl='triton' supports the built-in gates only; use impl='reference' for custom gates")
+
+
+def _use_kernel(z: torch.Tensor, plan: _EdgePlan, impl: str) -> bool:
     if impl == "reference":
         return False
-    kernel_ok = all(int(cde) in _gates.KERNEL_GATES for cde in codes.unique().tolist())
+    kernel_ok = plan.kernel_ok  # impl="triton" with custom gates was refused when the loss was bound
     if impl == "triton":
-        if not kernel_ok:
-            raise ValueError("impl='triton' supports the built-in gates only; use impl='reference' for custom gates")
         if z.dtype == torch.float64:
             raise TypeError("impl='triton' takes float32, bfloat16 or float16 logits; use impl='reference' for "
                             "float64")
@@ -298,6 +328,100 @@ def _kernel_loss(z: torch.Tensor, labels: torch.Tensor, codes: torch.Tensor, tem
     return GraphLossResult(node_loss=node, edge_loss=edge)
 
 
+class GraphLoss(torch.nn.Module):
+    """The graph loss bound to one gate matrix, temperature and implementation.
+
+    Validates the gates once, derives which edges exist once, and keeps the
+    gate codes on each device it meets; a call then only checks the batch.
+    Training steps hold one; :func:`graph_loss` is a call through a fresh one.
+
+    Args:
+        gates: (M+1, M+1) gate matrix [source][destination] of gate names or
+            integer codes (a nested list or an integer tensor); node 0 is the label.
+        temperature: T of the KL edges, positive and finite (the label edge always uses T = 1).
+        impl: "auto" (Triton kernel on CUDA, reference elsewhere; if the
+            kernel cannot build or launch, the reference with one warning),
+            "triton" (force the kernel, errors raised; on CPU only under
+            TRITON_INTERPRET=1) or "reference".
+        ignore_index: label value of rows to ignore.
+
+    Raises:
+        ValueError / KeyError / TypeError naming the gate, temperature or impl at fault.
+
+    Semantics: docs/SEMANTICS.md (the paper's Eq. 1-3 with the gates of Sec. 3.2).
+    """
+
+    def __init__(self, gates: GatesLike, temperature: float = 1.0, *, impl: str = "auto", ignore_index: int = -100):
+        super().__init__()
+        codes = _gates.gate_codes(gates)
+        self.plan = _edge_plan(prepare_gates(codes, codes.shape[0] - 1))
+        self.temperature = _check_temperature(temperature)
+        _check_impl(impl, self.plan)
+        self.impl = impl
+        self.ignore_index = int(ignore_index)
+
+    @property
+    def num_nodes(self) -> int:
+        """M, the network nodes the gate matrix has (the label node excluded)."""
+        return self.plan.num_nodes
+
+    def forward(self, logits: LogitsLike, labels: torch.Tensor, progress: Union[float, torch.Tensor] = 1.0,
+                *, check_finite: bool = False) -> GraphLossResult:
+        """Losses of every node and edge for one batch.
+
+        Args:
+            logits: (M, B, C) stacked logits of network nodes 1..M, or a list of
+                M (B, C) tensors (node order of the graph); float32, float64,
+                bfloat16 or float16.  Masked classes may hold -inf (0 * log 0 = 0).
+            labels: (B,) int64 or int32 class labels; rows equal to
+                ``ignore_index`` are left out of every edge and of the batch
+                count.  A row whose label class has logit -inf gets an infinite
+                cross-entropy.
+            progress: k / k_end for linear gates in [0, 1], a float or a 0-dim
+                tensor (a device tensor keeps CUDA-graph replays correct; its
+                value is checked on the CPU only, never at the cost of a
+                synchronisation).
+            check_finite: raise ``FloatingPointError`` naming the node (and a
+                masked label class, if that is the cause) when a node loss is
+                not finite.  Costs one synchronisation; off by default.
+
+        Returns:
+            :class:`GraphLossResult`: ``node_loss`` (M,) and ``edge_loss``
+            (M+1, M+1), float32 (float64 for float64 logits).
+
+        Raises:
+            ValueError / TypeError naming the argument: logits that do not match
+            the gate matrix or are not floating point, labels of the wrong
+            shape, dtype or (on the CPU) range, progress outside [0, 1].
+        """
+        z = _stack_logits(logits)
+        if z.shape[0] != self.num_nodes:
+            raise ValueError(f"logits hold {z.shape[0]} nodes but the gate matrix is "
+                             f"{self.num_nodes + 1}x{self.num_nodes + 1}: it must be "
+                             f"{z.shape[0] + 1}x{z.shape[0] + 1} (label node 0 plus one row per network)")
+        _check_labels(labels, z, self.ignore_index)
+        plan, t, ii = self.plan, self.temperature, self.ignore_index
+        if not _use_kernel(z, plan, self.impl):
+            res = _reference(z, labels, plan, t, progress, ii)
+        elif self.impl == "triton" or torch.compiler.is_compiling():
+            res = _kernel_loss(z, labels, plan.codes, t, progress, ii)
+        else:
+            try:
+                res = _kernel_loss(z, labels, plan.codes, t, progress, ii)
+            except (ValueError, TypeError, torch.OutOfMemoryError):
+                raise  # the caller's inputs or memory, not the kernel's build: the reference would not help
+            except Exception as e:  # noqa: BLE001 - a Triton build or launch failure of any kind
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                _warn_fallback(z.device, f"{type(e).__name__}: {first}")
+                res = _reference(z, labels, plan, t, progress, ii)
+        if check_finite:
+            _raise_if_not_finite(res, z, labels, ii)
+        return res
+
+    def extra_repr(self) -> str:
+        return f"num_nodes={self.num_nodes}, temperature={self.temperature}, impl={self.impl!r}"
+
+
 def graph_loss(
     logits: LogitsLike,
     labels: torch.Tensor,
@@ -311,60 +435,17 @@ def graph_loss(
 ) -> GraphLossResult:
     """Losses of every node and edge of a knowledge transfer graph for one batch.
 
-    Args:
-        logits: (M, B, C) stacked logits of network nodes 1..M, or a list of
-            M (B, C) tensors (node order of the graph); float32, float64,
-            bfloat16 or float16.  Masked classes may hold -inf (0 * log 0 = 0).
-        labels: (B,) int64 or int32 class labels; rows equal to ``ignore_index``
-            are left out of every edge and of the batch count.  A row whose
-            label class has logit -inf gets an infinite cross-entropy.
-        gates: (M+1, M+1) gate matrix [source][destination] of gate names or
-            integer codes (a nested list or an integer tensor); node 0 is the label.
-        temperature: T of the KL edges, positive and finite (the label edge always uses T = 1).
-        progress: k / k_end for linear gates in [0, 1], a float or a 0-dim
-            tensor (a device tensor keeps CUDA-graph replays correct; its value
-            is checked on the CPU only, never at the cost of a synchronisation).
-        ignore_index: label value of rows to ignore.
-        impl: "auto" (Triton kernel on CUDA, reference elsewhere; if the
-            kernel cannot build or launch, the reference with one warning),
-            "triton" (force the kernel, errors raised; on CPU only under
-            TRITON_INTERPRET=1) or "reference".
-        check_finite: raise ``FloatingPointError`` naming the node (and a
-            masked label class, if that is the cause) when a node loss is not
-            finite.  Costs one synchronisation; off by default.
-
-    Returns:
-        :class:`GraphLossResult` with ``node_loss`` (M,) and ``edge_loss`` (M+1, M+1).
-
-    Raises:
-        ValueError / TypeError naming the argument for malformed inputs: a gate
-        matrix of the wrong size or with edges into the label or a node itself,
-        labels of the wrong shape, dtype or (on the CPU) range, integer or
-        complex logits, a temperature that is not positive and finite, progress
-        outside [0, 1].
+    A call through ``GraphLoss(gates, temperature, impl=impl, ignore_index=ignore_index)``;
+    code that calls it every step should hold a :class:`GraphLoss` instead (the
+    gate matrix is then validated once).  Arguments, results and errors are
+    :class:`GraphLoss`'s and its ``forward``'s.
 
     Semantics: docs/SEMANTICS.md (the paper's Eq. 1-3 with the gates of Sec. 3.2).
     """
     z = _stack_logits(logits)
     codes = prepare_gates(gates, z.shape[0])
-    _check_labels(labels, z, ignore_index)
-    t = _check_temperature(temperature)
-    if not _use_kernel(z, codes, impl):
-        res = graph_loss_reference(z, labels, codes, temperature=t, progress=progress, ignore_index=ignore_index)
-    elif impl == "triton" or torch.compiler.is_compiling():
-        res = _kernel_loss(z, labels, codes, t, progress, ignore_index)
-    else:
-        try:
-            res = _kernel_loss(z, labels, codes, t, progress, ignore_index)
-        except (ValueError, TypeError, torch.OutOfMemoryError):
-            raise  # the caller's inputs or memory, not the kernel's build: the reference would not help
-        except Exception as e:  # noqa: BLE001 - a Triton build or launch failure of any kind
-            _warn_fallback(z.device, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
-            res = graph_loss_reference(z, labels, codes, temperature=t, progress=progress,
-                                       ignore_index=ignore_index)
-    if check_finite:
-        _raise_if_not_finite(res, z, labels, ignore_index)
-    return res
+    loss = GraphLoss(codes, temperature, impl=impl, ignore_index=ignore_index)
+    return loss(z, labels, progress, check_finite=check_finite)
 
 
 def _raise_if_not_finite(res: GraphLossResult, z: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ktg_fast import fusion
-from ktg_fast.fusion import CPU_AUTO_KIND, FusedStep, GraphStep, NodeGroup, group_nodes, make_fused_step
-from ktg_fast.graph import Graph, Node
+from ktg_fast.steps import CPU_AUTO_KIND, CudaGraphStep, FusedStep, NodeGroup, group_nodes
+from ktg_fast.steps import base as steps_base
+from ktg_fast.graph import Graph, Node, preset
 from ktg_fast.models import WideResNet, get_model, register_model, unregister_model
 from ktg_fast.recipe import TrainConfig, make_optimizer
-from ktg_fast.step import EagerStep, make_step
+from ktg_fast.steps import EagerStep, make_step
 from ktg_fast.loss import graph_loss_reference
 
 F64 = torch.float64
@@ -36,11 +36,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def dml_graph(models: list[str], gate: str = "through") -> Graph:
-    m = len(models)
-    gates = [["cutoff"] + ["through"] * m] + [
-        ["cutoff"] + ["cutoff" if s == t else gate for t in range(1, m + 1)] for s in range(1, m + 1)]
-    return Graph([Node(n) for n in models], gates)
+def dml_graph(models: list[str]) -> Graph:
+    return preset("dml", models=models)
 
 
 def mixed_graph() -> Graph:
@@ -257,7 +254,7 @@ def test_dropout_draws_a_mask_per_node(custom_models) -> None:
 
 
 def test_unbatchable_model_falls_back_to_a_loop_with_one_warning(custom_models, caplog, monkeypatch) -> None:
-    monkeypatch.setattr(fusion, "_said", set())  # "once per process": start this test afresh
+    monkeypatch.setattr(steps_base, "_said", set())  # "once per process": start this test afresh
     graph = dml_graph(["test_itemnet"] * 2 + ["resnet8"])
     nets = build(graph)
     ref = copy.deepcopy(nets)
@@ -333,7 +330,7 @@ def test_state_dict_views_stay_live() -> None:
     nets[1].load_state_dict(other.state_dict())
     torch.testing.assert_close(step.eval_logits(x)[1], other.eval()(x).detach())
     nets[0].load_state_dict(other.state_dict(), assign=True)  # replaces the tensors: sync re-binds them
-    step.sync_from_nets()
+    step.adopt_nets()
     torch.testing.assert_close(step.eval_logits(x)[0], other.eval()(x).detach())
     step(x, y, 1.0)
     assert not torch.equal(nets[0].state_dict()["fc.weight"], other.state_dict()["fc.weight"])
@@ -369,23 +366,23 @@ def test_trainer_checkpoint_resumes_across_paths(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------- factory
-def test_make_fused_step_kinds(caplog, monkeypatch) -> None:
-    monkeypatch.setattr(fusion, "_said", set())
+def test_make_step_kinds(caplog, monkeypatch) -> None:
+    monkeypatch.setattr(steps_base, "_said", set())
     graph = dml_graph(["resnet8"] * 2)
     with caplog.at_level(logging.INFO, logger="ktg_fast"):
         assert make_step("fused", graph, build(graph), TrainConfig()).kind == "fused"
-        step = make_step("graph", graph, build(graph), TrainConfig())
-        make_step("graph", graph, build(graph), TrainConfig())
+        assert make_step("eager", graph, build(graph), TrainConfig()).kind == "eager"
+        step = make_step("cudagraph", graph, build(graph), TrainConfig())
+        make_step("cudagraph", graph, build(graph), TrainConfig())
         auto = make_step("auto", graph, build(graph), TrainConfig())
-    assert step.kind == "fused"  # no CUDA here: the graph step falls back, saying so once
+    assert step.kind == "fused"  # CPU nets: the CUDA-graph step falls back, saying so once
     assert sum("needs CUDA" in r.getMessage() for r in caplog.records) == 1
     assert any("step auto ->" in r.getMessage() for r in caplog.records)
     assert auto.kind == CPU_AUTO_KIND  # these nets are on the CPU, whether or not CUDA exists
-    with pytest.raises(ValueError, match="unknown fast step"):
-        make_fused_step("fast", graph, build(graph), TrainConfig())
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA device"):
-            GraphStep(graph, build(graph), TrainConfig())
+    with pytest.raises(ValueError, match="unknown step 'fast'; choose from auto, eager, fused, cudagraph"):
+        make_step("fast", graph, build(graph), TrainConfig())
+    with pytest.raises(ValueError, match="CUDA device"):
+        CudaGraphStep(graph, build(graph), TrainConfig())
 
 
 def test_rejects_mismatched_inputs() -> None:
@@ -457,16 +454,16 @@ def test_gpu_graph_step_equals_eager_after_20_steps(cuda_exact) -> None:
     cfg = TrainConfig(lr=0.02, node_lr=[0.02, 0.01, 0.02, 0.0])
     # Loop-mode graph step == eager: the same kernels, captured and replayed.
     g_nets, e_nets = _gpu_nets(graph), _gpu_nets(graph)
-    graph_step, eager = GraphStep(graph, g_nets, cfg, use_vmap=False), EagerStep(graph, e_nets, cfg)
+    graph_step, eager = CudaGraphStep(graph, g_nets, cfg, use_vmap=False), EagerStep(graph, e_nets, cfg)
     _run_pair(graph, cfg, graph_step, eager)
-    assert graph_step.kind == "graph" and graph_step._graph is not None  # really captured, no fallback
+    assert graph_step.kind == "cudagraph" and graph_step._cuda_graph is not None  # really captured, no fallback
     assert_nets_equal(g_nets, e_nets)
     # vmapped graph step == vmapped fused step.
     v_nets, f_nets = _gpu_nets(graph), _gpu_nets(graph)
-    graph_v, fused = GraphStep(graph, v_nets, cfg), FusedStep(graph, f_nets, cfg)
+    graph_v, fused = CudaGraphStep(graph, v_nets, cfg), FusedStep(graph, f_nets, cfg)
     assert graph_v.groups[0].mode == "vmap"
     _run_pair(graph, cfg, graph_v, fused)
-    assert graph_v.kind == "graph" and graph_v.groups[0].mode == "vmap"
+    assert graph_v.kind == "cudagraph" and graph_v.groups[0].mode == "vmap"
     assert_nets_equal(v_nets, f_nets)
     x, _ = _gpu_batches(64, 1)[0]
     torch.testing.assert_close(graph_v.eval_logits(x), fused.eval_logits(x), rtol=1e-5, atol=1e-5)
@@ -486,12 +483,12 @@ def test_gpu_graph_step_equals_eager_after_20_steps(cuda_exact) -> None:
 @pytest.mark.gpu
 def test_gpu_graph_step_has_no_host_sync(cuda_exact) -> None:
     graph = dml_graph(["resnet20", "resnet20", "wrn16_2"])
-    step = GraphStep(graph, _gpu_nets(graph), TrainConfig())
+    step = CudaGraphStep(graph, _gpu_nets(graph), TrainConfig())
     progress = torch.zeros((), device="cuda")
     batches = _gpu_batches(64, steps=8)
     for x, y in batches[:4]:  # warm-up and capture (capture itself synchronises)
         step(x, y, progress)
-    assert step._graph is not None
+    assert step._cuda_graph is not None
     loss_sum = torch.zeros(3, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -564,10 +561,10 @@ def test_gpu_graph_step_on_the_second_device(cuda_exact) -> None:
     torch.cuda.set_device(0)
     a_nets = [n.to(dev1) for n in build(graph, torch.float32, num_classes=100)]
     b_nets = [n.to(dev1) for n in build(graph, torch.float32, num_classes=100)]
-    a, b = GraphStep(graph, a_nets, TrainConfig()), FusedStep(graph, b_nets, TrainConfig())
+    a, b = CudaGraphStep(graph, a_nets, TrainConfig()), FusedStep(graph, b_nets, TrainConfig())
     progress = torch.zeros((), device=dev1)
     for x, y in _gpu_batches(32, steps=6):
         x, y = x.to(dev1), y.to(dev1)
         torch.testing.assert_close(a(x, y, progress), b(x, y, progress), rtol=1e-5, atol=1e-5)
-    assert a.kind == "graph" and a._graph is not None and torch.cuda.current_device() == 0
+    assert a.kind == "cudagraph" and a._cuda_graph is not None and torch.cuda.current_device() == 0
     assert_nets_equal(a_nets, b_nets)

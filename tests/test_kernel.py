@@ -22,16 +22,12 @@ import pytest  # noqa: E402
 
 import ktg_fast  # noqa: E402
 
-try:
-    import ktg_fast.kernels as kernels  # noqa: E402
-except ImportError:  # not yet `pip install -e .`: resolve ktg_fast.kernels from the repository root
-    ktg_fast.__path__.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import ktg_fast.kernels as kernels  # noqa: E402
+import ktg_fast.kernels as kernels  # noqa: E402  (installed by pip install -e .: kernels/ is ktg_fast.kernels)
 
 from ktg_fast.kernels import graph_loss as kgl  # noqa: E402
 from ktg_fast.loss import graph_loss_reference  # noqa: E402
 
-CUTOFF, THROUGH, LINEAR, CORRECT = 0, 1, 2, 3
+from ktg_fast.gates import CORRECT, CUTOFF, LINEAR, THROUGH  # noqa: E402
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 pytestmark = pytest.mark.skipif(not kernels.is_available(DEV), reason="Triton kernels unavailable on this device")

@@ -346,3 +346,31 @@ def test_auto_falls_back_to_reference_with_one_warning_when_the_kernel_fails(mon
     torch.testing.assert_close(b.edge_loss, ref.edge_loss)
     with pytest.raises(RuntimeError, match="PTXAS"):
         kf.graph_loss(z, y, g, temperature=2.0, impl="triton")
+
+
+# --------------------------------------------------------------- GraphLoss: bound once
+def test_graph_loss_module_binds_the_gates_once(monkeypatch):
+    """GraphLoss validates and plans the gate matrix at construction; calls only check the batch and
+    give graph_loss's result."""
+    from ktg_fast import loss as L
+
+    logits, labels, gates, T, prog = random_case(7)
+    z = torch.stack(logits).detach()
+    bound = kf.GraphLoss(gates, temperature=T)
+    assert bound.num_nodes == z.shape[0] and "temperature" in repr(bound)
+
+    def refuse(*a, **k):
+        raise AssertionError("the gate matrix was re-validated on a call")
+
+    monkeypatch.setattr(L._gates, "gate_codes", refuse)
+    monkeypatch.setattr(L, "_edge_plan", refuse)
+    a = bound(z, labels, prog)
+    monkeypatch.undo()
+    b = kf.graph_loss(z, labels, gates, temperature=T, progress=prog)
+    torch.testing.assert_close(a.edge_loss, b.edge_loss, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"logits hold 1 nodes but the gate matrix is"):
+        bound(z[:1], labels)
+    with pytest.raises(ValueError, match="temperature must be a positive finite number, got 0"):
+        kf.GraphLoss(gates, temperature=0)
+    with pytest.raises(ValueError, match="impl must be"):
+        kf.GraphLoss(gates, impl="fast")

@@ -4,6 +4,11 @@ Names are case-insensitive.  Besides the registered names, two patterns build
 any depth: ``resnet{6n+2}`` (e.g. ``resnet8``, ``resnet1202``) and
 ``wrn{6n+4}_{k}`` (e.g. ``wrn28_2``, ``wrn10_1``).  Friendly spellings such as
 ``ResNet-32``, ``WRN-28-2`` or ``wide_resnet28_10`` are accepted.
+
+Pattern names are bounded (:data:`MAX_RESNET_DEPTH`, :data:`MAX_WRN_DEPTH`,
+:data:`MAX_WRN_WIDEN`) so that a typo such as ``resnet99999998`` is refused
+at once instead of exhausting memory; build a bigger network yourself and
+register it with :func:`register_model`.
 """
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ from .resnet import CifarResNet, resnet_blocks_per_stage
 from .wide_resnet import WideResNet, wrn_blocks_per_stage
 
 __all__ = [
+    "MAX_RESNET_DEPTH",
+    "MAX_WRN_DEPTH",
+    "MAX_WRN_WIDEN",
     "ModelFactory",
     "UnknownModelError",
     "available_models",
@@ -44,6 +52,12 @@ _RESNET_RE = re.compile(r"^resnet[-_ ]?(\d+)$")
 _WRN_RE = re.compile(r"^(?:wrn|wide[-_ ]?resnet)[-_ ]?(\d+)[-_ x](\d+)$")
 _WRN_NO_K_RE = re.compile(r"^(?:wrn|wide[-_ ]?resnet)[-_ ]?(\d+)$")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_.\-]*$")
+
+# Bounds of the pattern names: resnet1202 is the deepest CIFAR ResNet of He et al.
+# (19 M parameters); wrn100_16 has about 400 M parameters (1.6 GB of fp32 weights).
+MAX_RESNET_DEPTH = 1202
+MAX_WRN_DEPTH = 100
+MAX_WRN_WIDEN = 16
 
 _FACTORIES: dict[str, ModelFactory] = {}
 _BUILTIN: set[str] = set()
@@ -114,7 +128,8 @@ def canonical_model_name(name: str) -> str:
 
     Raises:
         KeyError (:class:`UnknownModelError`): neither registered nor a pattern.
-        ValueError: a pattern with an impossible depth or width (``resnet33``, ``wrn27_2``).
+        ValueError: a pattern with an impossible depth or width (``resnet33``, ``wrn27_2``), or
+            one over the bounds (:data:`MAX_RESNET_DEPTH`, :data:`MAX_WRN_DEPTH`, :data:`MAX_WRN_WIDEN`).
     """
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
@@ -122,11 +137,13 @@ def canonical_model_name(name: str) -> str:
     if key in _FACTORIES:
         return key
     if m := _RESNET_RE.match(key):
-        depth = int(m.group(1))
+        depth = _bounded(name, m.group(1), MAX_RESNET_DEPTH, "a CIFAR ResNet's depth", f"resnet{MAX_RESNET_DEPTH}")
         resnet_blocks_per_stage(depth)  # raises ValueError on a bad depth
         return f"resnet{depth}"
     if m := _WRN_RE.match(key):
-        depth, k = int(m.group(1)), int(m.group(2))
+        best = f"wrn{MAX_WRN_DEPTH}_{MAX_WRN_WIDEN}"
+        depth = _bounded(name, m.group(1), MAX_WRN_DEPTH, "a Wide ResNet's depth", best)
+        k = _bounded(name, m.group(2), MAX_WRN_WIDEN, "a Wide ResNet's widen factor k", best)
         wrn_blocks_per_stage(depth, k)
         return f"wrn{depth}_{k}"
     if m := _WRN_NO_K_RE.match(key):
@@ -134,6 +151,20 @@ def canonical_model_name(name: str) -> str:
             f"model name {name!r} lacks the widen factor k: write wrn{{depth}}_{{k}}, e.g. wrn{m.group(1)}_2"
         )
     raise _unknown(name)
+
+
+def _bounded(name: str, digits: str, limit: int, what: str, largest: str) -> int:
+    """``int(digits)``, or a ValueError naming ``limit`` when it is larger (checked before converting huge strings)."""
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > len(str(limit)) or int(digits) > limit:
+        shown = digits if len(digits) <= 12 else f"{digits[:6]}... ({len(digits)} digits)"
+        short = name if len(name) <= 40 else name[:37] + "..."
+        raise ValueError(
+            f"model {short!r}: {what} is at most {limit} in the registry's names (up to {largest}), "
+            f"got {shown}; for a bigger network build it yourself and add it with "
+            "@ktg_fast.models.register_model('name')"
+        )
+    return int(digits)
 
 
 def is_model(name: str) -> bool:

@@ -1,0 +1,100 @@
+"""The interface every training-step path keeps (Algorithm 1 of the paper), and what they share.
+
+A step runs one forward of the batch through every node, the graph loss of all
+edges, one backward and one optimizer step for every trainable node.  The
+trainer and its checkpoints work with any step path: checkpoints are per node,
+each node's ``state_dict`` and the SGD momentum buffer of each of its
+parameters, keyed by parameter name.
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..graph import Graph
+from ..recipe import TrainConfig
+
+__all__ = ["TrainStep", "eval_mode_logits", "node_lrs", "say_once"]
+
+log = logging.getLogger("ktg_fast")
+_said: set[str] = set()
+
+
+def say_once(level: int, msg: str, *args: object) -> None:
+    """Log a message once per process (fallbacks are announced, not repeated per step)."""
+    key = msg % args if args else msg
+    if key not in _said:
+        _said.add(key)
+        log.log(level, msg, *args)
+
+
+@torch.no_grad()
+def eval_mode_logits(nets: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Stacked eval-mode outputs of ``nets`` on ``x``; each net's train/eval mode is restored."""
+    outs = []
+    for net in nets:
+        was = net.training
+        net.eval()
+        outs.append(net(x))
+        net.train(was)
+    return torch.stack(outs)
+
+
+class TrainStep(ABC):
+    """Interface of a training step over the networks of a graph (node order)."""
+
+    kind = "base"
+    graph: Graph
+    nets: list[nn.Module]
+    # Calls after which every call runs the steady-state path (a CUDA-graph step captures on a later
+    # call than its warm-up): timings must start after this many calls.
+    steady_after: int = 1
+
+    @abstractmethod
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, progress: Union[float, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train on one batch; return detached node losses (M,) and logits (M, B, C)."""
+
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (M, B, C) of every node in eval mode."""
+        return eval_mode_logits(self.nets, x)
+
+    @abstractmethod
+    def set_lrs(self, lrs: Sequence[float]) -> None:
+        """Set the learning rate of each trainable node (in ``graph.trainable`` order)."""
+
+    def node_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Per-node state dicts (parameters and buffers), copied to the CPU."""
+        self.adopt_nets()
+        return [{k: v.detach().cpu().clone() for k, v in net.state_dict().items()} for net in self.nets]
+
+    def load_node_state_dicts(self, states: Sequence[dict[str, torch.Tensor]]) -> None:
+        for net, sd in zip(self.nets, states):
+            net.load_state_dict(sd)
+        self.adopt_nets()
+
+    @abstractmethod
+    def momentum_buffers(self) -> list[Optional[dict[str, torch.Tensor]]]:
+        """Per network node: SGD momentum buffer of each parameter by name (None for frozen nodes)."""
+
+    @abstractmethod
+    def load_momentum_buffers(self, bufs: Sequence[Optional[dict[str, torch.Tensor]]]) -> None:
+        """Restore what :meth:`momentum_buffers` returned (from either step path)."""
+
+    def adopt_nets(self) -> None:
+        """Take over any parameter or buffer a caller replaced in ``nets`` (paths that keep them stacked)."""
+
+
+def node_lrs(graph: Graph, cfg: TrainConfig) -> list[float]:
+    """Learning rate of each trainable node: ``cfg.node_lr`` is per network node (frozen ones ignored)."""
+    if cfg.node_lr is None:
+        return [cfg.lr] * len(graph.trainable)
+    if len(cfg.node_lr) != graph.num_nodes:
+        raise ValueError(f"node_lr has {len(cfg.node_lr)} entries but the graph has {graph.num_nodes} network nodes")
+    return [cfg.node_lr[t - 1] for t in graph.trainable]
+
+
