@@ -38,5 +38,7 @@ setup(
         ],
         "dali": ["nvidia-dali-cuda130"],
         "postgres": ["psycopg2-binary"],
+        # Baselines some benchmarks compare with, where installed (bench/test_bench_linear_loss.py).
+        "bench": ["liger-kernel"],
     },
 )

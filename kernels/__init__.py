@@ -9,6 +9,6 @@ Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter:
 ``TRITON_INTERPRET=1`` must be set before this package is first imported,
 since Triton decides how to build a kernel when it is defined.
 """
-from .graph_loss import Plan, graph_loss_triton, is_available, plan
+from .graph_loss import Plan, grad_dtype, graph_loss_triton, graph_loss_triton_with_grad, is_available, plan
 
-__all__ = ["Plan", "graph_loss_triton", "is_available", "plan"]
+__all__ = ["Plan", "grad_dtype", "graph_loss_triton", "graph_loss_triton_with_grad", "is_available", "plan"]

@@ -32,7 +32,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import _triton_graph_loss as K
 
-__all__ = ["graph_loss_triton", "is_available", "plan"]
+__all__ = ["grad_dtype", "graph_loss_triton", "graph_loss_triton_with_grad", "is_available", "plan"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_NODES = 16
@@ -419,3 +419,30 @@ def graph_loss_triton(
     )
     return node, edge.detach()
 
+
+
+def graph_loss_triton_with_grad(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    gate_codes: torch.Tensor,
+    temperature: float,
+    progress: torch.Tensor,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same launch as :func:`graph_loss_triton`, no autograd: node and edge losses and the gradient.
+
+    Returns ``(node_loss (M,), edge_loss (M+1, M+1), grad (M, B, C))`` where ``grad`` is
+    d(sum of node losses)/d(logits) in :func:`grad_dtype` of the logits' dtype.  For callers that
+    turn the gradient into others themselves (``ktg_fast.GraphLinearLoss``'s chunks).
+    """
+    _check_inputs(logits, labels, gate_codes, temperature, progress, ignore_index)
+    m, b, c = logits.shape
+    if logits.stride(2) != 1:
+        logits = logits.contiguous()
+    progress = progress.reshape(()).float()
+    cfg = plan(m, b, c, logits.device)
+    with torch.no_grad():
+        return torch.ops.ktg_fast.graph_loss_fwd(
+            logits.detach(), labels, gate_codes, progress, float(temperature), int(ignore_index), True,
+            cfg.block_c, cfg.rows_per_program, cfg.num_splits, cfg.chunk, cfg.num_warps, cfg.count_in_kernel,
+        )

@@ -11,6 +11,7 @@ Public API::
 """
 from .gates import Gate, GateContext, gate_names, get_gate, register_gate
 from .graph import Graph, Node, preset
+from .linear_loss import GraphLinearLoss
 from .loss import GraphLoss, GraphLossResult, graph_loss, graph_loss_reference
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "Gate",
     "GateContext",
     "Graph",
+    "GraphLinearLoss",
     "GraphLoss",
     "GraphLossResult",
     "Node",

@@ -42,8 +42,9 @@ class GraphLossResult(NamedTuple):
 
 def _stack_logits(logits: LogitsLike) -> torch.Tensor:
     if isinstance(logits, torch.Tensor):
-        if logits.dim() != 3:
-            raise ValueError(f"logits must be (M, B, C) or a list of M (B, C) tensors, got shape {tuple(logits.shape)}")
+        if logits.dim() < 3:
+            raise ValueError(f"logits must be (M, *, C) (e.g. (M, B, C) or (M, B, T, C)) or a list of M (*, C) "
+                             f"tensors, got shape {tuple(logits.shape)}")
         z = logits
     else:
         logits = list(logits)
@@ -52,8 +53,8 @@ def _stack_logits(logits: LogitsLike) -> torch.Tensor:
         if not all(isinstance(x, torch.Tensor) for x in logits):
             raise TypeError("logits must be tensors: an (M, B, C) tensor or a list of M (B, C) tensors")
         shapes = {tuple(x.shape) for x in logits}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-            raise ValueError(f"every node's logits must be (B, C) with the same B and C, got shapes {sorted(shapes)}")
+        if len(shapes) != 1 or len(next(iter(shapes))) < 2:
+            raise ValueError(f"every node's logits must be (*, C) of one shape, e.g. (B, C), got shapes {sorted(shapes)}")
         z = torch.stack(logits)
     if not z.dtype.is_floating_point:
         raise TypeError(f"logits must be floating point (float32, float64, bfloat16 or float16), got {z.dtype}")
@@ -61,6 +62,18 @@ def _stack_logits(logits: LogitsLike) -> torch.Tensor:
 
 
 _LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def _flatten(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, *, C) logits and (*) labels -> (M, B, C) and (B,), as F.cross_entropy users expect."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an int64 or int32 tensor of class indices, got {type(labels).__name__}")
+    lead = tuple(z.shape[1:-1])
+    if tuple(labels.shape) != lead:
+        raise ValueError(f"labels must be {lead} to match logits {tuple(z.shape)} (M, *, C), got {tuple(labels.shape)}")
+    if z.dim() == 3:
+        return z, labels
+    return z.reshape(z.shape[0], -1, z.shape[-1]), labels.reshape(-1)
 
 
 def _check_labels(labels: torch.Tensor, z: torch.Tensor, ignore_index: int) -> None:
@@ -148,6 +161,7 @@ def graph_loss_reference(
     """
     z = _stack_logits(logits)
     codes = prepare_gates(gates, z.shape[0])
+    z, labels = _flatten(z, labels)
     _check_labels(labels, z, ignore_index)
     t = _check_temperature(temperature)
     return _reference(z, labels, _edge_plan(codes), t, progress, ignore_index)
@@ -158,6 +172,7 @@ class _EdgePlan:
     """What a gate matrix asks the reference to compute; derived once per matrix (GraphLoss binds it)."""
 
     codes: torch.Tensor  # (M+1, M+1) int64 on the CPU
+    key: tuple[tuple[int, ...], ...]  # the same as nested tuples (device copies are cached by it)
     kinds: tuple[int, ...]  # the non-cutoff gate codes present
     needs_correct: bool  # some gate other than cutoff, through, linear (it may read correctness)
     kl_targets: tuple[int, ...]  # 0-based nodes with a non-cutoff KL input (frozen nodes cost nothing)
@@ -177,8 +192,37 @@ def _edge_plan(codes: torch.Tensor) -> _EdgePlan:
     kl_sources = tuple((codes_kl[:, list(kl_targets)] != _gates.CUTOFF).any(dim=1).nonzero().flatten().tolist()) \
         if kl_targets else ()
     ce_targets = tuple((codes[0, 1:] != _gates.CUTOFF).nonzero().flatten().tolist())
-    return _EdgePlan(codes, kinds, any(c not in (_gates.THROUGH, _gates.LINEAR) for c in kinds), kl_targets,
+    return _EdgePlan(codes, tuple(map(tuple, codes.tolist())), kinds, any(c not in (_gates.THROUGH, _gates.LINEAR) for c in kinds), kl_targets,
                      kl_sources, ce_targets, all(c in _gates.KERNEL_GATES for c in kinds))
+
+
+def _gate_weights(z: torch.Tensor, labels: torch.Tensor, plan: _EdgePlan, dtype: torch.dtype,
+                  progress: Union[float, torch.Tensor], ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample edge weights W[s, t, n] (gate weight / B_eff, 0 on ignored rows) and labels safe to gather."""
+    m, b, _ = z.shape
+    dev = z.device
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    n_valid = valid.sum().to(dtype)
+    # An all-ignored batch yields zeros, not 0/0 = NaN.
+    inv_b = valid.to(dtype) / n_valid.clamp(min=1.0)  # (B,) per-row weight 1/B_eff or 0
+    prog = _progress_tensor(progress, dev, dtype)
+    correct = None
+    if plan.needs_correct:
+        # The label source (row 0) is always correct.
+        correct = torch.cat(
+            [torch.ones(1, b, dtype=torch.bool, device=dev), z.detach().argmax(dim=-1) == labels.unsqueeze(0)]
+        )
+    ctx = _gates.GateContext(source_logits=z.detach(), labels=labels, progress=prog, correct=correct)
+    weights = torch.zeros(m + 1, m + 1, b, dtype=dtype, device=dev)
+    codes_dev = _cached_codes(plan.key, str(dev))  # cached: no host copy per step (CUDA-graph capturable)
+    for code in plan.kinds:  # a loop over gate kinds (at most a handful), never over edges
+        w = _gates.get_gate(code).weight(ctx)
+        # A Python number becomes a device fill, not a host-to-device copy.
+        w = torch.full((), float(w), dtype=dtype, device=dev) if not isinstance(w, torch.Tensor) else w.to(dev, dtype)
+        w = torch.broadcast_to(w, (m + 1, b))
+        weights = torch.where((codes_dev == code).unsqueeze(-1), w.unsqueeze(1), weights)
+    return weights * inv_b, safe_labels  # the batch mean and the ignore mask folded into the weights
 
 
 def _reference(z: torch.Tensor, labels: torch.Tensor, plan: _EdgePlan, t: float,
@@ -189,30 +233,7 @@ def _reference(z: torch.Tensor, labels: torch.Tensor, plan: _EdgePlan, t: float,
     dev = z.device
     zf = z.to(dtype)
     labels = labels.to(dev)
-    valid = labels != ignore_index
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-    n_valid = valid.sum().to(dtype)
-    # An all-ignored batch yields zeros, not 0/0 = NaN.
-    inv_b = valid.to(dtype) / n_valid.clamp(min=1.0)  # (B,) per-row weight 1/B_eff or 0
-
-    # Per-sample gate weights W[s, t, n] for the edges that exist.
-    prog = _progress_tensor(progress, dev, dtype)
-    correct = None
-    if plan.needs_correct:
-        # The label source (row 0) is always correct.
-        correct = torch.cat(
-            [torch.ones(1, b, dtype=torch.bool, device=dev), z.detach().argmax(dim=-1) == labels.unsqueeze(0)]
-        )
-    ctx = _gates.GateContext(source_logits=z.detach(), labels=labels, progress=prog, correct=correct)
-    weights = torch.zeros(m + 1, m + 1, b, dtype=dtype, device=dev)
-    codes_dev = _device_codes(plan.codes, dev)  # cached: no host copy per step (CUDA-graph capturable)
-    for code in plan.kinds:  # a loop over gate kinds (at most a handful), never over edges
-        w = _gates.get_gate(code).weight(ctx)
-        # A Python number becomes a device fill, not a host-to-device copy.
-        w = torch.full((), float(w), dtype=dtype, device=dev) if not isinstance(w, torch.Tensor) else w.to(dev, dtype)
-        w = torch.broadcast_to(w, (m + 1, b))
-        weights = torch.where((codes_dev == code).unsqueeze(-1), w.unsqueeze(1), weights)
-    weights = weights * inv_b  # fold the batch mean and the ignore mask into the weights
+    weights, safe_labels = _gate_weights(z, labels, plan, dtype, progress, ignore_index)
 
     edge = torch.zeros(m + 1, m + 1, dtype=dtype, device=dev)
     # Only targets with some non-cutoff KL input are computed: frozen nodes cost nothing.
@@ -251,6 +272,41 @@ def _reference(z: torch.Tensor, labels: torch.Tensor, plan: _EdgePlan, t: float,
     return GraphLossResult(node_loss=edge[:, 1:].sum(0), edge_loss=edge)
 
 
+def reference_with_grad(z: torch.Tensor, labels: torch.Tensor, plan: "_EdgePlan", temperature: float,
+                        progress: Union[float, torch.Tensor], ignore_index: int
+                        ) -> tuple[GraphLossResult, torch.Tensor]:
+    """The reference losses and, in closed form, grad (M, B, C) = d(sum of node losses)/d logits.
+
+    What the Triton kernel computes in one pass, in plain PyTorch ops (no autograd): SEMANTICS.md's
+    dL_t/dz_t = T (sum_s w_st p_t - sum_s w_st p_s) + w_0t (q_t - onehot(y)), weights over B_eff.
+    Used where the gradient must come with the forward (chunked losses) on devices without the
+    kernel; float32 (float64 for float64 logits).  Inputs must be validated (``GraphLoss`` does).
+    """
+    with torch.no_grad():
+        res = _reference(z, labels, plan, temperature, progress, ignore_index)
+        m, b, c = z.shape
+        dtype = res.edge_loss.dtype
+        zf = z.to(dtype)
+        labels = labels.to(z.device)
+        weights, safe_labels = _gate_weights(z, labels, plan, dtype, progress, ignore_index)
+        grad = torch.zeros(m, b, c, dtype=dtype, device=z.device)
+        t = float(temperature)
+        if plan.kl_targets:
+            tg, src = list(plan.kl_targets), list(plan.kl_sources)
+            w_kl = weights[1:, 1:][src][:, tg]  # (S, T, B)
+            p_s = torch.nan_to_num(torch.softmax(zf[src] / t, dim=-1), nan=0.0, posinf=0.0, neginf=0.0)
+            p_t = torch.softmax(zf[tg] / t, dim=-1)
+            mix = torch.einsum("stb,sbc->tbc", w_kl, p_s)  # sum_s w_st p_s
+            grad[tg] += t * (w_kl.sum(0).unsqueeze(-1) * p_t - mix)
+        if plan.ce_targets:
+            tg = list(plan.ce_targets)
+            w0 = weights[0, 1:][tg].unsqueeze(-1)  # (T, B, 1)
+            q = torch.softmax(zf[tg], dim=-1)
+            onehot = torch.zeros_like(q).scatter_(-1, safe_labels.expand(len(tg), b).unsqueeze(-1), 1.0)
+            grad[tg] += torch.where(w0 != 0, w0 * (q - onehot), 0.0)
+    return res, grad
+
+
 @functools.lru_cache(maxsize=256)
 def _index_tensor(idx: tuple, device: str) -> torch.Tensor:
     return torch.tensor(idx, dtype=torch.long, device=device)
@@ -259,11 +315,6 @@ def _index_tensor(idx: tuple, device: str) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _cached_codes(key: tuple, device: str) -> torch.Tensor:
     return torch.tensor(key, dtype=torch.int32, device=device)
-
-
-def _device_codes(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # Cached, so repeated steps (and CUDA-graph capture) copy nothing from the host.
-    return _cached_codes(tuple(map(tuple, codes.tolist())), str(device))
 
 
 # Devices on which the kernel failed to build or launch under impl="auto": they use the reference.
@@ -317,12 +368,12 @@ def _use_kernel(z: torch.Tensor, plan: _EdgePlan, impl: str) -> bool:
     return kernels.is_available(z.device)
 
 
-def _kernel_loss(z: torch.Tensor, labels: torch.Tensor, codes: torch.Tensor, temperature: float,
+def _kernel_loss(z: torch.Tensor, labels: torch.Tensor, plan: "_EdgePlan", temperature: float,
                  progress: Union[float, torch.Tensor], ignore_index: int) -> GraphLossResult:
     from . import kernels
 
     node, edge = kernels.graph_loss_triton(
-        z, labels.to(z.device), _device_codes(codes, z.device), temperature,
+        z, labels.to(z.device), _cached_codes(plan.key, str(z.device)), temperature,
         _progress_tensor(progress, z.device), int(ignore_index),
     )
     return GraphLossResult(node_loss=node, edge_loss=edge)
@@ -370,10 +421,11 @@ class GraphLoss(torch.nn.Module):
         """Losses of every node and edge for one batch.
 
         Args:
-            logits: (M, B, C) stacked logits of network nodes 1..M, or a list of
-                M (B, C) tensors (node order of the graph); float32, float64,
-                bfloat16 or float16.  Masked classes may hold -inf (0 * log 0 = 0).
-            labels: (B,) int64 or int32 class labels; rows equal to
+            logits: (M, *, C) stacked logits of network nodes 1..M, e.g. (M, B, C)
+                or (M, B, T, C) for sequences, or a list of M (*, C) tensors
+                (node order of the graph); float32, float64, bfloat16 or
+                float16.  Masked classes may hold -inf (0 * log 0 = 0).
+            labels: (*) int64 or int32 class labels; rows equal to
                 ``ignore_index`` are left out of every edge and of the batch
                 count.  A row whose label class has logit -inf gets an infinite
                 cross-entropy.
@@ -399,15 +451,16 @@ class GraphLoss(torch.nn.Module):
             raise ValueError(f"logits hold {z.shape[0]} nodes but the gate matrix is "
                              f"{self.num_nodes + 1}x{self.num_nodes + 1}: it must be "
                              f"{z.shape[0] + 1}x{z.shape[0] + 1} (label node 0 plus one row per network)")
+        z, labels = _flatten(z, labels)
         _check_labels(labels, z, self.ignore_index)
         plan, t, ii = self.plan, self.temperature, self.ignore_index
         if not _use_kernel(z, plan, self.impl):
             res = _reference(z, labels, plan, t, progress, ii)
         elif self.impl == "triton" or torch.compiler.is_compiling():
-            res = _kernel_loss(z, labels, plan.codes, t, progress, ii)
+            res = _kernel_loss(z, labels, plan, t, progress, ii)
         else:
             try:
-                res = _kernel_loss(z, labels, plan.codes, t, progress, ii)
+                res = _kernel_loss(z, labels, plan, t, progress, ii)
             except (ValueError, TypeError, torch.OutOfMemoryError):
                 raise  # the caller's inputs or memory, not the kernel's build: the reference would not help
             except Exception as e:  # noqa: BLE001 - a Triton build or launch failure of any kind
@@ -417,6 +470,48 @@ class GraphLoss(torch.nn.Module):
         if check_finite:
             _raise_if_not_finite(res, z, labels, ii)
         return res
+
+    def loss_and_grad(self, logits: torch.Tensor, labels: torch.Tensor, progress: Union[float, torch.Tensor] = 1.0
+                      ) -> tuple[GraphLossResult, torch.Tensor]:
+        """Losses and grad = d(sum of node losses)/d(logits), computed together, without autograd.
+
+        The fused kernel writes the gradient during its forward anyway; elsewhere the reference
+        computes it in closed form (:func:`reference_with_grad`).  For callers that turn it into
+        other gradients themselves (:class:`~ktg_fast.linear_loss.GraphLinearLoss`).
+
+        Args:
+            logits: (M, B, C) floating-point logits (not flattened here).
+            labels: (B,) int64 or int32 labels.
+            progress: as in :meth:`forward`.
+
+        Returns:
+            (:class:`GraphLossResult`, grad (M, B, C)): grad in float32 for 16-bit logits on the
+            reference path and for float16 on the kernel's, else in the logits' dtype (float64 stays).
+        """
+        z = _stack_logits(logits)
+        if z.dim() != 3 or z.shape[0] != self.num_nodes:
+            raise ValueError(f"logits must be ({self.num_nodes}, B, C), got {tuple(z.shape)}")
+        _check_labels(labels, z, self.ignore_index)
+        plan, t, ii = self.plan, self.temperature, self.ignore_index
+        if _use_kernel(z, plan, self.impl):
+            from . import kernels
+
+            def run():
+                node, edge, grad = kernels.graph_loss_triton_with_grad(
+                    z, labels.to(z.device), _cached_codes(plan.key, str(z.device)), t,
+                    _progress_tensor(progress, z.device), ii)
+                return GraphLossResult(node, edge), grad
+
+            if self.impl == "triton" or torch.compiler.is_compiling():
+                return run()
+            try:
+                return run()
+            except (ValueError, TypeError, torch.OutOfMemoryError):
+                raise
+            except Exception as e:  # noqa: BLE001 - a Triton build or launch failure of any kind
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                _warn_fallback(z.device, f"{type(e).__name__}: {first}")
+        return reference_with_grad(z.detach(), labels, plan, t, progress, ii)
 
     def extra_repr(self) -> str:
         return f"num_nodes={self.num_nodes}, temperature={self.temperature}, impl={self.impl!r}"

@@ -175,7 +175,7 @@ def test_bad_shapes_and_args():
     g = [["cutoff", "through"], ["cutoff", "cutoff"]]
     with pytest.raises(ValueError, match=r"labels must be \(2,\)"):
         kf.graph_loss(torch.randn(1, 2, 3), torch.tensor([0, 1, 2]), g)
-    with pytest.raises(ValueError, match="same B and C"):
+    with pytest.raises(ValueError, match="of one shape"):
         kf.graph_loss([torch.randn(2, 3), torch.randn(2, 4)], torch.tensor([0, 1]), [["cutoff"] * 3] * 3)
     with pytest.raises(ValueError, match="impl must be"):
         kf.graph_loss(torch.randn(1, 2, 3), torch.tensor([0, 1]), g, impl="fast")
@@ -374,3 +374,37 @@ def test_graph_loss_module_binds_the_gates_once(monkeypatch):
         kf.GraphLoss(gates, temperature=0)
     with pytest.raises(ValueError, match="impl must be"):
         kf.GraphLoss(gates, impl="fast")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_closed_form_reference_gradient_equals_autograd(seed):
+    """reference_with_grad (the gradient written with the forward, as the kernel does) against autograd."""
+    from ktg_fast.loss import _edge_plan, prepare_gates, reference_with_grad
+
+    logits, labels, gates, T, prog = random_case(seed)
+    z = torch.stack(logits).detach().requires_grad_()
+    res = kf.graph_loss(z, labels, gates, temperature=T, progress=prog)
+    expected = torch.autograd.grad(res.node_loss.sum(), z)[0] if res.node_loss.requires_grad else torch.zeros_like(z)
+    plan = _edge_plan(prepare_gates(gates, z.shape[0]))
+    res2, grad = reference_with_grad(z.detach(), labels, plan, T, prog, -100)
+    torch.testing.assert_close(res2.edge_loss, res.edge_loss.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12)
+
+
+def test_leading_batch_dimensions_are_flattened():
+    """(M, B, T, C) logits with (B, T) labels, as sequence models hand them over, equal the flat call."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 2, 5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 7, (2, 5), generator=gen)
+    y[1, 3] = -100
+    gates = random_gates(3, random.Random(2), p_cut=0.0)
+    a = kf.graph_loss(z, y, gates, temperature=2.0, progress=0.3)
+    b = kf.graph_loss(z.reshape(3, 10, 7), y.reshape(10), gates, temperature=2.0, progress=0.3)
+    torch.testing.assert_close(a.edge_loss, b.edge_loss, rtol=0, atol=0)
+    (ga,) = torch.autograd.grad(a.node_loss.sum(), z)
+    (gb,) = torch.autograd.grad(b.node_loss.sum(), z)
+    torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+    lst = kf.GraphLoss(gates, temperature=2.0)(list(z.unbind(0)), y, 0.3)  # a list of (B, T, C)
+    torch.testing.assert_close(lst.edge_loss, a.edge_loss, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"labels must be \(2, 5\) to match logits \(3, 2, 5, 7\)"):
+        kf.graph_loss(z, y.reshape(10), gates)
