@@ -274,12 +274,13 @@ class Graph:
             raise GraphError(f"{path}: {e}") from None
 
     # ------------------------------------------------------------------ drawing
-    def to_dot(self, *, title: Optional[str] = None, accuracies: Optional[Sequence[float]] = None) -> str:
+    def to_dot(self, *, title: Optional[str] = None, accuracies: Optional[Sequence[float]] = None,
+               metric: str = "val") -> str:
         """Graphviz DOT text in the paper's style.
 
         The target node is red, frozen nodes blue, edges labelled by gate,
-        cutoff edges left out.  ``accuracies`` (one per network node) are
-        printed in the node labels when given.
+        cutoff edges left out.  ``accuracies`` (percent, one per network node)
+        are printed in the node labels as e.g. ``val 73.9 %`` (``metric`` names the split).
         """
         out = ["digraph KTG {", "  rankdir=LR;", '  node [shape=ellipse, style=filled, fillcolor="white", fontname="Helvetica"];']
         if title:
@@ -288,7 +289,7 @@ class Graph:
         for i, node in enumerate(self.nodes, start=1):
             text = f"{i}: {node.model}"
             if accuracies is not None:
-                text += f"\\n({accuracies[i - 1]:.2f})"
+                text += f"\\n{metric} {float(accuracies[i - 1]):.1f} %"
             if i == self.target:
                 style = 'fillcolor="#f4a6a6", color="#c00000", penwidth=2'
             elif self.is_frozen(i):
@@ -320,11 +321,7 @@ class Graph:
 
         base = Path(path).with_suffix("")
         dot_path = base.with_suffix(".dot")
-        text = self.to_dot(title=title)
-        if accuracies is not None:
-            for i, (node, acc) in enumerate(zip(self.nodes, accuracies), start=1):
-                head = f'  n{i} [label="{i}: {node.model}'
-                text = text.replace(head, f"{head}\\n{metric} {float(acc):.1f} %", 1)
+        text = self.to_dot(title=title, accuracies=accuracies, metric=metric)
         atomic_write_text(dot_path, text)
         written = [dot_path]
         skip = on_png_skipped or (lambda why: logging.getLogger("ktg_fast").warning("%s", why))

@@ -63,7 +63,7 @@ def test_validation_messages():
     bad(lambda d: [r.__setitem__(1, "cutoff") for r in d["gates"]], r"target node 1 is frozen")
     # A frozen node without checkpoint.
     bad(lambda d: d["nodes"][1].pop("checkpoint"), r"node 2 \(wrn28_2\) is frozen but has no checkpoint")
-    bad(lambda d: d.__setitem__("temperature", 0), r"temperature must be positive")
+    bad(lambda d: d.__setitem__("temperature", 0), r"temperature must be a finite positive number.*got 0.0")
     bad(lambda d: d.__setitem__("colour", "red"), r"unknown graph keys \['colour'\]")
     bad(lambda d: d["nodes"][0].__setitem__("lr", 3), r"node 1: unknown keys \['lr'\]")
     bad(lambda d: d.__setitem__("target", 7), r"target node 7 does not exist")
@@ -107,13 +107,14 @@ def test_presets():
 def test_dot_drawing(tmp_path):
     g = three_node()
     dot = g.to_dot(accuracies=[70.1, 74.6, 72.5])
-    assert 'n1 [label="1: resnet32\\n(70.10)", fillcolor="#f4a6a6"' in dot  # target red
+    assert 'n1 [label="1: resnet32\\nval 70.1 %", fillcolor="#f4a6a6"' in dot  # target red, its figure and unit
     assert "(frozen)" in dot and "#a6c8f4" in dot  # frozen blue
     assert 'n0 -> n1 [label="through"]' in dot and 'n3 -> n1 [label="linear"]' in dot
     assert "n0 -> n2" not in dot  # cutoff edges left out
     assert dot.count("->") == sum(1 for s in range(4) for t in range(1, 4) if s != t and g.gates[s][t] != "cutoff")
     written = g.draw(tmp_path / "g")
-    assert written[0].read_text() == dot.replace("\\n(70.10)", "").replace("\\n(74.60)", "").replace("\\n(72.50)", "")
+    assert written[0].read_text() == dot.replace("\\nval 70.1 %", "").replace("\\nval 74.6 %", "").replace(
+        "\\nval 72.5 %", "")
     if shutil.which("dot"):
         png = tmp_path / "g.png"
         assert png in written and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

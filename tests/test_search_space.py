@@ -218,7 +218,7 @@ def test_sqlite_storage_wal_and_lock(tmp_path):
     # Another process holds the study's lock: we wait, then go on without it.
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import fcntl, sys, time
-        f = open({str(lock)!r}, "a"); fcntl.lockf(f, fcntl.LOCK_EX); print("held", flush=True); time.sleep(30)""")],
+        f = open({str(lock)!r}, "a"); fcntl.flock(f, fcntl.LOCK_EX); print("held", flush=True); time.sleep(30)""")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -231,6 +231,7 @@ def test_sqlite_storage_wal_and_lock(tmp_path):
         holder.wait()
     with admission_lock(None, url, "s", wait_s=5) as got:
         assert got is True
+    assert not lock.exists()  # no lock file left behind
 
 
 # ---------------------------------------------------------------- settings

@@ -4,7 +4,7 @@
     python -m ktg_fast.search --nodes 3 ... --storage postgresql://user@host/db --study s3   # on every machine
     python -m ktg_fast.search --out runs/s3                  # run again: resumes the same study
     python -m ktg_fast.search export --out runs/s3 --top 5   # best graphs, trials table, plots
-    python -m ktg_fast.train --graph runs/s3/best/graph.yaml --dataset cifar100 --seeds 0 1 2 3 4
+    python -m ktg_fast.train --graph runs/s3/best/graph.yaml --dataset cifar100 --out runs/s3-best  # export prints it
 
 A quick real search on CPU (a few minutes):
 
@@ -16,7 +16,8 @@ Trials train on the dataset's search split (e.g. CIFAR 40k train / 10k
 validation) and are pruned by successive halving on the target's validation
 accuracy; the test set is never read.  ``--trials N`` counts finished trials
 (complete, pruned or failed); trials rejected before training (frozen target,
-a graph already tried) do not count.  Settings are saved in <out>/search.json;
+a graph already tried) do not count.  Settings, the study's name and the
+sampler seeds are saved in <out>/search.json (a renamed or copied folder resumes its study);
 the embedded study is <out>/study.db (open it with
 ``optuna-dashboard sqlite:///<out>/study.db``).
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import SearchConfig, load_config, spec_differences
+from .config import CONFIG_FILE, SearchConfig, load_config, spec_differences
 from .space import DEFAULT_GATES, DEFAULT_MODELS, SearchError
 
 __all__ = ["main", "build_parser"]
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--milestones", type=int, nargs="*", help="epochs of the x0.1 steps (default: scaled to --epochs)")
     g.add_argument("--gamma", type=float)
     g.add_argument("--no-augment", dest="augment", action="store_false")
-    g.add_argument("--seed", type=int, help="trial t trains with seed + t (default 0)")
+    g.add_argument("--seed", type=int, help="trial t trains with seed + t; worker k's sampler is seeded from "
+                                              "seed and k, so the same flags draw the same graphs (default 0)")
     g = p.add_argument_group("teachers of frozen nodes")
     g.add_argument("--teachers", help="teacher folder (default $KTG_TEACHERS or ./teachers; <out>/teachers "
                                       "with --train-subset)")
@@ -85,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("storage, workers, fault tolerance")
     g.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user@host/db (default "
                                      "sqlite:///<out>/study.db)")
-    g.add_argument("--study", help="study name (default: the --out folder's name)")
+    g.add_argument("--study", help="study name (default: the one saved in <out>/search.json; for a new search "
+                                   "the --out folder's name)")
     g.add_argument("--workers", type=int, help="local worker processes (default 1; several per GPU are fine; "
                                                "with several GPUs they are spread over them)")
     g.add_argument("--heartbeat", type=int, help="seconds between a running trial's heartbeats (default 60)")
@@ -162,6 +166,39 @@ def _preflight(cfg: SearchConfig) -> None:
                               "or drop --no-pretrain")
 
 
+# The files and folders a search writes into --out (besides lock and temporary files).
+SEARCH_NAMES = frozenset({CONFIG_FILE, "study.db", "study.db-wal", "study.db-shm", "study.db-journal", "trials", "logs",
+                          "teachers", "best", "top", "trials.md", "trials.json", "history.png", "intermediate.png"})
+# What a training run (python -m ktg_fast.train / pretrain) writes.
+RUN_NAMES = frozenset({"metrics.jsonl", "checkpoint.pt", "final.json", "graph.yaml", "nodes", "results.md",
+                       "config.json", "run.json"})
+
+
+def plural(n: int, word: str) -> str:
+    """``1 trial``, ``2 trials``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def check_out(out: str) -> None:
+    """Refuse an ``--out`` that is a file or holds another kind of output; a search's own folder is fine."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SearchError(f"--out {out} is a file: give a folder (a new one, or a search's own to resume it)")
+    if not path.is_dir() or (path / CONFIG_FILE).is_file():
+        return
+    foreign = sorted(n for n in os.listdir(path)
+                     if n not in SEARCH_NAMES and not n.endswith(".lock") and not (n.startswith(".") and ".tmp" in n))
+    if not foreign:
+        return
+    if any(n in RUN_NAMES or (n.startswith("seed") and n[4:].isdigit()) for n in foreign):
+        what = "a training run (python -m ktg_fast.train)"
+    else:
+        what = "files that are not a search's"
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    raise SearchError(f"--out {out} already holds {what}: {shown}. A search writes into a new or empty folder, or "
+                      f"resumes its own (one with {CONFIG_FILE}): use another --out")
+
+
 # ----------------------------------------------------------------------- run
 def run_search(cfg: SearchConfig, *, trials_given: bool, progress: bool = True) -> int:
     """Create or join the study, run the workers to the end, print the outcome."""
@@ -171,31 +208,51 @@ def run_search(cfg: SearchConfig, *, trials_given: bool, progress: bool = True) 
         cfg.check_budget(cfg.trials)  # before any file is written
     _preflight(cfg)
     study, created = create_or_join(cfg, trials_given=trials_given)
+    cfg.study = study.study_name  # saved: a renamed or copied folder resumes this study
+    cfg.sampler_seeds = [cfg.sampler_seed(k) for k in range(cfg.workers)]
     cfg.save()
     url = cfg.storage_url()
-    from .storage import mask_url
+    from .storage import mask_url, storage_errors
 
     print(f"{'new' if created else 'joined'} study {study.study_name!r} in {mask_url(url)}: "
-          f"{cfg.space().describe()}; {cfg.trials} trials of up to {cfg.epochs} epochs; "
-          f"{cfg.workers} worker(s) here", file=sys.stderr)
+          f"{cfg.space().describe()}; {plural(cfg.trials, 'trial')} of up to {plural(cfg.epochs, 'epoch')}; "
+          f"{plural(cfg.workers, 'worker')} here", file=sys.stderr)
     from .progress import Progress
     from .study import open_for_reading
 
     reader = open_for_reading(url, study.study_name)
+    # Inline, the worker announces a new best itself, right after the trial's line.
     prog = Progress(reader, lambda: int(reader.user_attrs.get(BUDGET_ATTR, cfg.trials)), workers=cfg.workers,
-                    interval_s=min(2.0, cfg.poll_s)) if progress else None
-    code = _run_inline(cfg, prog) if cfg.workers == 1 else _run_processes(cfg, prog)
-    book = prog.close() if prog else None
-    if book is None:
-        from .ledger import Ledger
+                    interval_s=min(2.0, cfg.poll_s), announce=cfg.workers > 1) if progress else None
+    with storage_errors(url):
+        code = _run_inline(cfg, prog) if cfg.workers == 1 else _run_processes(cfg, prog)
+        book = prog.close() if prog else None
+        if book is None:
+            from .ledger import Ledger
 
-        book = Ledger(reader.get_trials(deepcopy=False), int(reader.user_attrs.get(BUDGET_ATTR, cfg.trials)))
+            book = Ledger(reader.get_trials(deepcopy=False), int(reader.user_attrs.get(BUDGET_ATTR, cfg.trials)))
     best = book.best()
     if book.complete:
-        print(f"search complete: {book.done} trials; best trial {best.number if best else '-'}"
+        print(f"search complete: {plural(book.done, 'trial')}; best trial {best.number if best else '-'}"
               + (f" (target val {best.value:.2f}%)" if best else "")
               + f". Export: python -m ktg_fast.search export --out {cfg.out}", file=sys.stderr)
+    if book.done and book.counts["failed"] == book.done:
+        print(f"warning: every trial failed ({_failure_summary(book)}); no graph was trained to the end. Fix the "
+              f"cause and start again in another --out (details: python -m ktg_fast.search export --out {cfg.out}, "
+              "then trials.md)", file=sys.stderr)
     return code
+
+
+def _failure_summary(book: Any) -> str:
+    """The most frequent failure reasons of a study, e.g. ``3 x non-finite loss ...; 1 x out of memory ...``."""
+    import re
+    from collections import Counter
+
+    from .ledger import ATTR_FAIL
+
+    reasons = Counter(re.split(r"; |: ", str(ln.latest.user_attrs.get(ATTR_FAIL, "?")))[0][:120]
+                      for ln in book.admitted if ln.status == "failed" and ln.latest is not None)
+    return "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3))
 
 
 def _run_inline(cfg: SearchConfig, prog: Any) -> int:
@@ -259,6 +316,9 @@ def _watch(cfg: SearchConfig, procs: list, prog: Any, logs: Path, failed: list[s
                         failed.append(f"worker {k} ended with {why}: {last}")
                         msg = f"worker {k} ended with {why}" + (f": {last}" if last else "") + (
                             "; its trial is re-queued after the heartbeat timeout" if p.returncode < 0 else "")
+                        if "pre-training teacher" in last:  # the whole search's problem: stop every worker
+                            _stop_all(procs)
+                            raise SearchError(_last_line(logs / f"worker{k}.log", limit=None).split("error: ", 1)[-1])
                         (prog._write if prog is not None else lambda m: print(m, file=sys.stderr))(msg)
             if prog is not None:
                 try:
@@ -284,12 +344,25 @@ def _watch(cfg: SearchConfig, procs: list, prog: Any, logs: Path, failed: list[s
     return 0
 
 
-def _last_line(path: Path) -> str:
+def _stop_all(procs: list) -> None:
+    """SIGTERM every worker still running (each gives its trial back) and wait for them."""
+    for k, p, f in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for k, p, f in procs:
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        f.close()
+
+
+def _last_line(path: Path, limit: Optional[int] = 300) -> str:
     try:
         lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
-    return lines[-1][:300] if lines else ""
+    return lines[-1][:limit] if lines else ""
 
 
 # --------------------------------------------------------------- subcommands
@@ -302,10 +375,12 @@ def worker_main(argv: list[str]) -> int:
     cfg = load_config(args.out)
     if cfg is None:
         raise SearchError(f"{args.out} holds no search.json: start the search with `python -m ktg_fast.search ...`")
+    from .storage import storage_errors
     from .worker import Worker
 
     try:
-        n = Worker(cfg, args.worker_id).run()
+        with storage_errors(cfg.storage_url()):
+            n = Worker(cfg, args.worker_id).run()
     except KeyboardInterrupt:
         return 130
     log.info("worker %d done after %d trials", args.worker_id, n)
@@ -315,20 +390,26 @@ def worker_main(argv: list[str]) -> int:
 def export_main(argv: list[str]) -> int:
     args = build_export_parser().parse_args(argv)
     from .export import export_study
+    from .storage import sqlite_path, storage_errors
     from .study import open_for_reading
 
     cfg = load_config(args.out)
     if cfg is None and args.storage is None:
         raise SearchError(f"{args.out} holds no search.json: give --storage (and --study) to export from a storage")
     url = args.storage or cfg.storage_url()
-    from .storage import sqlite_path
-
     db = sqlite_path(url)
     if db is not None and not db.exists():
         raise SearchError(f"no study file {db}: the search has not started in {args.out} (or give --storage)")
-    name = args.study or (cfg.study_name() if cfg is not None and args.storage is None else None)
-    study = open_for_reading(url, name)
-    res = export_study(study, args.to or args.out, top=args.top, url=url)
+    if db is not None and db.stat().st_size == 0:
+        raise SearchError(f"the study file {db} is empty (0 bytes): it holds no study to export; restore it from a "
+                          f"backup (each trial's graph and metrics are also in {db.parent / 'trials'})")
+    # (a search.json without a study name, in a renamed folder: the embedded storage's only study)
+    name = args.study
+    if name is None and cfg is not None and args.storage is None:
+        name = cfg.study or (None if db is not None else cfg.study_name())
+    with storage_errors(url):
+        study = open_for_reading(url, name)
+        res = export_study(study, args.to or args.out, top=args.top, url=url)
     s = res["summary"]
     print(f"{s['done']}/{s['budget']} trials finished (complete {s['complete']}, pruned {s['pruned']}, "
           f"failed {s['failed']}, running {s['running']})")
@@ -336,12 +417,58 @@ def export_main(argv: list[str]) -> int:
         print(f"  #{r['rank']}: trial {r['trial']}, target val {r['value']:.2f}%")
     dest = Path(args.to or args.out)
     if res["top"]:
-        print(f"best graph: {dest / 'best' / 'graph.yaml'}  (retrain: python -m ktg_fast.train --graph "
-              f"{dest / 'best' / 'graph.yaml'} --dataset <dataset> --seeds 0 1 2 3 4)")
+        print(f"best graph: {dest / 'best' / 'graph.yaml'}")
+        if cfg is not None:
+            print("retrain it with the search's settings" + _retrain_note(res["top"][0]) + ":\n  "
+                  + retrain_command(cfg, dest / "best" / "graph.yaml", res["top"][0].get("frozen", False)))
     else:
         print("no completed trial yet: no graph exported")
+    for note in res.get("notes", []):
+        print(f"warning: {note}", file=sys.stderr)
     print(f"table: {dest / 'trials.md'}; plots: {dest / 'history.png'}, {dest / 'intermediate.png'}")
     return 0
+
+
+def _retrain_note(top: dict) -> str:
+    from .progress import format_duration
+
+    t = top.get("time_s")
+    return f" (about {format_duration(t)}, as long as trial {top['trial']} took; --seeds 0 1 2 3 4 for " \
+           "mean +- std takes 5x that)" if t else " (--seeds 0 1 2 3 4 for mean +- std takes 5x as long)"
+
+
+def retrain_command(cfg: SearchConfig, graph: Path, frozen: bool) -> str:
+    """``python -m ktg_fast.train`` of ``graph`` with the search's dataset, epochs, subsets and recipe.
+
+    A graph with frozen nodes keeps the search's validation split and teacher folder (its teachers were
+    pre-trained on that split); otherwise it trains on the whole training set and reports test accuracy.
+    """
+    import shlex
+
+    from ..data import canonical_name
+    from ..recipe import TrainConfig
+
+    parts = ["python", "-m", "ktg_fast.train", "--graph", str(graph), "--dataset", canonical_name(cfg.dataset)]
+    if cfg.data_root:
+        parts += ["--data-root", cfg.data_root]
+    parts += ["--epochs", str(cfg.epochs)]
+    for flag, value in (("--train-subset", cfg.train_subset), ("--eval-subset", cfg.eval_subset)):
+        if value:
+            parts += [flag, str(value)]
+    for name in ("batch_size", "lr", "momentum", "weight_decay", "gamma"):
+        if getattr(cfg, name) != getattr(TrainConfig, name):
+            parts += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
+    if cfg.milestones is not None:
+        parts += ["--milestones", *map(str, cfg.milestones)]
+    if not cfg.nesterov:
+        parts.append("--no-nesterov")
+    if not cfg.augment:
+        parts.append("--no-augment")
+    if frozen:
+        parts += ["--val-size", str(cfg.resolved_val_size()), "--teachers", str(cfg.teacher_dir())]
+    out = Path(cfg.out)
+    parts += ["--out", str(out.parent / f"{out.name}-best")]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _quiet(verbose: bool) -> None:
@@ -368,5 +495,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     _quiet(getattr(args, "verbose", False))
+    check_out(args.out)
     cfg, trials_given = resolve_config(args)
     return run_search(cfg, trials_given=trials_given, progress=getattr(args, "progress", True))

@@ -84,6 +84,8 @@ class SearchConfig:
     step: str = "auto"
     cpu_threads: Optional[int] = None
     poll_s: float = 5.0
+    # written by the search for the record: the sampler seed of each local worker (see sampler_seed)
+    sampler_seeds: Optional[list[int]] = None
 
     # ------------------------------------------------------------ derived
     @property
@@ -100,7 +102,19 @@ class SearchConfig:
         return self.storage or default_storage_url(self.out)
 
     def study_name(self) -> str:
+        """``--study``, else the one saved in search.json, else (a new search) the --out folder's name."""
         return self.study or Path(self.out).resolve().name
+
+    def sampler_seed(self, worker: int) -> int:
+        """Worker ``worker``'s sampler seed, from ``--seed`` and its index (plus the host name when the
+        storage may be shared by several machines, so that they do not draw the same graphs)."""
+        import socket
+
+        from .storage import sqlite_path
+        from .study import sampler_seed
+
+        shared = sqlite_path(self.storage_url()) is None
+        return sampler_seed(self.seed, worker, socket.gethostname() if shared else None)
 
     def resolved_val_size(self) -> int:
         if self.val_size is not None:

@@ -119,7 +119,13 @@ def _savefig(fig: Any, path: Path) -> Path:
 
 
 def plot_history(rows: list[dict], path: Path) -> Path:
-    """Target validation accuracy per trial (complete: blue; pruned: grey at their last epoch) and the best so far."""
+    """Write :func:`history_figure` to ``path``."""
+    return _savefig(history_figure(rows), path)
+
+
+def history_figure(rows: list[dict]) -> Any:
+    """Target validation accuracy per trial (complete: blue; pruned: grey at their last epoch), the best so far
+    up to the last trial, and the winner marked with its number."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 4.5))
@@ -136,50 +142,97 @@ def plot_history(rows: list[dict], path: Path) -> Path:
             best = max(best, r["value"])
             xs.append(r["number"])
             ys.append(best)
+        last = max(r["number"] for r in rows if r["state"] != "REJECTED")
+        if last > xs[-1]:  # the best so far holds until the last trial
+            xs.append(last)
+            ys.append(ys[-1])
         ax.step(xs, ys, where="post", c="#d62728", label="best so far")
+        win = max(done, key=lambda r: (r["value"], -r["number"]))
+        ax.scatter([win["number"]], [win["value"]], s=90, facecolors="none", edgecolors="#d62728", linewidths=1.5,
+                   zorder=5)
+        ax.annotate(f"#{win['number']}: {win['value']:.1f} %", (win["number"], win["value"]),
+                    xytext=(8, -6), textcoords="offset points", ha="left", va="top", color="#d62728", fontsize=9)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel("target validation accuracy (%)")
     ax.set_title("Optimisation history")
     if done or pruned:
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
     else:
         ax.text(0.5, 0.5, "no finished trial yet", ha="center", va="center", transform=ax.transAxes)
     ax.grid(alpha=0.3)
-    return _savefig(fig, path)
+    return fig
 
 
-def plot_intermediate(rows: list[dict], path: Path, *, rungs: list[int]) -> Path:
-    """The target's validation accuracy after every epoch, one line per trial; dotted lines at the rungs."""
+BEST_COLOURS = ("#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
+
+
+def plot_intermediate(rows: list[dict], path: Path, *, rungs: list[int], best: int = 3) -> Path:
+    """Write :func:`intermediate_figure` to ``path``."""
+    return _savefig(intermediate_figure(rows, rungs=rungs, best=best), path)
+
+
+def intermediate_figure(rows: list[dict], *, rungs: list[int], best: int = 3) -> Any:
+    """The target's validation accuracy after every epoch, one line per trial; dotted lines at the rungs.
+
+    The ``best`` complete trials are coloured and named in a legend outside the axes; pruned trials end in
+    a marker drawn over the rung lines.
+    """
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-    fig = Figure(figsize=(8, 4.5))
+    fig = Figure(figsize=(9.5, 4.5))
     ax = fig.subplots()
+    ranked = sorted((r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None),
+                    key=lambda r: (-r["value"], r["number"]))[:best]
+    colour = {r["number"]: c for r, c in zip(ranked, BEST_COLOURS)}
     shown = 0
+    handles = []
     for r in rows:
         if not r["intermediate"] or r["state"] == "REJECTED":
             continue
         xs = list(r["intermediate"])
         ys = [r["intermediate"][x] for x in xs]
-        style = {"COMPLETE": dict(c="#1f77b4", alpha=0.9, lw=1.4), "PRUNED": dict(c="#999999", alpha=0.5, lw=0.8)}.get(
+        if r["number"] in colour:
+            continue  # drawn last, on top
+        style = {"COMPLETE": dict(c="#1f77b4", alpha=0.6, lw=1.0), "PRUNED": dict(c="#999999", alpha=0.5, lw=0.8)}.get(
             r["state"], dict(c="#ff7f0e", alpha=0.7, lw=1.0))
-        ax.plot(xs, ys, marker="." if len(xs) < 30 else None, **style)
+        ax.plot(xs, ys, marker="." if len(xs) < 30 else None, zorder=3, **style)
+        if r["state"] == "PRUNED":
+            ax.plot(xs[-1:], ys[-1:], marker="x", ms=6, c="#555555", ls="none", zorder=4)
+        shown += 1
+    for r in ranked:
+        xs = list(r["intermediate"])
+        ys = [r["intermediate"][x] for x in xs]
+        line, = ax.plot(xs, ys, c=colour[r["number"]], lw=2.0, marker="o" if len(xs) < 30 else None, ms=3, zorder=6,
+                        label=f"#{r['number']}: {r['value']:.1f} %")
+        handles.append(line)
         shown += 1
     for x in rungs:
-        ax.axvline(x, ls=":", c="#cc0000", lw=0.8, alpha=0.6)
+        ax.axvline(x, ls=":", c="#cc0000", lw=0.8, alpha=0.6, zorder=1)
     ax.set_xscale("log", base=2)
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     top = max([max(r["intermediate"]) for r in rows if r["intermediate"]] + rungs + [1])
-    ax.xaxis.set_major_locator(FixedLocator([2 ** k for k in range(int(top).bit_length() + 1) if 2 ** k <= top] + [top]))
+    ax.xaxis.set_major_locator(FixedLocator(sorted({2 ** k for k in range(int(top).bit_length() + 1) if 2 ** k <= top}
+                                                   | {top})))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.set_xlabel("epoch (rungs dotted)")
+    ax.set_xlabel("epoch")
     ax.set_ylabel("target validation accuracy (%)")
-    ax.set_title("Intermediate values (blue: complete, grey: pruned, orange: running/failed)")
+    ax.set_title("Target validation accuracy after each epoch")
+    handles += [Line2D([], [], c="#1f77b4", lw=1.0, label="other complete"),
+                Line2D([], [], c="#999999", lw=0.8, marker="x", mec="#555555", label="pruned (x: where)"),
+                Line2D([], [], c="#ff7f0e", lw=1.0, label="running / failed"),
+                Line2D([], [], c="#cc0000", ls=":", lw=0.8, label="rung (pruning decision)")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8,
+              title="best trials" if ranked else None, title_fontsize=8)
     if not shown:
         ax.text(0.5, 0.5, "no epoch reported yet", ha="center", va="center", transform=ax.transAxes)
-    ax.grid(alpha=0.3)
-    return _savefig(fig, path)
+    ax.grid(alpha=0.3, zorder=0)
+    return fig
 
 
 def rung_epochs(spec: dict[str, Any]) -> list[int]:
@@ -190,11 +243,12 @@ def rung_epochs(spec: dict[str, Any]) -> list[int]:
                  int(spec["min_early_stopping_rate"]))
 
 
-def _write_graph(graph: Graph, folder: Path, title: str, accuracies: Optional[list[float]]) -> list[Path]:
+def _write_graph(graph: Graph, folder: Path, title: str, accuracies: Optional[list[float]],
+                 skipped: list[str]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = [graph.save(folder / "graph.yaml")]
     accs = accuracies if accuracies and len(accuracies) == graph.num_nodes else None
-    written += graph.draw(folder / "graph", title=title, accuracies=accs)
+    written += graph.draw(folder / "graph", title=title, accuracies=accs, on_png_skipped=skipped.append)
     return written
 
 
@@ -225,15 +279,19 @@ def export_study(study: Any, out: str | os.PathLike, *, top: int = 5, url: str =
     if top_dir.exists():
         shutil.rmtree(top_dir)  # the ranking changes while a search runs
     result["top"] = []
+    skipped: list[str] = []  # why graph PNGs were not drawn (reported once)
     for rank, t in enumerate(ranked, start=1):
         graph = _graph_of(t, space)
         if graph is None:
             continue
         title = f"#{rank}: trial {t.number}, target val {t.value:.2f}%"
-        result["files"] += _write_graph(graph, top_dir / f"{rank}-trial{t.number}", title, t.user_attrs.get("val_acc"))
-        result["top"].append({"rank": rank, "trial": t.number, "value": t.value})
+        result["files"] += _write_graph(graph, top_dir / f"{rank}-trial{t.number}", title, t.user_attrs.get("val_acc"),
+                                        skipped)
+        result["top"].append({"rank": rank, "trial": t.number, "value": t.value, "frozen": bool(graph.frozen),
+                              "time_s": t.user_attrs.get("time_s")})
         if rank == 1:
             best_dir = out / "best"
-            result["files"] += _write_graph(graph, best_dir, title, t.user_attrs.get("val_acc"))
+            result["files"] += _write_graph(graph, best_dir, title, t.user_attrs.get("val_acc"), skipped)
             atomic_write_json(best_dir / "trial.json", _row(t, book))
+    result["notes"] = list(dict.fromkeys(skipped))[:1]
     return result

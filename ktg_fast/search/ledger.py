@@ -1,7 +1,8 @@
 """Which trials count, and which may start: the study's books, computed from its trials alone.
 
 Optuna's trial list holds more than the search's trials: trials rejected before
-training (target frozen, a graph already tried, the budget already full) and
+training (target frozen, a graph already tried, the budget already full, a
+teacher that could not be pre-trained) and
 trials failed by a heartbeat timeout, each followed by a retry with the same
 graph.  The books group trials into *lineages* (an original trial and its
 retries, linked by the ``failed_trial`` system attribute that Optuna's retry

@@ -75,14 +75,18 @@ class Progress:
         interval_s: seconds between polls.
         stream: where to write (default stderr).
         workers: local workers (for the ETA before any trial finished).
+        announce: print ``new best: ...`` when the best trial changes (the first completed one included;
+            not the best found before this session).  Off when the worker itself announces it.
     """
 
     def __init__(self, study: Any, budget: Callable[[], int], *, interval_s: float = 2.0,
-                 stream: Optional[TextIO] = None, workers: Optional[int] = None, min_interval_s: float = 30.0):
+                 stream: Optional[TextIO] = None, workers: Optional[int] = None, min_interval_s: float = 30.0,
+                 announce: bool = True):
         self.study, self.budget, self.interval_s = study, budget, interval_s
         self.stream = stream or sys.stderr
         self.workers = workers
         self.min_interval_s = min_interval_s
+        self.announce = announce
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._bar: Any = None
@@ -97,15 +101,16 @@ class Progress:
     def poll(self) -> Ledger:
         """Read the study once and update the display; return the books."""
         book = Ledger(self.study.get_trials(deepcopy=False), self.budget())
-        if self._done0 is None:
-            self._done0 = book.done
-        eta = eta_seconds(book, done_since_start=book.done - self._done0, elapsed_s=time.monotonic() - self._t0,
-                          workers=self.workers)
         best = book.best()
-        if best is not None and best.number != self._best:
-            if self._best is not None:
+        if self._done0 is None:  # first poll: what was there before this session
+            self._done0 = book.done
+            self._best = best.number if best is not None else None
+        elif best is not None and best.number != self._best:
+            if self.announce:
                 self._write(f"new best: trial {best.number}, target val {best.value:.2f}%")
             self._best = best.number
+        eta = eta_seconds(book, done_since_start=book.done - self._done0, elapsed_s=time.monotonic() - self._t0,
+                          workers=self.workers)
         line = status_line(book, eta)
         if self.tty:
             from tqdm.auto import tqdm

@@ -54,16 +54,18 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         from ..gates import gate_names, get_gate
-        from ..models import available_models, canonical_model_name, is_model
+        from ..models import available_models, canonical_model_name
 
         if not isinstance(self.nodes, int) or self.nodes < 2:
             raise SearchError(f"--nodes must be at least 2 (the target and one auxiliary node); got {self.nodes}")
 
         def model(name: str, flag: str) -> str:
-            if not is_model(name):
-                raise SearchError(f"unknown model {name!r} in {flag}; known: {', '.join(available_models())} "
-                                  "(and any resnet{6n+2} or wrn{6n+4}_{k})")
-            return canonical_model_name(name)
+            try:
+                return canonical_model_name(name)
+            except KeyError:  # available_models() ends with the name patterns
+                raise SearchError(f"unknown model {name!r} in {flag}; known: {', '.join(available_models())}") from None
+            except (ValueError, TypeError) as e:  # a pattern with a bad or too large depth or width
+                raise SearchError(f"unknown model {name!r} in {flag}: {e}") from None
 
         object.__setattr__(self, "target", model(self.target, "--target"))
         if not self.models:
@@ -128,7 +130,7 @@ class SearchSpace:
         n = self.nodes
         frozen = [all(gates[s][t] == "cutoff" for s in range(n + 1) if s != t) for t in range(1, n + 1)]
         if frozen[0]:
-            raise FrozenTargetError("every input of the target node 1 is cutoff: it would be frozen")
+            raise FrozenTargetError("every input of the target (node 1) is cutoff")
         nodes = [Node(m, PRETRAINED if f else None) for m, f in zip(models, frozen)]
         return Graph(nodes, gates, temperature=self.temperature, target=1)
 

@@ -21,7 +21,8 @@ from typing import Any, Iterator, Optional
 
 from .space import SearchError
 
-__all__ = ["default_storage_url", "open_storage", "mask_url", "admission_lock", "sqlite_path", "sqlite_lock_path"]
+__all__ = ["default_storage_url", "open_storage", "mask_url", "admission_lock", "sqlite_path", "sqlite_lock_path",
+           "locked_file", "storage_errors", "damaged_message"]
 
 log = logging.getLogger("ktg_fast.search")
 
@@ -92,7 +93,6 @@ def open_storage(url: str, *, heartbeat: Optional[int] = None, grace: Optional[i
     backend = url.split(":", 1)[0].split("+", 1)[0]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _enable_wal(path)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
     elif backend == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": 15}
@@ -104,10 +104,20 @@ def open_storage(url: str, *, heartbeat: Optional[int] = None, grace: Optional[i
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kw)
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
-        detail = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(getattr(e, "orig", e)).strip() else type(e).__name__
-        raise SearchError(f"cannot reach storage {shown}: {detail}; check that the server is running and "
+            if path is not None:  # the first creation of the tables, one process at a time
+                with locked_file(path.with_name(path.name + ".init.lock"), wait_s=LOCK_WAIT_S):
+                    _enable_wal(path)
+                    return _create_rdb(url, engine_kwargs, kw)
+            return _create_rdb(url, engine_kwargs, kw)
+    except sqlalchemy.exc.DatabaseError as e:
+        if path is not None and _is_damage(e):
+            raise SearchError(damaged_message(path, e)) from None
+        if not isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            raise SearchError(f"cannot set up the study tables in {shown}: {_first_line(e)}") from None
+        raise SearchError(f"cannot reach storage {shown}: {_first_line(e)}; check that the server is running and "
+                          "the URL's user, host, port and database are right") from None
+    except sqlalchemy.exc.InterfaceError as e:
+        raise SearchError(f"cannot reach storage {shown}: {_first_line(e)}; check that the server is running and "
                           "the URL's user, host, port and database are right") from None
     except sqlalchemy.exc.ArgumentError as e:
         raise SearchError(f"--storage {shown} is not a usable database URL ({e}): use "
@@ -122,8 +132,71 @@ def open_storage(url: str, *, heartbeat: Optional[int] = None, grace: Optional[i
                 "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient (or write mysql+pymysql:// and pip install "
                                                           "pymysql)"}.get(str(name), str(name))
         raise SearchError(f"--storage {shown} needs the Python package {name!r}: pip install {hint}") from None
+    except SearchError:
+        raise
     except (ValueError, RuntimeError) as e:
         raise SearchError(f"cannot open storage {shown}: {e}") from None
+
+
+CREATE_ATTEMPTS = 10  # tries at creating the tables while another process creates them too
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_creation_race(e: BaseException) -> bool:
+    """An error of two processes creating the same tables at once (seen on SQLite and PostgreSQL)."""
+    import sqlalchemy.exc
+
+    text = str(getattr(e, "orig", e)).lower()
+    return isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in text or "duplicate" in text
+
+
+def _create_rdb(url: str, engine_kwargs: dict[str, Any], kw: dict[str, Any]) -> Any:
+    """``RDBStorage(url)``, retried when another process is creating the same tables right now."""
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kw)
+        except sqlalchemy.exc.DatabaseError as e:
+            if not _is_creation_race(e) or attempt == CREATE_ATTEMPTS - 1:
+                raise
+            log.debug("storage tables created by another process meanwhile (%s); retrying", _first_line(e))
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _is_damage(e: BaseException) -> bool:
+    """A damaged (or not-SQLite) database file, as opposed to a busy or unreachable one."""
+    orig = getattr(e, "orig", e)
+    text = str(orig).lower()
+    return ("malformed" in text or "not a database" in text or
+            (isinstance(orig, sqlite3.DatabaseError) and not isinstance(orig, sqlite3.OperationalError)))
+
+
+def damaged_message(path: Path, e: BaseException) -> str:
+    """One line: the study file is damaged, what SQLite said, and how to go on."""
+    return (f"the study file {path} is damaged (SQLite: {_first_line(e)}): restore it from a backup; to start "
+            f"over deliberately, move {path} and the trial folders of {path.parent / 'trials'} aside, or use "
+            "another --out")
+
+
+@contextlib.contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """Turn a damaged SQLite study file met while reading or writing the study into one :class:`SearchError`."""
+    import sqlalchemy.exc
+
+    try:
+        yield
+    except (sqlalchemy.exc.DatabaseError, sqlite3.DatabaseError) as e:
+        path = sqlite_path(_normalise(url))
+        if path is None or not _is_damage(e):
+            raise
+        raise SearchError(damaged_message(path, e)) from None
 
 
 def _enable_wal(path: Path) -> None:
@@ -140,13 +213,15 @@ def _enable_wal(path: Path) -> None:
             if "locked" not in str(e) or attempt == 19:
                 raise SearchError(f"cannot open the study file {path}: {e}") from None
             time.sleep(0.25)
+        except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
+            raise SearchError(damaged_message(path, e)) from None
 
 
 @contextlib.contextmanager
 def admission_lock(storage: Any, url: str, name: str, *, wait_s: float = LOCK_WAIT_S) -> Iterator[bool]:
     """Serialise a short critical section across every worker of a study.
 
-    SQLite: an ``fcntl`` lock on a file beside the database.  PostgreSQL: a
+    SQLite: an ``flock`` on a file beside the database (removed on release).  PostgreSQL: a
     session advisory lock (released by the server if the worker dies).  Other
     backends, or a lock not obtained within ``wait_s``: no lock (yields False),
     with a warning.
@@ -154,15 +229,10 @@ def admission_lock(storage: Any, url: str, name: str, *, wait_s: float = LOCK_WA
     key = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
     lock_path = sqlite_lock_path(url, name)
     if lock_path is not None:
-        with open(lock_path, "a") as f:
-            if not _wait(lambda: _try_flock(f), wait_s):
+        with locked_file(lock_path, wait_s=wait_s) as got:
+            if not got:
                 log.warning("could not lock %s within %.0f s; going on without it", lock_path, wait_s)
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.lockf(f, fcntl.LOCK_UN)
+            yield got
         return
     engine = getattr(storage, "engine", None)
     if engine is None or engine.dialect.name != "postgresql":
@@ -192,9 +262,49 @@ def sqlite_lock_path(url: str, name: str) -> Optional[Path]:
     return path.with_name(path.name + f".{hashlib.sha1(name.encode()).hexdigest()[:8]}.lock")
 
 
-def _try_flock(f: Any) -> bool:
+@contextlib.contextmanager
+def locked_file(path: Path, *, wait_s: Optional[float] = None) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` and remove the file when done: no lock file stays behind.
+
+    The holder unlinks the file before unlocking; a process that meanwhile
+    locked the unlinked inode notices it is no longer at ``path`` and tries
+    again, so two processes never hold the lock at once.  ``wait_s`` None
+    waits as long as it takes; otherwise yields False when not obtained in
+    time (the file is then left alone).
+    """
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        if deadline is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            got = True
+        else:
+            got = _wait(lambda: _try_flock(fd), max(0.0, deadline - time.monotonic()))
+        if not got:
+            os.close(fd)
+            yield False
+            return
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed this file: lock the new one
     try:
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield True
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)  # (closing releases the lock)
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except OSError:
         return False

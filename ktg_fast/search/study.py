@@ -14,10 +14,10 @@ import optuna
 
 from .config import SearchConfig, spec_differences
 from .space import SearchError
-from .storage import mask_url, open_storage
+from .storage import mask_url, open_storage, sqlite_path, storage_errors
 
 __all__ = ["SPEC_ATTR", "BUDGET_ATTR", "make_sampler", "make_pruner", "create_or_join", "load_search_study",
-           "open_for_reading"]
+           "open_for_reading", "sampler_seed", "trial_folders"]
 
 log = logging.getLogger("ktg_fast.search")
 
@@ -28,8 +28,8 @@ BUDGET_ATTR = "ktg_trials"
 def make_sampler(name: str, seed: Optional[int] = None) -> optuna.samplers.BaseSampler:
     """``random`` (the paper's) or ``tpe`` (constant liar, for parallel workers).
 
-    Workers must not share a seed or they would draw the same graphs: leave
-    ``seed`` None (fresh entropy per worker) outside tests.
+    Workers must not share a seed or they would draw the same graphs: each
+    worker passes :func:`sampler_seed` of its own index.
     """
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -38,6 +38,39 @@ def make_sampler(name: str, seed: Optional[int] = None) -> optuna.samplers.BaseS
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     raise SearchError(f"--sampler must be random or tpe; got {name!r}")
+
+
+def sampler_seed(seed: int, worker: int, host: Optional[str] = None) -> int:
+    """The sampler seed of worker ``worker``: from ``--seed`` and the worker's index (and, for a storage
+    shared by several machines, the host name), distinct per worker and the same on every rerun."""
+    import zlib
+
+    import numpy as np
+
+    entropy = [int(seed) & 0xFFFFFFFF, int(worker)] + ([zlib.crc32(host.encode())] if host else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def trial_folders(out: Any) -> list[str]:
+    """Names of the trial folders in ``<out>/trials`` (left by a study, possibly a lost one)."""
+    from pathlib import Path
+
+    folder = Path(out) / "trials"
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def _refuse_new_study_over_trials(cfg: SearchConfig, url: str, found: str) -> None:
+    """Never start a new study where trial folders of another one exist (their results would be orphaned)."""
+    folders = trial_folders(cfg.out)
+    if not folders:
+        return
+    shown = ", ".join(folders[:3]) + (f" and {len(folders) - 3} more" if len(folders) > 3 else "")
+    raise SearchError(f"{cfg.out} holds {len(folders)} trial folder{'s' if len(folders) != 1 else ''} ({shown} in "
+                      f"{cfg.out_dir / 'trials'}) but {found}, so this would start a new study over them. Nothing "
+                      f"was changed. If the study file was replaced or damaged, restore it; to start over "
+                      f"deliberately, move {cfg.out_dir / 'trials'} and the study file aside (or use another --out)")
 
 
 def make_pruner(spec: dict[str, Any]) -> optuna.pruners.BasePruner:
@@ -73,22 +106,39 @@ def create_or_join(cfg: SearchConfig, *, trials_given: bool) -> tuple[optuna.Stu
         (study, created).
     """
     url = cfg.storage_url()
+    db = sqlite_path(url)
+    if db is not None and (not db.exists() or db.stat().st_size == 0):
+        _refuse_new_study_over_trials(cfg, url, f"its study file {db} is " + (
+            "empty (0 bytes)" if db.exists() else "missing"))
     storage = open_storage(url)
     name = cfg.study_name()
     spec = cfg.study_spec()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), storage_errors(url):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        try:
+        names = optuna.get_all_study_names(storage)
+        if name not in names and cfg.study is None and db is not None and len(names) == 1:
+            # search.json of an older version (no study name saved), in a renamed or copied folder
+            log.info("resuming study %r of %s (the folder was renamed or copied)", names[0], db)
+            name = cfg.study = names[0]
+        if name in names:
             study = optuna.load_study(study_name=name, storage=storage)
             created = False
-        except KeyError:
+        else:
+            _refuse_new_study_over_trials(cfg, url, f"{mask_url(url)} holds no study {name!r}" + (
+                f" (studies there: {', '.join(names)})" if names else ""))
             try:
                 study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
                 created = True
-            except optuna.exceptions.DuplicatedStudyError:  # another machine created it just now
+            except optuna.exceptions.DuplicatedStudyError:  # another process created it just now
                 study = optuna.load_study(study_name=name, storage=storage)
                 created = False
+        return _settle(study, created, cfg, url, name, spec, trials_given)
+
+
+def _settle(study: optuna.Study, created: bool, cfg: SearchConfig, url: str, name: str, spec: dict,
+            trials_given: bool) -> tuple[optuna.Study, bool]:
+    """Check a joined study's settings; store the spec and the budget."""
     if not created:
         if study.direction != optuna.study.StudyDirection.MAXIMIZE:
             raise SearchError(f"study {name!r} in {mask_url(url)} minimises its objective; it is not a ktg_fast "
@@ -107,13 +157,13 @@ def create_or_join(cfg: SearchConfig, *, trials_given: bool) -> tuple[optuna.Stu
     return study, created
 
 
-def load_search_study(cfg: SearchConfig, storage: Any) -> optuna.Study:
-    """Load the (existing) study with this worker's sampler and the study's pruner."""
-    with warnings.catch_warnings():
+def load_search_study(cfg: SearchConfig, storage: Any, *, seed: Optional[int] = None) -> optuna.Study:
+    """Load the (existing) study with this worker's sampler (seeded with ``seed``) and the study's pruner."""
+    with warnings.catch_warnings(), storage_errors(cfg.storage_url()):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             study = optuna.load_study(study_name=cfg.study_name(), storage=storage,
-                                      sampler=make_sampler(cfg.sampler), pruner=make_pruner(cfg.study_spec()))
+                                      sampler=make_sampler(cfg.sampler, seed), pruner=make_pruner(cfg.study_spec()))
         except KeyError:
             raise SearchError(f"no study {cfg.study_name()!r} in {mask_url(cfg.storage_url())}: start the search "
                               "with `python -m ktg_fast.search ...` first") from None
@@ -124,7 +174,7 @@ def load_search_study(cfg: SearchConfig, storage: Any) -> optuna.Study:
 def open_for_reading(url: str, name: Optional[str]) -> optuna.Study:
     """Load a study without heartbeats (export, progress); ``name`` None picks the only study in the storage."""
     storage = open_storage(url)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), storage_errors(url):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         names = optuna.get_all_study_names(storage)

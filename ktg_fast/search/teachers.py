@@ -9,8 +9,9 @@ and the next one resumes the teacher's run from its last epoch.
 """
 from __future__ import annotations
 
-import fcntl
+import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -19,9 +20,18 @@ from ..graph import Graph
 from ..nodes import TeacherNotFoundError, teacher_path
 from .config import SearchConfig
 
-__all__ = ["ensure_teachers", "missing_teachers", "teacher_file"]
+__all__ = ["ensure_teachers", "missing_teachers", "teacher_file", "TeacherPretrainError"]
 
 log = logging.getLogger("ktg_fast.search")
+
+
+class TeacherPretrainError(RuntimeError):
+    """Pre-training a frozen node's teacher failed (not the graph's fault); the message says which and why."""
+
+
+def _failed_marker(dest: Path) -> Path:
+    """``<teacher>.pt.failed.json``: a teacher whose pre-training diverged, so nobody trains it again."""
+    return dest.with_name(dest.name + ".failed.json")
 
 
 def teacher_file(cfg: SearchConfig, model: str) -> Path:
@@ -52,6 +62,8 @@ def ensure_teachers(graph: Graph, cfg: SearchConfig, *, device: str, step: str =
 
     Raises:
         TeacherNotFoundError: a teacher is missing and ``cfg.pretrain`` is off.
+        TeacherPretrainError: pre-training a teacher failed, now or earlier (each teacher is tried once:
+            a diverged one leaves ``<teacher>.pt.failed.json``).
     """
     paths = []
     for t in graph.frozen:
@@ -62,36 +74,75 @@ def ensure_teachers(graph: Graph, cfg: SearchConfig, *, device: str, step: str =
                 raise TeacherNotFoundError(
                     f"no teacher {model} for {cfg.dataset} at {dest} and --no-pretrain is set: run "
                     f"`{_pretrain_hint(cfg, model)}`, or drop --no-pretrain to train it on demand")
-            _pretrain_locked(model, dest, cfg, device=device, step=step, on_wait=on_wait)
+            _pretrain_locked(model, dest, cfg, node=t, device=device, step=step, on_wait=on_wait)
         paths.append(dest)
     return paths
 
 
-def _pretrain_locked(model: str, dest: Path, cfg: SearchConfig, *, device: str, step: str,
+def _pretrain_failure(cfg: SearchConfig, model: str, node: int, dest: Path, reason: str) -> TeacherPretrainError:
+    marker = _failed_marker(dest)
+    return TeacherPretrainError(
+        f"pre-training teacher {model} (frozen node {node} of this graph) failed: {reason}. The search stops "
+        f"here; no graph is charged for it. Pre-train the teacher yourself with other settings (e.g. a lower "
+        f"--lr): `{_pretrain_hint(cfg, model)}`, or start the search again with other settings in another --out"
+        + (f"; to try this teacher again as it is, delete {marker}" if marker.is_file() else ""))
+
+
+def _teacher_reason(e: BaseException) -> str:
+    """The trainer's message about the teacher's own one-node run, told in the search's terms.
+
+    Inside that run the teacher is "node 1"; that number means another node in the trial's graph, so it is
+    dropped, and so are clauses that name files that do not exist.
+    """
+    text = re.sub(r"\s*in node \d+ \([^)]*\)", "", str(e).strip().splitlines()[0] if str(e).strip() else "")
+    return existing_clauses(text) or type(e).__name__
+
+
+def existing_clauses(text: str) -> str:
+    """``text`` without its '; '-separated clauses that name a file or folder that does not exist."""
+    return "; ".join(c for c in text.split("; ")
+                     if all(Path(w).exists() for w in re.findall(r"[\w.~-]*(?:/[\w.-]+)+", c)))
+
+
+def _pretrain_locked(model: str, dest: Path, cfg: SearchConfig, *, node: int, device: str, step: str,
                      on_wait: Optional[Callable[[str], None]]) -> None:
     from ..pretrain import pretrain_teacher
+    from ..trainer import NonFiniteLossError
+    from .storage import locked_file
 
     dest.parent.mkdir(parents=True, exist_ok=True)
+    marker = _failed_marker(dest)
     lock_path = dest.with_name(dest.name + ".lock")
-    with open(lock_path, "a") as f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+    with locked_file(lock_path, wait_s=0) as got:
+        if not got:
             msg = f"waiting for another worker to pre-train teacher {model} ({dest})"
             log.info(msg)
             if on_wait:
                 on_wait(msg)
-            t0 = time.monotonic()
-            fcntl.lockf(f, fcntl.LOCK_EX)
+    t0 = time.monotonic()
+    with locked_file(lock_path):
+        if time.monotonic() - t0 > 1:
             log.info("teacher %s ready after %.0f s", model, time.monotonic() - t0)
+        if dest.is_file():  # trained by the worker we waited for
+            return
+        if marker.is_file():  # diverged before: not again
+            reason = json.loads(marker.read_text()).get("reason", "see this file")
+            raise _pretrain_failure(cfg, model, node, dest, f"{reason} (recorded in {marker})")
+        log.info("pre-training teacher %s for %s on the search split (%d epochs) -> %s",
+                 model, cfg.dataset, cfg.resolved_teacher_epochs(), dest)
+        t0 = time.monotonic()
         try:
-            if dest.is_file():  # trained by the worker we waited for
-                return
-            log.info("pre-training teacher %s for %s on the search split (%d epochs) -> %s",
-                     model, cfg.dataset, cfg.resolved_teacher_epochs(), dest)
-            t0 = time.monotonic()
             pretrain_teacher(model, cfg.data_spec(), cfg.train_config(seed=0, epochs=cfg.resolved_teacher_epochs()),
                              teacher_dir=cfg.teacher_dir(), device=device, step=step, progress=False)
-            log.info("teacher %s trained in %.0f s", model, time.monotonic() - t0)
-        finally:
-            fcntl.lockf(f, fcntl.LOCK_UN)
+        except KeyboardInterrupt:
+            raise
+        except NonFiniteLossError as e:  # deterministic: record it so that no worker trains it again
+            from ..io import atomic_write_json
+
+            reason = _teacher_reason(e)
+            atomic_write_json(marker, {"model": model, "reason": reason, "epochs": cfg.resolved_teacher_epochs(),
+                                       "lr": cfg.lr})
+            raise _pretrain_failure(cfg, model, node, dest, reason) from e
+        except Exception as e:  # out of memory, missing data...: the next run tries again
+            raise _pretrain_failure(cfg, model, node, dest, f"{type(e).__name__}: {_teacher_reason(e)}") from e
+        log.info("teacher %s trained in %.0f s", model, time.monotonic() - t0)

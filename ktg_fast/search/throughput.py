@@ -64,10 +64,10 @@ def measure_epoch_seconds(graph: Any, *, device: str = "auto", step: str = "auto
     from ..nodes import build_nodes, save_model_checkpoint, teacher_path
     from ..models import get_model
     from ..recipe import TrainConfig
-    from ..step import make_step
-    from ..trainer import resolve_device
+    from ..steps import make_step
+    from ..trainer import resolve_device, use_device
 
-    dev = resolve_device(device)
+    dev = use_device(resolve_device(device))
     with tempfile.TemporaryDirectory() as teachers:
         for t in graph.frozen:  # speed does not depend on the teacher's weights
             model = graph.nodes[t - 1].model
@@ -82,7 +82,8 @@ def measure_epoch_seconds(graph: Any, *, device: str = "auto", step: str = "auto
     x = torch.rand(BATCH, 3, 32, 32, device=dev)
     y = torch.randint(0, CLASSES, (BATCH,), device=dev)
     progress = torch.full((), 0.5, device=dev)
-    for _ in range(warmup):
+    # Never time the CUDA-graph capture: warm up past the call that captures.
+    for _ in range(max(warmup, st.steady_after)):
         st(x, y, progress)
     _sync(dev)
     if barrier is not None:

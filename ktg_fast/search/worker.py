@@ -9,7 +9,8 @@ storage) run this loop on the same study.  A trial's life:
    study-wide lock, a graph already tried, or a trial beyond ``--trials``, is
    rejected too (see ``ledger.py``).  Rejected trials train nothing and do not
    count.
-3. Missing teachers of frozen nodes are pre-trained (``teachers.py``).
+3. Missing teachers of frozen nodes are pre-trained (``teachers.py``); when that
+   fails the trial is rejected (not counted) and the search stops, naming the teacher.
 4. The graph trains on the train split; after every epoch the target's
    validation accuracy goes to the pruner, which may stop the trial.
 5. The result is told: COMPLETE (value: the target's final validation
@@ -141,7 +142,7 @@ class Worker:
         self.storage = open_storage(cfg.storage_url(), heartbeat=spec["heartbeat"], grace=spec["grace"],
                                     retry_callback=self.retry)
         self.grace = spec["grace"]
-        self.study = load_search_study(cfg, self.storage)
+        self.study = load_search_study(cfg, self.storage, seed=cfg.sampler_seed(self.worker_id))
 
     def budget(self) -> int:
         return int(self.study.user_attrs.get(BUDGET_ATTR, self.cfg.trials))
@@ -228,7 +229,7 @@ class Worker:
         try:
             graph = self.space.graph(params)
         except FrozenTargetError as e:
-            return self._reject(trial, f"frozen: {e}")
+            return self._reject(trial, f"frozen: {e}")  # (FrozenTargetError says why)
         key = self.space.key(params)
         if is_retry(me) and ATTR_KEY in me.user_attrs:
             history = list(me.system_attrs.get("retry_history", []))
@@ -252,7 +253,7 @@ class Worker:
         import torch
 
         from ..trainer import Trainer
-        from .teachers import ensure_teachers
+        from .teachers import TeacherPretrainError, ensure_teachers, existing_clauses
 
         cfg = self.cfg
         root = root_of(me)
@@ -304,9 +305,13 @@ class Worker:
             value = float(final["val_acc"][target - 1])
             trial.set_user_attr("val_acc", [float(a) for a in final["val_acc"]])
             self._finish(trial, out, info, "COMPLETE", t0, value=value, epochs=int(final["epoch"]))
+            before = self.ledger().best()
             self.study.tell(trial, value)
-            log.info("trial %d complete: target val %.2f%% after %d epochs (%.0f s)", trial.number, value,
-                     final["epoch"], time.monotonic() - t0)
+            epochs = int(final["epoch"])
+            log.info("trial %d complete: target val %.2f%% after %d epoch%s (%.0f s)", trial.number, value,
+                     epochs, "" if epochs == 1 else "s", time.monotonic() - t0)
+            if before is None or value > before.value:
+                log.info("new best: trial %d, target val %.2f%%", trial.number, value)
         except optuna.TrialPruned as e:
             rec = state["record"] or {}
             if rec:
@@ -314,9 +319,17 @@ class Worker:
             self._finish(trial, out, info, "PRUNED", t0, epochs=int(rec.get("epoch", 0)))
             self.study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d %s (%.0f s)", trial.number, e, time.monotonic() - t0)
+        except TeacherPretrainError as e:
+            # Not the graph's fault: the trial does not count, and the search stops with the teacher's story.
+            self._finish(trial, out, info, "REJECTED", t0, reason=str(e))
+            self._reject(trial, f"teacher: {e}")
+            raise _Abort(f"trial {trial.number}: {e}") from None
         except NonFiniteLossError as e:
-            self._finish(trial, out, info, "FAIL", t0, reason=str(e))
-            self._fail(trial, f"non-finite loss: {e}")
+            # The trainer's message names the node by its index in this trial's graph.
+            reason = existing_clauses(str(e).strip())
+            reason = reason if reason.startswith("non-finite") else f"non-finite loss: {reason}"
+            self._finish(trial, out, info, "FAIL", t0, reason=reason)
+            self._fail(trial, reason)
         except KeyboardInterrupt:
             raise
         except Exception as e:
@@ -370,7 +383,7 @@ def _save_target(trainer: Any, out: Path, graph: Any, epoch: int, acc: float) ->
     if trainer is None:
         return
     t = graph.target
-    trainer.step.sync_to_nets()
+    trainer.step.adopt_nets()
     node = graph.nodes[t - 1]
     save_model_checkpoint(out / "nodes" / f"node{t}_{node.model}.pt", trainer.step.nets[t - 1], name=node.model,
                           num_classes=trainer.num_classes, in_channels=trainer.in_channels,
@@ -382,4 +395,4 @@ def _describe(graph: Any) -> str:
                       for i, n in enumerate(graph.nodes, start=1))
     edges = sum(1 for s in range(graph.num_nodes + 1) for t in range(1, graph.num_nodes + 1)
                 if s != t and graph.gates[s][t] != "cutoff")
-    return f"nodes {nodes}; {edges} edges"
+    return f"nodes {nodes}; {edges} edge{'' if edges == 1 else 's'}"
