@@ -92,7 +92,11 @@ def step_lines(rec: Optional[dict]) -> list[str]:
         return b["s_per_step"] / a["s_per_step"] if a and b else None
 
     out = [_line("graph b: CUDA-graph step / authors' step", ratio("b", "graph", "authors"), 10, _ge),
-           _line("graph a: CUDA-graph step / eager step", ratio("a", "graph", "eager"), 3, _ge)]
+           _line("graph a: CUDA-graph step / eager step", ratio("a", "graph", "eager"), 3, _ge),
+           # issue 13: bf16 rows are "<variant>-bf16"; "authors_compiled" is the authors' loop under torch.compile
+           _line("graph b bf16: CUDA-graph step / authors' step", ratio("b", "graph-bf16", "authors-bf16"), 15, _ge),
+           _line("graph b bf16: CUDA-graph / authors compiled", ratio("b", "graph-bf16", "authors_compiled-bf16"),
+                 2, _ge)]
     kinds = {f"{g}/{v}": r.get("step_kind") for (g, v), r in s.items() if v == "graph"}
     out.append(f"  step path actually run by the 'graph' variant: {kinds}")
     return out

@@ -3,10 +3,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 from typing import Callable
 
-__all__ = ["add_data_args", "add_recipe_args", "run_cli", "setup_logging"]
+from .data import DaliUnavailableError
+from .data.factory import LOADER_KINDS
+from .data.spec import DataSpec
+from .io import CheckpointError
+from .recipe import TrainConfig
+from .steps import STEP_KINDS
+from .trainer import NonFiniteLossError
+
+__all__ = ["add_data_args", "add_recipe_args", "check_out_dir", "error_line", "positive_int", "run_cli",
+           "setup_logging"]
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -20,64 +33,150 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--download", action="store_true", help="download CIFAR when missing (needs internet)")
     g.add_argument("--val-size", type=int, default=0,
                    help="hold out this many training images as a validation split (default 0: train on all)")
-    g.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
-    g.add_argument("--eval-subset", type=int, default=None, help="evaluate on only the first N images")
-    g.add_argument("--loader", default="auto", choices=["auto", "tensor", "dali", "torch"],
+    g.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
+                   help="use only the first N training images (N >= 1)")
+    g.add_argument("--eval-subset", type=positive_int, default=None, metavar="N",
+                   help="evaluate on only the first N images of each evaluated split (N >= 1)")
+    g.add_argument("--loader", default="auto", choices=LOADER_KINDS,
                    help="input pipeline (auto: tensor on GPU for in-memory data, DALI for image folders)")
 
 
-def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int = 200) -> None:
+def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int | None = None) -> None:
+    """The recipe's flags; every default is read from :class:`~ktg_fast.recipe.TrainConfig` (its one home)."""
+    d = TrainConfig()
     g = p.add_argument_group("recipe (defaults: the paper's)")
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--no-nesterov", action="store_true")
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--milestones", type=int, nargs="*", default=None,
+    g.add_argument("--epochs", type=int, default=d.epochs if epochs is None else epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="the global batch")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--milestones", type=int, nargs="*", default=d.milestones,
                    help="epochs of the x0.1 learning-rate steps (default: the recipe's, scaled to --epochs)")
-    g.add_argument("--gamma", type=float, default=0.1)
+    g.add_argument("--gamma", type=float, default=d.gamma)
     g.add_argument("--no-augment", action="store_true")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--step", default="auto", choices=["auto", "eager", "fused", "graph"],
-                   help="training-step path (auto: the fastest available)")
+    g.add_argument("--step", default="auto", choices=STEP_KINDS,
+                   help="training-step path (auto: the fastest available here)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def recipe_from_args(args: argparse.Namespace, seed: int = 0):
-    from .recipe import TrainConfig
-
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                        nesterov=not args.no_nesterov, weight_decay=args.weight_decay,
                        milestones=args.milestones, gamma=args.gamma, seed=seed, augment=not args.no_augment)
 
 
 def data_from_args(args: argparse.Namespace, *, test: bool = True):
-    from .trainer import DataSpec
-
     return DataSpec(dataset=args.dataset, root=args.data_root, val_size=args.val_size, test=test,
                     train_subset=args.train_subset, eval_subset=args.eval_subset, loader=args.loader,
                     download=args.download)
 
 
-def run_cli(main: Callable[[], int]) -> None:
-    """Run a command line: expected errors print one clear line and exit 2 (``KTG_DEBUG=1`` shows tracebacks)."""
-    from .data import DatasetNotFoundError
-    from .graph import GraphError
-    from .nodes import TeacherNotFoundError
-    from .trainer import NonFiniteLossError, RunExistsError
+# What a training run's folder may hold (one seed; several seeds add seed<N>/ folders).
+RUN_FILES = frozenset({"checkpoint.pt", "metrics.jsonl", "graph.yaml", "final.json", "nodes", "results.md",
+                       "results.json"})
+# What marks a search's folder.
+SEARCH_FILES = ("study.db", "search.json", "trials")
 
-    import os
 
+def _describe_entries(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_out_dir(out: str | Path, *, seeds: int = 1) -> Path:
+    """Make ``--out`` ready for a training run, before any data is loaded; return it.
+
+    Refuses a path that is a file, a folder holding a search or files a training run does not
+    write (naming them), a single-seed run's folder reused for several seeds or the reverse, and
+    a folder that cannot be created or written. A folder holding the same kind of run is
+    accepted (``--resume`` decides what happens to it).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose a folder path for the run")
+    if out.is_dir():
+        names = sorted(p.name for p in out.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp")))
+        search = [n for n in names if n in SEARCH_FILES or n.startswith("study.db")]
+        if search:
+            raise ValueError(f"--out {out} holds a graph search ({_describe_entries(search)}): a training run "
+                             "would mix its files with the search's; choose another --out folder")
+        seed_dirs = [n for n in names if n.startswith("seed") and n[4:].isdigit() and (out / n).is_dir()]
+        foreign = [n for n in names if n not in RUN_FILES and n not in seed_dirs]
+        if foreign:
+            raise ValueError(f"--out {out} holds files a training run does not write "
+                             f"({_describe_entries(foreign)}): choose an empty or new --out folder")
+        if seeds > 1 and (out / "checkpoint.pt").exists():
+            raise ValueError(f"--out {out} holds a single-seed run (checkpoint.pt) but {seeds} seeds were given: "
+                             "choose another --out folder for a multi-seed run")
+        if seeds == 1 and seed_dirs:
+            raise ValueError(f"--out {out} holds a multi-seed run ({_describe_entries(seed_dirs)}): pass the same "
+                             "--seeds to resume it, or choose another --out folder")
     try:
-        sys.exit(main())
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OSError(e.errno, f"--out {out} cannot be written ({(e.strerror or str(e)).lower()}): "
+                               "choose a folder you can write to") from None
+    return out
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (``--train-subset``, ``--eval-subset``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value} (leave the flag out to use every image)")
+    return value
+
+
+def _expected(e: BaseException) -> bool:
+    """Failures a user can fix (bad input, files, storage, diverging training): one line, exit 2."""
+    if isinstance(e, (OSError, ValueError, KeyError, CheckpointError, NonFiniteLossError, DaliUnavailableError)):
+        return True
+    # Storage errors (sqlalchemy's, optuna's) without importing those packages here.
+    return any(c.__module__.split(".")[0] in ("sqlalchemy", "optuna") for c in type(e).__mro__[:-2])
+
+
+def error_line(e: BaseException) -> str:
+    """The one-line message of an expected failure."""
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    if isinstance(e, OSError) and e.strerror:
+        if e.filename is None:  # our own messages: OSError(errno, message)
+            return e.strerror
+        both = f" -> {e.filename2}" if e.filename2 else ""
+        return f"{e.filename}{both}: {e.strerror[0].lower()}{e.strerror[1:]}"
+    text = str(e) or type(e).__name__
+    if type(e).__module__.split(".")[0] in ("sqlalchemy", "optuna"):
+        text = f"storage error ({type(e).__name__}): {text.splitlines()[0]}"
+    return text
+
+
+def run_cli(main: Callable[[], int]) -> None:
+    """Run a command line under one top-level handler.
+
+    Expected failures (bad input, ``OSError`` such as a full disk or an unwritable folder, storage
+    errors, unreadable checkpoints, a diverging run) print one ``error:`` line and exit 2, with the
+    traceback too under ``-v``/``--verbose`` (or ``KTG_DEBUG=1``); anything else is a bug and keeps
+    its traceback. Ctrl-C exits 130 with a hint to resume.
+    """
+    verbose = bool(os.environ.get("KTG_DEBUG")) or any(a in ("-v", "--verbose") for a in sys.argv[1:])
+    try:
+        code = main()
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)
         sys.exit(130)
-    except (GraphError, DatasetNotFoundError, TeacherNotFoundError, NonFiniteLossError, RunExistsError,
-            ValueError, KeyError) as e:
-        if os.environ.get("KTG_DEBUG"):
+    except Exception as e:
+        if not _expected(e):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {msg}", file=sys.stderr)
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)
+    sys.exit(code)

@@ -7,6 +7,7 @@ are all cutoff is *frozen*: it is loaded from a checkpoint and never trained.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import operator
@@ -19,9 +20,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+import yaml
 
 from . import gates as _gates
 from .io import atomic_write_text
+from .models import canonical_model_name
 
 __all__ = ["Graph", "GraphError", "Node", "preset", "PRESETS", "PRETRAINED", "check_gate_structure", "frozen_nodes"]
 
@@ -156,8 +159,6 @@ class Graph:
         if not 1 <= self.target <= m:
             raise GraphError(f"target node {self.target} does not exist: pick 1..{m}")
         if self.check_models:
-            from .models import canonical_model_name
-
             for i, node in enumerate(self.nodes, start=1):
                 try:  # the registry's message says why: unknown (listing the names once), bad depth, too big
                     canonical_model_name(node.model)
@@ -229,8 +230,6 @@ class Graph:
         if fmt == "json":
             return json.dumps(d, indent=2) + "\n"
         if fmt == "yaml":
-            import yaml
-
             # Gate rows on one line each read as a matrix.
             lines = [f"temperature: {self.temperature!r}", f"target: {self.target}", "nodes:"]
             lines += ["  - " + yaml.safe_dump(n, default_flow_style=True).strip() for n in d["nodes"]]
@@ -317,8 +316,6 @@ class Graph:
         ``on_png_skipped`` (default: a logged warning); the ``.dot`` file is
         written either way.
         """
-        import logging
-
         base = Path(path).with_suffix("")
         dot_path = base.with_suffix(".dot")
         text = self.to_dot(title=title, accuracies=accuracies, metric=metric)
@@ -464,8 +461,6 @@ def _parse(text: str, fmt: str) -> Any:
             return json.loads(text, object_pairs_hook=pairs)
         except json.JSONDecodeError as e:
             raise GraphError(f"cannot parse JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
-    import yaml
-
     try:
         return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 -- a SafeLoader subclass
     except yaml.MarkedYAMLError as e:
@@ -489,8 +484,6 @@ def _yaml_loader() -> Any:
     global _LOADER
     if _LOADER is not None:
         return _LOADER
-    import yaml
-
     class GraphLoader(yaml.SafeLoader):
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
             if isinstance(node, yaml.MappingNode):

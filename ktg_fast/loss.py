@@ -361,7 +361,7 @@ def _use_kernel(z: torch.Tensor, plan: _EdgePlan, impl: str) -> bool:
     if not (kernel_ok and _kernel_device_ok(z) and _kernel_dtype_ok(z)) or str(z.device) in _KERNEL_BROKEN:
         return False
     try:
-        from . import kernels
+        from . import kernels  # local: needs Triton, may be absent; imported only when a kernel may run
     except ImportError as e:  # e.g. an un-installed checkout: kernels/ is installed as ktg_fast.kernels
         _warn_fallback(z.device, f"cannot import ktg_fast.kernels: {e}; install the package with pip install -e .")
         return False
@@ -370,7 +370,7 @@ def _use_kernel(z: torch.Tensor, plan: _EdgePlan, impl: str) -> bool:
 
 def _kernel_loss(z: torch.Tensor, labels: torch.Tensor, plan: "_EdgePlan", temperature: float,
                  progress: Union[float, torch.Tensor], ignore_index: int) -> GraphLossResult:
-    from . import kernels
+    from . import kernels  # local: optional Triton kernels (see _use_kernel)
 
     node, edge = kernels.graph_loss_triton(
         z, labels.to(z.device), _cached_codes(plan.key, str(z.device)), temperature,
@@ -494,7 +494,7 @@ class GraphLoss(torch.nn.Module):
         _check_labels(labels, z, self.ignore_index)
         plan, t, ii = self.plan, self.temperature, self.ignore_index
         if _use_kernel(z, plan, self.impl):
-            from . import kernels
+            from . import kernels  # local: optional Triton kernels (see _use_kernel)
 
             def run():
                 node, edge, grad = kernels.graph_loss_triton_with_grad(

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from .graph import PRETRAINED, Graph
-from .io import atomic_torch_save
+from .io import CheckpointError, atomic_torch_save, check_state_dict, load_checkpoint
 from .models import canonical_model_name, get_model
+from .teachers import TeacherNotFoundError, default_teacher_dir, teacher_path
 
 __all__ = [
     "TeacherNotFoundError",
@@ -20,25 +21,6 @@ __all__ = [
     "teacher_path",
     "default_teacher_dir",
 ]
-
-
-class TeacherNotFoundError(FileNotFoundError):
-    """A frozen node's checkpoint is missing; the message says how to make it."""
-
-
-def default_teacher_dir() -> Path:
-    """``$KTG_TEACHERS`` or ./teachers: where ``python -m ktg_fast.pretrain`` writes and graphs look."""
-    return Path(os.environ.get("KTG_TEACHERS", "teachers"))
-
-
-def teacher_path(teacher_dir: str | os.PathLike, dataset: str, model: str, val_size: int = 0) -> Path:
-    """Checkpoint path of a label-only teacher.
-
-    Teachers for a search are trained on the search's training split (the
-    validation images held out), so the split is part of the name.
-    """
-    tag = dataset if val_size == 0 else f"{dataset}-val{val_size}"
-    return Path(teacher_dir) / tag / f"{canonical_model_name(model)}.pt"
 
 
 def save_model_checkpoint(path: str | os.PathLike, model: nn.Module, *, name: str, num_classes: int,
@@ -54,21 +36,14 @@ def save_model_checkpoint(path: str | os.PathLike, model: nn.Module, *, name: st
 def load_model_checkpoint(path: str | os.PathLike, model: nn.Module, *, expect_model: Optional[str] = None) -> dict:
     """Load a checkpoint written by :func:`save_model_checkpoint` (or a bare state dict) into ``model``."""
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise RuntimeError(f"cannot read checkpoint {path}: {e}; it may be truncated, delete it and retrain") from None
+    ckpt = load_checkpoint(path)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
-        raise RuntimeError(f"{path} holds no state dict")
+        raise CheckpointError(f"{path} holds no state dict")
     if expect_model and "model" in ckpt and ckpt["model"] != canonical_model_name(expect_model):
-        raise RuntimeError(f"{path} holds a {ckpt['model']} but the graph's node is a {expect_model}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise RuntimeError(f"{path} does not fit the node's model ({e.args[0].splitlines()[0]})") from None
+        raise CheckpointError(f"{path} holds a {ckpt['model']} but the graph's node is a {expect_model}")
+    check_state_dict(model, state, path, what=f"the node's {expect_model or type(model).__name__}")
+    model.load_state_dict(state)
     return ckpt
 
 

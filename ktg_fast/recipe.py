@@ -1,4 +1,4 @@
-"""The paper's training recipe as overridable defaults (SEMANTICS.md, "Training recipe").
+"""The paper's training recipe as overridable defaults (docs/SEMANTICS.md, "Training recipe").
 
 SGD with Nesterov momentum 0.9, learning rate 0.1, weight decay 5e-4, batch
 64; the learning rate is multiplied by 0.1 at fixed epochs.  The step epochs
@@ -7,7 +7,7 @@ CIFAR's 60/120/180 of 200 epochs, Tiny-ImageNet's 40/60/70 of 80.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -47,7 +47,6 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     check_every: int = 50  # steps between host reads of the non-finite-loss flag
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field."""
@@ -61,6 +60,17 @@ class TrainConfig:
             raise ValueError("weight decay must be >= 0 and momentum in [0, 1)")
         if self.nesterov and self.momentum == 0:
             raise ValueError("Nesterov momentum needs momentum > 0")
+
+    def node_rates(self, num_nodes: int) -> list[float]:
+        """Base learning rate of each network node (1..M): ``node_lr`` when given, else ``lr`` for all.
+
+        Raises ValueError when ``node_lr`` does not hold one rate per network node.
+        """
+        if self.node_lr is None:
+            return [self.lr] * num_nodes
+        if len(self.node_lr) != num_nodes:
+            raise ValueError(f"node_lr has {len(self.node_lr)} entries but the graph has {num_nodes} network nodes")
+        return [float(x) for x in self.node_lr]
 
     def resolved_milestones(self, dataset: str) -> list[int]:
         return list(self.milestones) if self.milestones is not None else default_milestones(dataset, self.epochs)

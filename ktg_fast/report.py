@@ -4,6 +4,9 @@ from __future__ import annotations
 import statistics
 from typing import Sequence
 
+from .gates import gate_codes
+from .graph import frozen_nodes
+
 __all__ = ["mean_std", "seeds_table"]
 
 
@@ -18,8 +21,8 @@ def seeds_table(finals: Sequence[dict], *, metric: str = "test_acc") -> str:
     if not finals:
         raise ValueError("no finished runs to tabulate")
     graph = finals[0]["graph"]
-    frozen = [all(graph["gates"][s][t] == "cutoff" for s in range(len(graph["gates"])) if s != t)
-              for t in range(1, len(graph["nodes"]) + 1)]
+    frozen_set = set(frozen_nodes(gate_codes(graph["gates"])))
+    frozen = [t in frozen_set for t in range(1, len(graph["nodes"]) + 1)]
     seeds = ", ".join(str(f["seed"]) for f in finals)
     lines = [f"| node | model | role | {metric} (%) over seeds {seeds} |", "|---|---|---|---|"]
     for t, node in enumerate(graph["nodes"], start=1):

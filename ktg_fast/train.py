@@ -1,19 +1,25 @@
 """``python -m ktg_fast.train``: train a knowledge transfer graph, over one or several seeds.
 
-    python -m ktg_fast.train --graph dml --dataset fashion-mnist --epochs 2 --out runs/demo
+    python -m ktg_fast.train --graph dml --dataset fashion-mnist --epochs 2 --out runs/dml
     python -m ktg_fast.train --graph my_graph.yaml --dataset cifar100 --seeds 0 1 2 3 4 --out runs/ktg4
 
-Each seed trains in ``<out>/seed<N>/``; with several seeds a markdown table of
-every node's final accuracy (mean +- std) is printed and saved as
-``<out>/results.md``.
+With one seed the run is written into ``<out>`` itself; with several, seed N
+trains in ``<out>/seed<N>/``. A markdown table of every node's final accuracy
+(mean +- std over the seeds) is printed and saved as ``<out>/results.md``.
+``--out`` must be new, empty, or a folder of the same kind of run (``--resume``
+continues it); a search's folder or other files are refused.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-from .cli_common import add_data_args, add_recipe_args, data_from_args, recipe_from_args, run_cli, setup_logging
+from .cli_common import (add_data_args, add_recipe_args, check_out_dir, data_from_args, recipe_from_args, run_cli,
+                         setup_logging)
+from .graph import PRESETS, load_graph
+from .io import atomic_write_json, atomic_write_text
+from .report import seeds_table
+from .trainer import Trainer
 
 log = logging.getLogger("ktg_fast")
 
@@ -27,18 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, help="teacher model of the kd preset (default wrn28_2)")
     p.add_argument("--temperature", type=float, default=None, help="override the graph's temperature")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    p.add_argument("--out", required=True,
+                   help="output folder: the run itself with one seed, <out>/seed<N>/ per seed with several")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run in --out (a run with no checkpoint yet starts fresh)")
     p.add_argument("--teachers", default=None, help="teacher checkpoint folder (default $KTG_TEACHERS or ./teachers)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks with errors")
     add_data_args(p)
     add_recipe_args(p)
     return p
 
 
 def load_graph_arg(args: argparse.Namespace):
-    from .graph import PRESETS, load_graph
-
     kw = {k: v for k, v in (("nodes", args.nodes), ("model", args.model), ("teacher", args.teacher)) if v is not None}
     if kw and args.graph not in PRESETS:
         raise ValueError("--nodes/--model/--teacher apply to presets only; edit the graph file instead")
@@ -52,13 +58,10 @@ def load_graph_arg(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from .report import seeds_table
-    from .trainer import Trainer
-
     graph = load_graph_arg(args)
-    out = Path(args.out)
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds repeats a seed: {args.seeds}")
+    out = check_out_dir(args.out, seeds=len(args.seeds))  # before any data is loaded
     finals = []
     for seed in args.seeds:
         run_dir = out / f"seed{seed}" if len(args.seeds) > 1 else out
@@ -71,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: {metric} {accs}  ({run_dir})")
     metric = "test_acc" if "test_acc" in finals[0] else "val_acc"
     table = seeds_table(finals, metric=metric)
-    from .io import atomic_write_json, atomic_write_text
-
     atomic_write_text(out / "results.md", table)
     atomic_write_json(out / "results.json", finals)
     print(table, end="")

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -21,12 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .graph import Graph
-from .io import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text
+from .io import (CheckpointError, append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text,
+                 check_state_dict, load_checkpoint)
 from .nodes import build_nodes, save_model_checkpoint
 from .recipe import TrainConfig, lr_at_epoch
-from .step import TrainStep, make_step
+from .data import canonical_name, load_dataset, load_image_folder, make_loader, train_val_split
+from .data.spec import SPLIT_SEED, DataSpec
+from .device import resolve_device, use_device
+from .steps import TrainStep, make_step
 
-__all__ = ["Trainer", "NonFiniteLossError", "RunExistsError", "DataSpec", "read_metrics", "resolve_device"]
+__all__ = ["Trainer", "CheckpointError", "NonFiniteLossError", "RunExistsError", "fingerprint_diff", "read_metrics"]
 
 log = logging.getLogger("ktg_fast")
 
@@ -39,43 +42,6 @@ class RunExistsError(FileExistsError):
     """The output folder already holds a run and ``resume`` was not asked for."""
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; unknown or absent devices get a clear error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but no CUDA device is available: use --device cpu")
-    return dev
-
-
-@dataclass
-class DataSpec:
-    """Which data a run trains and evaluates on.
-
-    ``val_size > 0`` holds out that many training images (seeded split, the
-    same for every run) as the validation split; ``test`` evaluates on the
-    test split too (a search never does).  ``train_subset`` keeps only the
-    first N training images after the split (for quick runs).
-    """
-
-    dataset: str
-    root: Optional[str] = None
-    val_size: int = 0
-    test: bool = True
-    train_subset: Optional[int] = None
-    eval_subset: Optional[int] = None
-    loader: str = "auto"
-    download: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-# Seed of the train/validation split: fixed, so teachers, searches and
-# retraining all see the same split whatever their training seed.
-SPLIT_SEED = 0
 
 
 class Trainer:
@@ -101,20 +67,21 @@ class Trainer:
                  on_epoch_end: Optional[Callable[[dict], None]] = None, progress: bool = True,
                  save_checkpoints: bool = True):
         cfg.validate()
+        data.validate()
         self.graph, self.data, self.cfg = graph, data, cfg
         self.out = Path(out_dir)
-        self.device = resolve_device(device)
+        self.device = use_device(resolve_device(device))
         self.step_kind, self.loss_impl = step, loss_impl
         self.teacher_dir = teacher_dir
         self.on_epoch_end = on_epoch_end
-        self.progress = progress
+        self.show_progress = progress
         self.save_checkpoints = save_checkpoints
         self.milestones = cfg.resolved_milestones(_dataset_key(data.dataset))
+        self.node_lrs: dict[int, float] = {}  # node -> learning rate of the running epoch
+        self._early_eta = False  # the in-epoch time estimate was logged
 
     # ------------------------------------------------------------------ data
     def _load_data(self) -> None:
-        from .data import canonical_name, load_dataset, load_image_folder, make_loader, train_val_split
-
         d = self.data
         # Image-folder datasets stay files so DALI can decode them; other loaders decode them into memory.
         if canonical_name(d.dataset) == "tiny-imagenet" and d.loader in ("auto", "dali"):
@@ -122,15 +89,15 @@ class Trainer:
                 return load_image_folder(d.dataset, d.root, split=split)
         else:
             def load(split):
-                return load_dataset(d.dataset, d.root, split=split, download=d.download, **d.options)
+                return load_dataset(d.dataset, d.root, split=split, download=d.download)
         train = load("train")
         val = None
         if d.val_size:
             train, val = train_val_split(train, d.val_size, seed=SPLIT_SEED)
-        if d.train_subset:
+        if d.train_subset is not None:
             train = train.subset(range(min(d.train_subset, len(train))))
         test = load("test") if d.test else None
-        if d.eval_subset:
+        if d.eval_subset is not None:
             val = val.subset(range(min(d.eval_subset, len(val)))) if val is not None else None
             test = test.subset(range(min(d.eval_subset, len(test)))) if test is not None else None
         if len(train) < self.cfg.batch_size:
@@ -145,7 +112,8 @@ class Trainer:
         for name, ds in (("val", val), ("test", test)):
             if ds is not None:
                 self.eval_loaders[name], _, _ = make_loader(chosen, ds, 1000, train=False, seed=0,
-                                                            device=self.device, augment=False)
+                                                            device=self.device, augment=False,
+                                                            reason="as the training loader")
 
     # ----------------------------------------------------------------- setup
     def _build(self) -> None:
@@ -153,8 +121,8 @@ class Trainer:
         nets = build_nodes(self.graph, num_classes=self.num_classes, in_channels=self.in_channels,
                            dataset=_dataset_key(self.data.dataset), device=self.device,
                            teacher_dir=self.teacher_dir, val_size=self.data.val_size)
-        self.step: TrainStep = make_step(self.step_kind, self.graph, nets, self.cfg, loss_impl=self.loss_impl)
-        log.info("step path: %s", self.step.kind)
+        self.train_step: TrainStep = make_step(self.step_kind, self.graph, nets, self.cfg, loss_impl=self.loss_impl)
+        log.info("step path: %s", self.train_step.kind)
         self.iters_per_epoch = len(self.train_loader)
         self.k_end = self.cfg.epochs * self.iters_per_epoch
 
@@ -169,25 +137,43 @@ class Trainer:
         return self.out / "checkpoint.pt"
 
     def _save_checkpoint(self, epoch: int, step: int) -> None:
+        # Plain types and tensors only: read back with weights_only=True.
         atomic_torch_save({
             "epoch": epoch, "step": step, "fingerprint": self._fingerprint(),
-            "nets": self.step.node_state_dicts(), "momentum": self.step.momentum_buffers(),
+            "nets": self.train_step.node_state_dicts(), "momentum": self.train_step.momentum_buffers(),
             "torch_rng": torch.get_rng_state(),
         }, self.checkpoint_path)
 
-    def _resume(self) -> tuple[int, int]:
-        ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        mine, theirs = self._fingerprint(), ckpt["fingerprint"]
-        for key in mine:
-            if mine[key] != theirs.get(key):
-                raise ValueError(
-                    f"{self.checkpoint_path} was written with a different {key} ({theirs.get(key)!r}, now "
-                    f"{mine[key]!r}); resume with the same settings or use another --out folder"
-                )
-        self.step.load_node_state_dicts(ckpt["nets"])
-        self.step.load_momentum_buffers(ckpt["momentum"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        _truncate_metrics(self.out / "metrics.jsonl", ckpt["epoch"])
+    def _read_checkpoint(self) -> dict:
+        """Load ``checkpoint.pt`` (tensors and plain types only) and check it was written by this run's
+        settings; nothing is written before this check passes."""
+        path = self.checkpoint_path
+        ckpt = load_checkpoint(path)
+        need = ("epoch", "step", "fingerprint", "nets", "momentum", "torch_rng")
+        if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
+            raise CheckpointError(f"{path} is not a training checkpoint of ktg_fast (it lacks "
+                                  f"{[k for k in need if not isinstance(ckpt, dict) or k not in ckpt]}); "
+                                  "move it away or choose another --out folder")
+        diffs = fingerprint_diff(ckpt["fingerprint"], self._fingerprint())
+        if diffs:
+            raise ValueError(f"{path} was written with other settings: {'; '.join(diffs)}. Resume with the "
+                             "same settings, or use another --out folder for a new run")
+        return ckpt
+
+    def _restore(self, ckpt: dict) -> tuple[int, int]:
+        """Load the checked checkpoint's weights, momentum and RNG into the built step."""
+        if len(ckpt["nets"]) != len(self.train_step.nets):
+            raise CheckpointError(f"{self.checkpoint_path} holds {len(ckpt['nets'])} networks, the graph has "
+                                  f"{len(self.train_step.nets)}")
+        for t, (net, state, node) in enumerate(zip(self.train_step.nets, ckpt["nets"], self.graph.nodes), start=1):
+            check_state_dict(net, state, self.checkpoint_path, what=f"node {t} ({node.model})")
+        try:
+            self.train_step.load_node_state_dicts(ckpt["nets"])
+            self.train_step.load_momentum_buffers(ckpt["momentum"])
+            torch.set_rng_state(ckpt["torch_rng"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.checkpoint_path} does not fit this run: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         log.info("resumed %s after epoch %d", self.out, ckpt["epoch"])
         return ckpt["epoch"], ckpt["step"]
 
@@ -199,38 +185,60 @@ class Trainer:
         correct = torch.zeros(self.graph.num_nodes, dtype=torch.long, device=self.device)
         total = 0
         for x, y in loader:
-            logits = self.step.eval_logits(x)
+            logits = self.train_step.eval_logits(x)
             correct += (logits.argmax(-1) == y.unsqueeze(0)).sum(-1)
             total += y.shape[0]
         return (correct.double() * 100.0 / max(total, 1)).tolist()
 
     # ------------------------------------------------------------------ run
     def run(self, resume: bool = False) -> dict:
-        """Train for ``cfg.epochs`` (continuing a checkpoint when ``resume``); return the final record."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.checkpoint_path.exists() and not resume:
-            raise RunExistsError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
+        """Train for ``cfg.epochs`` (continuing a checkpoint when ``resume``); return the final record.
+
+        Everything that can refuse the run (an existing run without ``resume``, a checkpoint that
+        cannot be read or was written with other settings) is checked before any file is written.
+        """
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out} is a file, not a folder: choose a folder path for the run")
+        ckpt = None
+        if self.checkpoint_path.exists():
+            if not resume:
+                raise RunExistsError(f"{self.out} already holds a run: pass --resume to continue it, "
+                                     "or choose another --out")
+            ckpt = self._read_checkpoint()
+        elif resume:
+            log.info("no checkpoint in %s to resume: starting a fresh run", self.out)
         self._load_data()
         self._build()
+        start_epoch, step = self._restore(ckpt) if ckpt is not None else (0, 0)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.graph.save(self.out / "graph.yaml")
-        start_epoch, step = (self._resume() if resume and self.checkpoint_path.exists() else (0, 0))
+        # Records after the checkpoint (or any, with none) are redone: one record per epoch.
+        _truncate_metrics(self.out / "metrics.jsonl", start_epoch)
         if start_epoch >= self.cfg.epochs:
             log.info("%s is already complete", self.out)
             final = self.out / "final.json"
             # A kill after the last checkpoint but before final.json: finish from the last record.
-            return _read_json(final) if final.exists() else self._finish(read_metrics(self.out / "metrics.jsonl")[-1])
-        fault_at = int(os.environ.get("KTG_TEST_KILL_AT_STEP", "0"))  # tests: a real SIGKILL mid-run
+            if final.exists():
+                return _read_json(final)
+            records = read_metrics(self.out / "metrics.jsonl")
+            last = records[-1] if records else {
+                "epoch": start_epoch, "step": step, **{f"{sp}_acc": self.evaluate(sp) for sp in self.eval_loaders}}
+            return self._finish(last)
 
         m = self.graph.num_nodes
         progress_t = torch.zeros((), device=self.device)
         epochs = range(start_epoch, self.cfg.epochs)
-        bar = tqdm(epochs, desc=f"train {self.out.name}", unit="epoch", disable=not self.progress,
+        # Bars only on a terminal: in a log file their cursor moves would leave escape codes.
+        bars = self.show_progress and _is_tty(sys.stderr)
+        bar = tqdm(epochs, desc=f"train {self.out.name}", unit="epoch", disable=not bars,
                    initial=start_epoch, total=self.cfg.epochs)
         record: dict = {}
+        run_t0 = time.perf_counter()
         for epoch in bar:
             lr_scale = lr_at_epoch(1.0, epoch, self.milestones, self.cfg.gamma)
-            base = self.cfg.node_lr or [self.cfg.lr] * m
-            self.step.set_lrs([base[t - 1] * lr_scale for t in self.graph.trainable])
+            base = self.cfg.node_rates(m)
+            self.node_lrs = {t: base[t - 1] * lr_scale for t in self.graph.trainable}
+            self.train_step.set_lrs([self.node_lrs[t] for t in self.graph.trainable])
             self.train_loader.set_epoch(epoch)
             loss_sum = torch.zeros(m, dtype=torch.float64, device=self.device)
             correct = torch.zeros(m, dtype=torch.long, device=self.device)
@@ -238,14 +246,13 @@ class Trainer:
             bad_nodes = torch.zeros(m, dtype=torch.bool, device=self.device)
             seen = 0
             t0 = time.perf_counter()
+            first_epoch = epoch == start_epoch
             batches = tqdm(self.train_loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
-                           disable=not self.progress)
+                           disable=not bars)
             for i, (x, y) in enumerate(batches):
                 step += 1
-                if step == fault_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
                 progress_t.fill_(step / self.k_end)
-                node_loss, logits = self.step(x, y, progress_t)
+                node_loss, logits = self.train_step(x, y, progress_t)
                 # Accumulate on the device; the host reads once per check_every steps.
                 finite = torch.isfinite(node_loss)
                 first = (bad_step < 0) & ~finite.all()
@@ -256,13 +263,16 @@ class Trainer:
                 seen += y.shape[0]
                 if (i + 1) % self.cfg.check_every == 0 or i + 1 == self.iters_per_epoch:
                     self._check_finite(bad_step, bad_nodes, epoch)
-                    if self.progress:
+                    if bars:
                         batches.set_postfix(loss=f"{(loss_sum.sum() / (i + 1)).item():.3f}")
+                    if first_epoch and i + 1 < self.iters_per_epoch and not self._early_eta:
+                        self._early_estimate(i + 1, time.perf_counter() - t0, epoch)
             batches.close()
             self._check_finite(bad_step, bad_nodes, epoch)
             elapsed = time.perf_counter() - t0
             record = {
-                "epoch": epoch + 1, "step": step, "lr": self.cfg.lr * lr_scale,
+                # One rate per network node (None for frozen ones): per-node rates are the recipe's too.
+                "epoch": epoch + 1, "step": step, "lr": [self.node_lrs.get(t) for t in range(1, m + 1)],
                 "train_loss": (loss_sum / max(self.iters_per_epoch, 1)).tolist(),
                 "train_acc": (correct.double() * 100.0 / max(seen, 1)).tolist(),
                 "images_per_s": seen / elapsed if elapsed > 0 else None, "time_s": elapsed,
@@ -272,11 +282,40 @@ class Trainer:
             append_jsonl(self.out / "metrics.jsonl", record)
             if self.save_checkpoints:
                 self._save_checkpoint(epoch + 1, step)
-            bar.set_postfix(_short(record, self.graph.target))
+            if first_epoch:
+                self._estimate(epoch, time.perf_counter() - run_t0)
+            if bars:
+                bar.set_postfix(_short(record, self.graph.target))
+            else:
+                log.info("epoch %d/%d: %s (%s)", epoch + 1, self.cfg.epochs, _epoch_line(record, self.graph.target),
+                         _duration(time.perf_counter() - t0))
             if self.on_epoch_end is not None:
                 self.on_epoch_end(record)
         bar.close()
         return self._finish(record)
+
+    def _early_estimate(self, done: int, seconds: float, epoch: int) -> None:
+        """During the first epoch (after at least 10 s and 10 batches): the run's time from the speed so far."""
+        if seconds < 10 or done < 10:
+            return
+        self._early_eta = True
+        left = self.cfg.epochs - epoch
+        total = seconds / done * self.iters_per_epoch * left
+        log.info("speed so far %.1f batches/s: training the %d epoch%s left takes about %s, plus evaluation",
+                 done / seconds, left, "" if left == 1 else "s", _duration(total))
+
+    def _estimate(self, epoch: int, seconds: float) -> None:
+        """After the first epoch of this process: the run's total time at the measured speed."""
+        left = self.cfg.epochs - epoch - 1
+        if not left:
+            log.info("epoch %d took %s with evaluation", epoch + 1, _duration(seconds))
+            return
+        finish = time.strftime("%H:%M", time.localtime(time.time() + seconds * left))
+        what = (f"the whole run ({self.cfg.epochs} epochs) takes about {_duration(seconds * self.cfg.epochs)}"
+                if epoch == 0 else
+                f"epochs {epoch + 1}-{self.cfg.epochs} of this resumed run take about {_duration(seconds * (left + 1))}")
+        log.info("epoch %d took %s with evaluation: %s at this speed, done around %s",
+                 epoch + 1, _duration(seconds), what, finish)
 
     def _check_finite(self, bad_step: torch.Tensor, bad_nodes: torch.Tensor, epoch: int) -> None:
         k = int(bad_step)
@@ -284,29 +323,116 @@ class Trainer:
             return
         nodes = [t + 1 for t in bad_nodes.nonzero().flatten().tolist()]
         names = ", ".join(f"node {t} ({self.graph.nodes[t - 1].model})" for t in nodes)
-        raise NonFiniteLossError(
-            f"non-finite loss at step {k} (epoch {epoch + 1}) in {names}: lower the learning rate "
-            f"(now {self.cfg.lr}) or check the data; the last good checkpoint is {self.checkpoint_path}"
-        )
+        lrs = self.node_lrs
+        rates = ", ".join(f"node {t}'s is {lrs[t]:g}" for t in nodes if t in lrs)
+        advice = (f"lower the learning rate ({rates}; --lr {self.cfg.lr:g})" if rates
+                  else f"lower the learning rate (--lr {self.cfg.lr:g})")
+        if not self.save_checkpoints:
+            where = "this run keeps no checkpoints: start it anew"
+        elif self.checkpoint_path.exists():
+            where = f"the last good checkpoint is {self.checkpoint_path} (epoch {epoch})"
+        else:
+            where = "no checkpoint was written before (the run diverged in its first epoch): start it anew"
+        raise NonFiniteLossError(f"non-finite loss at step {k} (epoch {epoch + 1}) in {names}: {advice} "
+                                 f"or check the data; {where}")
+
+    def save_node(self, t: int, path: Optional[str | os.PathLike] = None, **meta: Any) -> Path:
+        """Write network node ``t``'s (1-based) current weights as a model checkpoint; return its path.
+
+        The file (default ``<out>/nodes/node<t>_<model>.pt``) loads with
+        ``checkpoint: <path>`` in a graph; ``meta`` (epochs, val_acc, pruned, ...)
+        is stored beside the weights.  Written atomically.
+        """
+        node = self.graph.nodes[t - 1]
+        path = Path(path) if path is not None else self.out / "nodes" / f"node{t}_{node.model}.pt"
+        self.train_step.adopt_nets()
+        save_model_checkpoint(path, self.train_step.nets[t - 1], name=node.model, num_classes=self.num_classes,
+                              in_channels=self.in_channels, dataset=self.data.dataset,
+                              **{"epochs": self.cfg.epochs, **meta})
+        return path
 
     def _finish(self, record: dict) -> dict:
-        nodes_dir = self.out / "nodes"
-        for t, (net, node) in enumerate(zip(self.step.nets, self.graph.nodes), start=1):
-            self.step.sync_to_nets()
-            save_model_checkpoint(nodes_dir / f"node{t}_{node.model}.pt", net, name=node.model,
-                                  num_classes=self.num_classes, in_channels=self.in_channels,
-                                  dataset=self.data.dataset, epochs=self.cfg.epochs,
-                                  test_acc=record.get("test_acc", [None] * len(self.graph.nodes))[t - 1],
-                                  val_acc=record.get("val_acc", [None] * len(self.graph.nodes))[t - 1])
+        m = len(self.graph.nodes)
+        for t in range(1, m + 1):
+            self.save_node(t, test_acc=record.get("test_acc", [None] * m)[t - 1],
+                           val_acc=record.get("val_acc", [None] * m)[t - 1])
         final = {"graph": self.graph.to_dict(), "dataset": self.data.dataset, "seed": self.cfg.seed,
-                 "epochs": self.cfg.epochs, "step_path": self.step.kind, "loader": self.loader_kind, **record}
+                 "epochs": self.cfg.epochs, "step_path": self.train_step.kind, "loader": self.loader_kind, **record}
         atomic_write_json(self.out / "final.json", final)
         return final
 
 
-def _dataset_key(name: str) -> str:
-    from .data import canonical_name
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``7 min 5 s``, ``4 h 26 min``, ``3 d 2 h``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{max(seconds, 0):.0f} s" if seconds >= 1 else f"{seconds:.1f} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+def fingerprint_diff(old: dict, new: dict) -> list[str]:
+    """The settings that differ between a checkpoint's fingerprint and this run's, as command-line
+    flags: ``--lr 0.05 in the checkpoint, 0.1 now``."""
+    out = []
+    g_old, g_new = old.get("graph") or {}, new.get("graph") or {}
+    n_old, n_new = g_old.get("nodes") or [], g_new.get("nodes") or []
+    if len(n_old) != len(n_new):  # another graph altogether: its nodes, not every gate
+        def models(nodes: list) -> str:
+            return f"{len(nodes)} node{'s' if len(nodes) != 1 else ''} (" + \
+                ", ".join(str(n.get("model") if isinstance(n, dict) else n) for n in nodes) + ")"
+        out.append(f"--graph {models(n_old)} in the checkpoint, {models(n_new)} now")
+        old, new = {k: v for k, v in old.items() if k != "graph"}, {k: v for k, v in new.items() if k != "graph"}
+    for path, a, b in _diff(old, new, ""):
+        key = path.split(".", 1)[1] if path.startswith("config.") else path
+        if path.startswith("graph"):
+            label = f"--graph ({path[len('graph.'):] or 'graph'})"
+        else:
+            label = _FLAGS.get(key, key)
+        out.append(f"{label} {_fmt(a)} in the checkpoint, {_fmt(b)} now")
+    return out
+
+
+_FLAGS = {"dataset": "--dataset", "val_size": "--val-size", "train_subset": "--train-subset",
+          "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "momentum": "--momentum",
+          "nesterov": "Nesterov momentum (--no-nesterov)", "weight_decay": "--weight-decay",
+          "milestones": "--milestones", "gamma": "--gamma", "seed": "seed", "augment": "augmentation (--no-augment)",
+          "node_lr": "per-node learning rates", "check_every": "check_every"}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "unset"
+    if isinstance(v, list):
+        return " ".join(_fmt(x) for x in v) if all(not isinstance(x, (list, dict)) for x in v) else json.dumps(v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _diff(a: Any, b: Any, path: str):
+    """Yield (dotted path, a's value, b's value) of every leaf where ``a`` and ``b`` differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            yield from _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and path.startswith("graph"):
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from _diff(x, y, f"{path}[{i}]")
+    elif a != b:
+        yield path, a, b
+
+
+def _dataset_key(name: str) -> str:
     return canonical_name(name)
 
 
@@ -318,12 +444,26 @@ def _short(record: dict, target: int) -> dict:
     return out
 
 
+def _epoch_line(record: dict, target: int) -> str:
+    """``loss 1.234, target (node 1) val 45.60 %, test 44.10 %``: one epoch in a log line."""
+    parts = [f"loss {sum(record['train_loss']):.3f}"]
+    accs = [f"{split} {record[f'{split}_acc'][target - 1]:.2f} %" for split in ("val", "test")
+            if f"{split}_acc" in record]
+    if accs:
+        parts.append(f"target (node {target}) " + ", ".join(accs))
+    return ", ".join(parts)
+
+
 def _truncate_metrics(path: Path, epoch: int) -> None:
-    """Drop metric lines written after the checkpoint (a kill between the two writes)."""
+    """Keep one record per epoch up to ``epoch`` (the checkpoint's; 0 without one): drop lines written
+    after the checkpoint, repeated epochs and a line cut short by a kill."""
     if not path.exists():
         return
-    keep = [json.dumps(r) for r in read_metrics(path) if r["epoch"] <= epoch]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    by_epoch: dict[int, dict] = {}
+    for r in read_metrics(path):
+        if isinstance(r, dict) and isinstance(r.get("epoch"), int) and 1 <= r["epoch"] <= epoch:
+            by_epoch[r["epoch"]] = r  # a repeated epoch: the later record is the checkpoint's
+    atomic_write_text(path, "".join(json.dumps(by_epoch[e]) + "\n" for e in sorted(by_epoch)))
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -2,7 +2,6 @@
 
 Loops over every edge and every sample in float64; slow and obvious on purpose.
 """
-import math
 
 import torch
 

@@ -338,7 +338,8 @@ def test_state_dict_views_stay_live() -> None:
 
 def test_trainer_checkpoint_resumes_across_paths(tmp_path) -> None:
     """A Trainer run checkpointed by the fused path resumes in the eager one, with identical state."""
-    from ktg_fast.trainer import DataSpec, Trainer
+    from ktg_fast.data import DataSpec
+    from ktg_fast.trainer import Trainer
 
     class Stop(Exception):
         pass
@@ -352,13 +353,13 @@ def test_trainer_checkpoint_resumes_across_paths(tmp_path) -> None:
     t1 = Trainer(graph, data, cfg, tmp_path / "r", device="cpu", step="fused", on_epoch_end=stop, progress=False)
     with pytest.raises(Stop):
         t1.run()
-    assert t1.step.kind == "fused"
-    saved, moms = _ckpt(t1.step)
+    assert t1.train_step.kind == "fused"
+    saved, moms = _ckpt(t1.train_step)
     t2 = Trainer(graph, data, cfg, tmp_path / "r", device="cpu", step="eager", progress=False)
     t2._load_data()
     t2._build()
-    assert t2._resume() == (1, 2)
-    for a, b in zip(_ckpt(t2.step), (saved, moms)):
+    assert t2._restore(t2._read_checkpoint()) == (1, 2)
+    for a, b in zip(_ckpt(t2.train_step), (saved, moms)):
         for da, db in zip(a, b):
             assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in db)
     final = Trainer(graph, data, cfg, tmp_path / "r", device="cpu", step="eager", progress=False).run(resume=True)
@@ -519,7 +520,7 @@ def test_gpu_streams_give_the_same_result(cuda_exact) -> None:
 def test_runs_make_their_cuda_device_current(monkeypatch) -> None:
     """A run on cuda:1 makes cuda:1 current (Triton launches and graph captures use the current device);
     a device the machine lacks is refused by name. CUDA is mocked: this runs on the CPU."""
-    from ktg_fast import trainer as tr
+    from ktg_fast import device as tr
 
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -1,5 +1,4 @@
 """Graph files, validation messages, presets and drawings."""
-import json
 import shutil
 
 import pytest

@@ -206,3 +206,28 @@ def test_auto_chunk_size_and_bad_arguments():
     with pytest.raises(TypeError, match=r"hidden\[0\] must be a floating-point tensor"):
         loss([torch.ones(4, 3, dtype=torch.long), h[1]], w, y)
     assert "cutoff" in gate_names()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_kernel_chunks_match_the_reference(dtype):
+    """On CUDA the kernel writes each chunk's gradient: losses and gradients against float64 on the CPU
+    (bf16: one rounding of the logits and of each gradient matmul, so about 1e-2 relative)."""
+    gates, hs, ws, bs, labels, T, prog = case(7)
+    dev = torch.device("cuda")
+    on = [[None if x is None else x.detach().to(dev, dtype).requires_grad_(x.requires_grad) for x in g]
+          for g in (hs, ws, bs)]
+    res = kf.GraphLinearLoss(gates, temperature=T, chunk_size=5)(on[0], on[1], labels.to(dev), bias=on[2],
+                                                                  progress=prog)
+    up = [[None if x is None else x.detach().double().cpu().requires_grad_(x.requires_grad) for x in g] for g in on]
+    weights = torch.linspace(0.5, 2.0, len(hs), dtype=torch.float64)
+    ref, ref_grads = materialized(gates, up[0], up[1], up[2], labels, T, prog, weights)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(res.edge_loss.double().cpu(), ref.edge_loss.detach(), rtol=tol, atol=tol)
+    params = leaves(*on)
+    if params and res.node_loss.requires_grad:
+        grads = torch.autograd.grad((res.node_loss * weights.to(dev, torch.float32)).sum(), params)
+        for g, r in zip(grads, ref_grads):
+            scale = max(1.0, r.abs().max().item())
+            torch.testing.assert_close(g.double().cpu(), r, rtol=tol * 5, atol=tol * 5 * scale)

@@ -278,7 +278,7 @@ def test_impossible_choices_are_explained(monkeypatch):
     with pytest.raises(ValueError, match="storage"):
         BatchLoader(ds, 4, train=True, seed=0, storage="disk")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available; use device='cpu'"):
+        with pytest.raises(ValueError, match=r"no CUDA device is available: use the CPU \(--device cpu, device='cpu'\)"):
             BatchLoader(ds, 4, train=True, seed=0, device="cuda")
 
 

@@ -202,7 +202,7 @@ def test_failure_reason_is_said_once_and_an_all_failed_search_warns(tmp_path, ke
 
 # ----------------------------------------------------------------- item 13b
 def test_teacher_pretraining_failure_is_the_teachers_not_the_graphs(tmp_path, keep_threads, monkeypatch):
-    from ktg_fast import pretrain
+    from ktg_fast import teachers as pretrain
     from ktg_fast.trainer import NonFiniteLossError
 
     calls = []
@@ -238,7 +238,7 @@ def test_teacher_pretraining_failure_is_the_teachers_not_the_graphs(tmp_path, ke
 
 HOOK = """
 import os
-from ktg_fast import pretrain
+from ktg_fast import teachers as pretrain
 from ktg_fast.trainer import NonFiniteLossError
 
 

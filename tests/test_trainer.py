@@ -14,8 +14,9 @@ import ktg_fast as kf
 from ktg_fast.graph import Graph, Node, preset
 from ktg_fast.models import get_model, register_model, unregister_model
 from ktg_fast.recipe import TrainConfig, default_milestones, lr_at_epoch, make_optimizer
-from ktg_fast.step import EagerStep
-from ktg_fast.trainer import DataSpec, NonFiniteLossError, RunExistsError, Trainer
+from ktg_fast.steps import EagerStep
+from ktg_fast.data import DataSpec
+from ktg_fast.trainer import NonFiniteLossError, RunExistsError, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,19 +167,23 @@ def _cli(args, env=None, check=True):
 
 
 def _weights(run_dir):
-    ckpt = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
     return ckpt["nets"], ckpt["momentum"]
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
+    # On the CPU even on a GPU machine: bit-identical weights after resume need deterministic kernels,
+    # which cuDNN's autotuned convolutions are not.
     args = ["--graph", "dml", "--model", "resnet8", "--dataset", "synthetic", "--train-subset", "256",
             "--epochs", "3", "--batch-size", "32", "--lr", "0.05", "--loader", "torch", "--no-progress",
-            "--step", "eager"]
+            "--step", "eager", "--device", "cpu"]
     _cli(args + ["--out", str(tmp_path / "full")])
     # 8 steps per epoch: kill in the middle of epoch 2 with a real SIGKILL.
-    r = _cli(args + ["--out", str(tmp_path / "cut")], env={"KTG_TEST_KILL_AT_STEP": "12"}, check=False)
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "sigkill_at_step.py"), "12", "ktg_fast.train", *args,
+                        "--out", str(tmp_path / "cut")], capture_output=True, text=True, cwd=REPO, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == -9, r.stderr
-    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(tmp_path / "cut" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ck["epoch"] == 1
     _cli(args + ["--out", str(tmp_path / "cut"), "--resume"])
     (a_nets, a_mom), (b_nets, b_mom) = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
@@ -218,7 +223,7 @@ def test_cli_seeds_table_and_errors(tmp_path):
 
 
 def test_pretrain_then_kd_keeps_teacher_frozen(tmp_path):
-    from ktg_fast.pretrain import pretrain_teacher
+    from ktg_fast.teachers import pretrain_teacher
 
     teachers = tmp_path / "teachers"
     path = pretrain_teacher("resnet8", synth(train_subset=256), small_cfg(epochs=1), teacher_dir=teachers,
@@ -229,10 +234,10 @@ def test_pretrain_then_kd_keeps_teacher_frozen(tmp_path):
     t = Trainer(g, synth(train_subset=256), small_cfg(epochs=1), tmp_path / "kd", step="eager",
                 teacher_dir=teachers, progress=False)
     t.run()
-    after = t.step.nets[1].state_dict()
+    after = t.train_step.nets[1].state_dict()
     for k, v in before.items():
         assert torch.equal(v, after[k].cpu()), k  # weights and BatchNorm statistics untouched
-    assert not t.step.nets[1].training
+    assert not t.train_step.nets[1].training
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),

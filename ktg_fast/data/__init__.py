@@ -13,10 +13,13 @@ from .loader import BatchLoader
 from .plan import CropFlip, EpochLoader, EpochPlan, make_epoch_plan
 from .registry import (available_datasets, canonical_name, dataset_info, default_root,
                        load_dataset, load_image_folder)
+from .spec import SPLIT_SEED, DataSpec
 from .splits import default_val_size, train_val_split
 from .synthetic import make_synthetic
 
 __all__ = [
+    "DataSpec",
+    "SPLIT_SEED",
     "ArrayDataset",
     "BatchLoader",
     "DaliLoader",

@@ -33,7 +33,7 @@ def _read_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _download(name: str, root: Path, train: bool) -> None:
-    import torchvision
+    import torchvision  # local: only --download needs it, and its failure is reported as the download's
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     cls(str(root), train=train, download=True)
@@ -58,12 +58,12 @@ def load_cifar(name: str, root: Path, split: str, download: bool = False) -> Arr
         try:
             _download(name, root, split == "train")
         except Exception as e:  # offline, disk full, ...: report it with the paths tried
-            download_error = f" (download=True failed: {type(e).__name__}: {e})"
+            download_error = f" (--download failed: {type(e).__name__}: {e})"
         found = find()
     if found is None:
         raise DatasetNotFoundError(
             name, [c / f for c in candidates for f in files],
-            f"pass download=True (or --download) when online, or put torchvision's "
+            f"pass --download (download=True from Python) when online, or put torchvision's "
             f"'{folder}' folder under the data root (--data-root or KTG_DATA_ROOT){download_error}")
     parts = [_read_batch(found / f, label_key) for f in files]
     data = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)

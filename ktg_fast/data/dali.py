@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .dataset import ArrayDataset, ImageFolder
-from .loader import resolve_device
+from ..device import resolve_device
 from .plan import Batch, CropFlip, EpochLoader, EpochPlan, Normalize, parse_normalize
 
 MIN_DALI_VERSION = (1, 30)
@@ -131,8 +131,8 @@ class DaliLoader(EpochLoader):
         self._std = [255.0 * s for s in std]
 
     def _build(self, plan: EpochPlan, start: int):
-        from nvidia.dali import fn, types
-        from nvidia.dali.pipeline import Pipeline
+        from nvidia.dali import fn, types  # local: optional dependency (pip install 'ktg_fast[dali]')
+        from nvidia.dali.pipeline import Pipeline  # local: optional dependency (pip install 'ktg_fast[dali]')
 
         gpu = self.device_id is not None
         aug = plan.offsets is not None
@@ -173,7 +173,7 @@ class DaliLoader(EpochLoader):
         return pipe
 
     def _iter_plan(self, plan: EpochPlan, start: int, out: Batch | list[Tensor] | None) -> Iterator[Batch]:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+        from nvidia.dali.plugin.pytorch import feed_ndarray  # local: optional dependency (pip install 'ktg_fast[dali]')
 
         self._check_out(out, self.batch_size, self.image_shape, self.device)
         if start >= plan.num_batches:

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 
@@ -77,8 +78,6 @@ class ArrayDataset:
 
 def decode_image(path: str | Path, image_shape: tuple[int, int, int]) -> np.ndarray:
     """Decode one image file to uint8 (C, H, W), checking it has ``image_shape``."""
-    from PIL import Image
-
     c, h, w = image_shape
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB" if c == 3 else "L"), dtype=np.uint8)

@@ -7,7 +7,8 @@ import torch
 
 from .dali import DaliLoader, dali_status, require_dali
 from .dataset import ArrayDataset, ImageFolder
-from .loader import BatchLoader, resolve_device
+from ..device import resolve_device
+from .loader import BatchLoader
 from .plan import EpochLoader, Normalize
 
 LOADER_KINDS = ("auto", "tensor", "dali", "torch")
@@ -32,13 +33,15 @@ def choose_loader(source: ArrayDataset | ImageFolder, device: torch.device | str
 
 def make_loader(kind: str, source: ArrayDataset | ImageFolder, batch_size: int, *, train: bool,
                 seed: int, device: torch.device | str = "cpu", augment: bool = True,
-                normalize: Normalize | None = None, **kw) -> tuple[EpochLoader, str, str]:
+                normalize: Normalize | None = None, reason: str | None = None,
+                **kw) -> tuple[EpochLoader, str, str]:
     """Build a loader of ``kind`` in ``auto``/``tensor``/``dali``/``torch``.
 
     Every kind yields (x float32 (B, C, H, W), y int64 (B,)) on ``device`` with the same epochs:
     for the same seed and epoch, the same samples in the same order with the same crops/flips.
-    ``kw`` passes loader-specific options (``pad``, ``crop_flip``, ``out``; ``storage`` for
-    tensor, ``num_threads`` for dali).
+    ``reason`` says why the caller chose ``kind`` (then the choice is logged at debug level only;
+    default "requested --loader <kind>"). ``kw`` passes loader-specific options (``pad``,
+    ``crop_flip``, ``out``; ``storage`` for tensor, ``num_threads`` for dali).
 
     Returns:
         (loader, chosen kind, reason for the choice); the choice is also logged.
@@ -51,10 +54,13 @@ def make_loader(kind: str, source: ArrayDataset | ImageFolder, batch_size: int, 
     if not isinstance(source, (ArrayDataset, ImageFolder)):
         raise TypeError(f"make_loader needs an ArrayDataset or ImageFolder; got {type(source).__name__}")
     common = dict(train=train, seed=seed, device=device, augment=augment, normalize=normalize)
+    level = logging.INFO
     if kind == "auto":
         kind, reason = choose_loader(source, device)
-    else:
+    elif reason is None:
         reason = f"requested --loader {kind}"
+    else:
+        level = logging.DEBUG  # the caller chose the kind and says so itself
     loader: EpochLoader
     if kind == "dali":
         require_dali()
@@ -68,5 +74,5 @@ def make_loader(kind: str, source: ArrayDataset | ImageFolder, batch_size: int, 
         loader = BatchLoader(source, batch_size, **common, **kw)
         if kind == "tensor" and loader.device.type == "cuda" and loader.storage == "host":
             reason += "; the split does not fit in GPU memory, so it is kept in pinned host memory"
-    log.info("loader: %s (%s)", kind, reason)
+    log.log(level, "loader: %s (%s)", kind, reason)
     return loader, kind, reason

@@ -58,17 +58,17 @@ def load_fashion_mnist(root: Path, split: str, download: bool = False) -> ArrayD
     error = ""
     if found is None and download:
         try:
-            import torchvision
+            import torchvision  # local: only --download needs it, and its failure is reported as the download's
 
             torchvision.datasets.FashionMNIST(str(root), train=split == "train", download=True)
         except Exception as e:  # offline and the like: report with the paths tried
-            error = f" (download=True failed: {type(e).__name__}: {e})"
+            error = f" (--download failed: {type(e).__name__}: {e})"
         found = find()
     if found is None:
         raise DatasetNotFoundError(
             "fashion-mnist", [d / f"{s}[.gz]" for d in dirs for s in stems],
             "`apt-get install dataset-fashion-mnist` (Debian), pass --data-root to a folder with "
-            f"the idx files, or download=True when online{error}")
+            f"the idx files, or pass --download (download=True from Python) when online{error}")
     images = read_idx(found[0])
     labels = read_idx(found[1]).astype(np.int64)
     if images.ndim != 3 or labels.shape != (images.shape[0],):

@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from ..device import resolve_device
 from .augment import crop_flip_grids, gather_crops
 from .dataset import ArrayDataset
 from .plan import Batch, CropFlip, EpochLoader, EpochPlan, Normalize, parse_normalize
@@ -19,18 +20,6 @@ from .plan import Batch, CropFlip, EpochLoader, EpochPlan, Normalize, parse_norm
 STORAGES = ("auto", "device", "host")
 # Keep at least half the free GPU memory for the networks when choosing storage="auto".
 _FIT_FRACTION = 0.5
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    """``torch.device`` with an explicit index for CUDA (so device comparisons are exact)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but CUDA is not available; "
-                               "use device='cpu'")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
 
 
 def fits_on_device(nbytes: int, device: torch.device) -> bool:

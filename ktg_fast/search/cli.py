@@ -26,15 +26,32 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..cli_common import positive_int, setup_logging
+from ..data import canonical_name, dataset_info, load_dataset
+from ..data.factory import LOADER_KINDS
+from ..recipe import TrainConfig
+from ..steps import STEP_KINDS
 from .config import CONFIG_FILE, SearchConfig, load_config, spec_differences
+from .export import export_study
+from .ledger import ATTR_FAIL, Ledger
+from .progress import Progress, format_duration
 from .space import DEFAULT_GATES, DEFAULT_MODELS, SearchError
+from .storage import checkpoint_sqlite, mask_url, sqlite_path, storage_errors
+from .study import BUDGET_ATTR, create_or_join, open_for_reading
+from .teachers import missing_teachers, pretrain_hint, teacher_file
+from .worker import Worker, raise_interrupt
 
 __all__ = ["main", "build_parser"]
 
@@ -65,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-root", help="dataset folder (default $KTG_DATA_ROOT or ./data)")
     g.add_argument("--val-size", type=int, help="validation images held out of train (default: the dataset's "
                                                   "search split, 10000 for CIFAR/Tiny-ImageNet/Fashion-MNIST)")
-    g.add_argument("--train-subset", type=int, help="train on only the first N training images (quick runs)")
-    g.add_argument("--eval-subset", type=int, help="validate on only the first N validation images (quick runs)")
-    g.add_argument("--loader", choices=["auto", "tensor", "dali", "torch"], help="input pipeline (default auto)")
+    g.add_argument("--train-subset", type=positive_int, metavar="N",
+                   help="train on only the first N training images (quick runs)")
+    g.add_argument("--eval-subset", type=positive_int, metavar="N",
+                   help="validate on only the first N validation images (quick runs)")
+    g.add_argument("--loader", choices=LOADER_KINDS, help="input pipeline (default auto)")
     g = p.add_argument_group("recipe (defaults: the paper's)")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float)
@@ -97,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(default 2 x --heartbeat)")
     g.add_argument("--max-retry", type=int, help="re-runs of a trial whose worker died (default 3)")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
-    g.add_argument("--step", choices=["auto", "eager", "fused", "graph"], help="training-step path (default auto)")
+    g.add_argument("--step", choices=STEP_KINDS, help="training-step path (default auto)")
     g.add_argument("--cpu-threads", type=int, help="torch threads per worker on CPU (default: cores / workers)")
     g.add_argument("--poll", dest="poll_s", type=float, help="seconds between storage polls (default 5)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress line")
@@ -140,13 +159,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[SearchConfig, bool]:
 
 def _preflight(cfg: SearchConfig) -> None:
     """Check what a worker would stumble on, before any trial starts."""
-    from ..data import canonical_name, dataset_info
-
     name = canonical_name(cfg.dataset)
     dataset_info(name)
     if name != "tiny-imagenet":  # loading its JPEG folder takes long; its workers report a missing folder
-        from ..data import load_dataset
-
         n = len(load_dataset(name, cfg.data_root, split="train"))
         val = cfg.resolved_val_size()
         if not 0 < val < n:
@@ -154,15 +169,11 @@ def _preflight(cfg: SearchConfig) -> None:
         if cfg.train_subset and cfg.train_subset < cfg.batch_size:
             raise SearchError(f"--train-subset {cfg.train_subset} is smaller than one batch ({cfg.batch_size})")
     if not cfg.pretrain and "cutoff" in cfg.space().gates:
-        from .teachers import missing_teachers, teacher_file
-
         missing = missing_teachers(cfg, cfg.space().models)
         if missing:
-            from .teachers import _pretrain_hint
-
             raise SearchError("--no-pretrain is set but auxiliary nodes may be frozen and these teachers are missing: "
                               + "; ".join(f"{m} ({teacher_file(cfg, m)})" for m in missing)
-                              + f". Train them first, e.g. `{_pretrain_hint(cfg, missing[0])}`, "
+                              + f". Train them first, e.g. `{pretrain_hint(cfg, missing[0])}`, "
                               "or drop --no-pretrain")
 
 
@@ -202,8 +213,6 @@ def check_out(out: str) -> None:
 # ----------------------------------------------------------------------- run
 def run_search(cfg: SearchConfig, *, trials_given: bool, progress: bool = True) -> int:
     """Create or join the study, run the workers to the end, print the outcome."""
-    from .study import BUDGET_ATTR, create_or_join
-
     if trials_given:
         cfg.check_budget(cfg.trials)  # before any file is written
     _preflight(cfg)
@@ -212,14 +221,9 @@ def run_search(cfg: SearchConfig, *, trials_given: bool, progress: bool = True) 
     cfg.sampler_seeds = [cfg.sampler_seed(k) for k in range(cfg.workers)]
     cfg.save()
     url = cfg.storage_url()
-    from .storage import mask_url, storage_errors
-
     print(f"{'new' if created else 'joined'} study {study.study_name!r} in {mask_url(url)}: "
           f"{cfg.space().describe()}; {plural(cfg.trials, 'trial')} of up to {plural(cfg.epochs, 'epoch')}; "
           f"{plural(cfg.workers, 'worker')} here", file=sys.stderr)
-    from .progress import Progress
-    from .study import open_for_reading
-
     reader = open_for_reading(url, study.study_name)
     # Inline, the worker announces a new best itself, right after the trial's line.
     prog = Progress(reader, lambda: int(reader.user_attrs.get(BUDGET_ATTR, cfg.trials)), workers=cfg.workers,
@@ -228,9 +232,8 @@ def run_search(cfg: SearchConfig, *, trials_given: bool, progress: bool = True) 
         code = _run_inline(cfg, prog) if cfg.workers == 1 else _run_processes(cfg, prog)
         book = prog.close() if prog else None
         if book is None:
-            from .ledger import Ledger
-
             book = Ledger(reader.get_trials(deepcopy=False), int(reader.user_attrs.get(BUDGET_ATTR, cfg.trials)))
+    checkpoint_sqlite(sqlite_path(url))
     best = book.best()
     if book.complete:
         print(f"search complete: {plural(book.done, 'trial')}; best trial {best.number if best else '-'}"
@@ -245,26 +248,17 @@ def run_search(cfg: SearchConfig, *, trials_given: bool, progress: bool = True) 
 
 def _failure_summary(book: Any) -> str:
     """The most frequent failure reasons of a study, e.g. ``3 x non-finite loss ...; 1 x out of memory ...``."""
-    import re
-    from collections import Counter
-
-    from .ledger import ATTR_FAIL
-
     reasons = Counter(re.split(r"; |: ", str(ln.latest.user_attrs.get(ATTR_FAIL, "?")))[0][:120]
                       for ln in book.admitted if ln.status == "failed" and ln.latest is not None)
     return "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3))
 
 
 def _run_inline(cfg: SearchConfig, prog: Any) -> int:
-    from .worker import Worker
-
     worker = Worker(cfg, 0)
     if prog is not None:
         prog.start()
     try:
         if prog is not None and prog.tty:
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
             with logging_redirect_tqdm(loggers=[logging.root]):
                 worker.run()
         else:
@@ -292,9 +286,7 @@ def _run_processes(cfg: SearchConfig, prog: Any) -> int:
         time.sleep(0.2)  # staggered starts keep SQLite's first writes apart
     print(f"{cfg.workers} workers started; their logs: {logs}/worker<k>.log", file=sys.stderr)
     failed: list[str] = []
-    from .worker import _interrupt
-
-    prev = signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM stops the workers like Ctrl-C
+    prev = signal.signal(signal.SIGTERM, raise_interrupt)  # a SIGTERM stops the workers like Ctrl-C
     try:
         return _watch(cfg, procs, prog, logs, failed)
     finally:
@@ -375,9 +367,6 @@ def worker_main(argv: list[str]) -> int:
     cfg = load_config(args.out)
     if cfg is None:
         raise SearchError(f"{args.out} holds no search.json: start the search with `python -m ktg_fast.search ...`")
-    from .storage import storage_errors
-    from .worker import Worker
-
     try:
         with storage_errors(cfg.storage_url()):
             n = Worker(cfg, args.worker_id).run()
@@ -389,10 +378,6 @@ def worker_main(argv: list[str]) -> int:
 
 def export_main(argv: list[str]) -> int:
     args = build_export_parser().parse_args(argv)
-    from .export import export_study
-    from .storage import sqlite_path, storage_errors
-    from .study import open_for_reading
-
     cfg = load_config(args.out)
     if cfg is None and args.storage is None:
         raise SearchError(f"{args.out} holds no search.json: give --storage (and --study) to export from a storage")
@@ -430,8 +415,6 @@ def export_main(argv: list[str]) -> int:
 
 
 def _retrain_note(top: dict) -> str:
-    from .progress import format_duration
-
     t = top.get("time_s")
     return f" (about {format_duration(t)}, as long as trial {top['trial']} took; --seeds 0 1 2 3 4 for " \
            "mean +- std takes 5x that)" if t else " (--seeds 0 1 2 3 4 for mean +- std takes 5x as long)"
@@ -443,11 +426,6 @@ def retrain_command(cfg: SearchConfig, graph: Path, frozen: bool) -> str:
     A graph with frozen nodes keeps the search's validation split and teacher folder (its teachers were
     pre-trained on that split); otherwise it trains on the whole training set and reports test accuracy.
     """
-    import shlex
-
-    from ..data import canonical_name
-    from ..recipe import TrainConfig
-
     parts = ["python", "-m", "ktg_fast.train", "--graph", str(graph), "--dataset", canonical_name(cfg.dataset)]
     if cfg.data_root:
         parts += ["--data-root", cfg.data_root]
@@ -473,8 +451,6 @@ def retrain_command(cfg: SearchConfig, graph: Path, frozen: bool) -> str:
 
 def _quiet(verbose: bool) -> None:
     """Log the search's own events; the trainer's and loaders' per-run notes only with -v."""
-    from ..cli_common import setup_logging
-
     setup_logging(verbose)
     if not verbose:
         logging.getLogger("ktg_fast").setLevel(logging.WARNING)
@@ -483,8 +459,6 @@ def _quiet(verbose: bool) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from ..cli_common import setup_logging
-
     if argv and argv[0] == "export":
         setup_logging(False)
         return export_main(argv[1:])

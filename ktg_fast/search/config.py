@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
+from ..data import canonical_name, default_val_size
+from ..data.spec import DataSpec
+from ..data.synthetic import DEFAULT_SIZE
 from ..io import atomic_write_json
 from ..recipe import TrainConfig
+from ..teachers import default_teacher_dir
 from .space import DEFAULT_GATES, DEFAULT_MODELS, SearchError, SearchSpace
+from .storage import default_storage_url, sqlite_path
 
-__all__ = ["SearchConfig", "STUDY_KEYS", "CONFIG_FILE", "load_config"]
+__all__ = ["SearchConfig", "STUDY_KEYS", "CONFIG_FILE", "load_config", "sampler_seed"]
 
 CONFIG_FILE = "search.json"
 
@@ -97,8 +106,6 @@ class SearchConfig:
                            gates=tuple(self.gates), temperature=self.temperature)
 
     def storage_url(self) -> str:
-        from .storage import default_storage_url
-
         return self.storage or default_storage_url(self.out)
 
     def study_name(self) -> str:
@@ -108,23 +115,14 @@ class SearchConfig:
     def sampler_seed(self, worker: int) -> int:
         """Worker ``worker``'s sampler seed, from ``--seed`` and its index (plus the host name when the
         storage may be shared by several machines, so that they do not draw the same graphs)."""
-        import socket
-
-        from .storage import sqlite_path
-        from .study import sampler_seed
-
         shared = sqlite_path(self.storage_url()) is None
         return sampler_seed(self.seed, worker, socket.gethostname() if shared else None)
 
     def resolved_val_size(self) -> int:
         if self.val_size is not None:
             return self.val_size
-        from ..data import canonical_name, default_val_size
-
         name = canonical_name(self.dataset)
         if name == "synthetic":
-            from ..data.synthetic import DEFAULT_SIZE
-
             return default_val_size(name, DEFAULT_SIZE["train"])
         return default_val_size(name)
 
@@ -135,16 +133,12 @@ class SearchConfig:
             return Path(self.teachers)
         if self.train_subset:
             return self.out_dir / "teachers"
-        from ..nodes import default_teacher_dir
-
         return default_teacher_dir()
 
     def resolved_teacher_epochs(self) -> int:
         return self.teacher_epochs or self.epochs
 
     def data_spec(self):
-        from ..trainer import DataSpec
-
         return DataSpec(dataset=self.dataset, root=self.data_root, val_size=self.resolved_val_size(), test=False,
                         train_subset=self.train_subset, eval_subset=self.eval_subset, loader=self.loader)
 
@@ -155,8 +149,6 @@ class SearchConfig:
 
     def study_spec(self) -> dict[str, Any]:
         """The study settings, normalised (canonical names, resolved split and teacher epochs)."""
-        from ..data import canonical_name
-
         space = self.space()
         d = {k: getattr(self, k) for k in STUDY_KEYS}
         d.update(space.to_dict())
@@ -169,8 +161,6 @@ class SearchConfig:
     # ---------------------------------------------------------- checking
     def validate(self) -> None:
         """Raise :class:`SearchError` naming the first bad setting."""
-        from ..data import canonical_name
-
         if not self.dataset:
             raise SearchError("--dataset is required for a new search (e.g. --dataset cifar100)")
         try:
@@ -238,6 +228,13 @@ def load_config(out: str | os.PathLike) -> Optional[SearchConfig]:
         raise SearchError(f"{path} is not valid JSON ({e}); delete it to start a new search in {out}") from None
     d["out"] = str(out)
     return SearchConfig.from_dict(d)
+
+
+def sampler_seed(seed: int, worker: int, host: Optional[str] = None) -> int:
+    """The sampler seed of worker ``worker``: from ``--seed`` and the worker's index (and, for a storage
+    shared by several machines, the host name), distinct per worker and the same on every rerun."""
+    entropy = [int(seed) & 0xFFFFFFFF, int(worker)] + ([zlib.crc32(host.encode())] if host else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def spec_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -23,9 +23,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..graph import Graph
 from ..io import atomic_write_json, atomic_write_text
-from .ledger import ATTR_FAIL, ATTR_REJECTED, Ledger, is_retry, root_of
+from .budget import rungs as budget_rungs
+from .ledger import ATTR_FAIL, ATTR_REJECTED, Ledger, is_retry, retry_history, root_of
+from .progress import format_duration
 from .space import SearchSpace, gate_letters
 from .storage import mask_url
+from .study import BUDGET_ATTR, SPEC_ATTR
 
 __all__ = ["export_study", "ExportResult"]
 
@@ -68,7 +71,7 @@ def _row(t: FrozenTrial, book: Ledger) -> dict[str, Any]:
         else:
             state, note = "LOST", "worker died; re-queued"
     if is_retry(t):
-        note = (f"retry of {t.system_attrs.get('retry_history', [root_of(t)])[-1]}; " + note).rstrip("; ")
+        note = (f"retry of {(retry_history(t) or [root_of(t)])[-1]}; " + note).rstrip("; ")
     steps = sorted(t.intermediate_values)
     last = t.intermediate_values[steps[-1]] if steps else None
     dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
@@ -97,8 +100,6 @@ def _table(rows: list[dict], book: Ledger, study: Any, url: str, space: Optional
               "· no self edge. `*` marks a frozen (pre-trained) node.", "",
               "| trial | state | epochs | target val % | models | gates | time | note |",
               "|---:|---|---:|---:|---|---|---:|---|"]
-    from .progress import format_duration
-
     for r in rows:
         if r["state"] == "REJECTED":
             continue
@@ -126,7 +127,7 @@ def plot_history(rows: list[dict], path: Path) -> Path:
 def history_figure(rows: list[dict]) -> Any:
     """Target validation accuracy per trial (complete: blue; pruned: grey at their last epoch), the best so far
     up to the last trial, and the winner marked with its number."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # local: matplotlib is slow to import, only plots need it
 
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
@@ -152,7 +153,7 @@ def history_figure(rows: list[dict]) -> Any:
                    zorder=5)
         ax.annotate(f"#{win['number']}: {win['value']:.1f} %", (win["number"], win["value"]),
                     xytext=(8, -6), textcoords="offset points", ha="left", va="top", color="#d62728", fontsize=9)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # local: matplotlib is slow to import, only plots need it
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
@@ -180,8 +181,8 @@ def intermediate_figure(rows: list[dict], *, rungs: list[int], best: int = 3) ->
     The ``best`` complete trials are coloured and named in a legend outside the axes; pruned trials end in
     a marker drawn over the rung lines.
     """
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
+    from matplotlib.figure import Figure  # local: matplotlib is slow to import, only plots need it
+    from matplotlib.lines import Line2D  # local: matplotlib is slow to import, only plots need it
 
     fig = Figure(figsize=(9.5, 4.5))
     ax = fig.subplots()
@@ -213,7 +214,7 @@ def intermediate_figure(rows: list[dict], *, rungs: list[int], best: int = 3) ->
     for x in rungs:
         ax.axvline(x, ls=":", c="#cc0000", lw=0.8, alpha=0.6, zorder=1)
     ax.set_xscale("log", base=2)
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter  # local: only plots need matplotlib
 
     top = max([max(r["intermediate"]) for r in rows if r["intermediate"]] + rungs + [1])
     ax.xaxis.set_major_locator(FixedLocator(sorted({2 ** k for k in range(int(top).bit_length() + 1) if 2 ** k <= top}
@@ -237,10 +238,8 @@ def intermediate_figure(rows: list[dict], *, rungs: list[int], best: int = 3) ->
 
 def rung_epochs(spec: dict[str, Any]) -> list[int]:
     """Epochs at which the pruner decides, below the epoch budget."""
-    from .budget import rungs
-
-    return rungs(int(spec["epochs"]), int(spec["min_resource"]), int(spec["reduction_factor"]),
-                 int(spec["min_early_stopping_rate"]))
+    return budget_rungs(int(spec["epochs"]), int(spec["min_resource"]), int(spec["reduction_factor"]),
+                        int(spec["min_early_stopping_rate"]))
 
 
 def _write_graph(graph: Graph, folder: Path, title: str, accuracies: Optional[list[float]],
@@ -254,8 +253,6 @@ def _write_graph(graph: Graph, folder: Path, title: str, accuracies: Optional[li
 
 def export_study(study: Any, out: str | os.PathLike, *, top: int = 5, url: str = "") -> ExportResult:
     """Write the export files of ``study`` into ``out`` (see the module's docstring)."""
-    from .study import BUDGET_ATTR, SPEC_ATTR
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = study.user_attrs.get(SPEC_ATTR)

@@ -21,25 +21,42 @@ callback writes) and define:
 from __future__ import annotations
 
 import datetime as _dt
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
+import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["Lineage", "Ledger", "ATTR_KEY", "ATTR_REJECTED", "ATTR_FAIL", "root_of", "is_retry"]
+__all__ = ["Lineage", "Ledger", "ATTR_KEY", "ATTR_REJECTED", "ATTR_FAIL", "root_of", "is_retry", "retry_history"]
 
 ATTR_KEY = "graph_key"
 ATTR_REJECTED = "rejected"
 ATTR_FAIL = "fail_reason"
 
 
+def _retried(t: FrozenTrial) -> Optional[int]:
+    # Optuna's public helper (marked experimental: its warning says nothing to our users).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+
+
+def retry_history(t: FrozenTrial) -> list[int]:
+    """The trials ``t`` retries, the original first (empty when ``t`` is no retry)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return list(optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(t))
+
+
 def root_of(t: FrozenTrial) -> int:
     """Number of the original trial of ``t``'s lineage."""
-    return int(t.system_attrs.get("failed_trial", t.number))
+    original = _retried(t)
+    return int(t.number if original is None else original)
 
 
 def is_retry(t: FrozenTrial) -> bool:
-    return "failed_trial" in t.system_attrs
+    return _retried(t) is not None
 
 
 @dataclass

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import shutil
 import sys
 import threading
 import time
 from typing import Any, Callable, Optional, TextIO
 
 from optuna.trial import TrialState
+from tqdm.auto import tqdm
 
 from .ledger import Ledger
 
@@ -113,11 +115,7 @@ class Progress:
                           workers=self.workers)
         line = status_line(book, eta)
         if self.tty:
-            from tqdm.auto import tqdm
-
             if self._bar is None:
-                import shutil
-
                 # A pty may report a 0 x 0 terminal; tqdm then draws nothing.
                 size = shutil.get_terminal_size((120, 24))
                 self._bar = tqdm(total=book.budget, initial=book.done, file=self.stream,

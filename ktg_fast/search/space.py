@@ -16,7 +16,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ..graph import PRETRAINED, Graph, Node
+from ..gates import gate_codes, gate_names, get_gate
+from ..graph import PRETRAINED, Graph, Node, frozen_nodes
+from ..models import available_models, canonical_model_name
 
 __all__ = ["SearchSpace", "SearchError", "DEFAULT_MODELS", "DEFAULT_GATES", "FrozenTargetError"]
 
@@ -53,9 +55,6 @@ class SearchSpace:
     _names: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from ..gates import gate_names, get_gate
-        from ..models import available_models, canonical_model_name
-
         if not isinstance(self.nodes, int) or self.nodes < 2:
             raise SearchError(f"--nodes must be at least 2 (the target and one auxiliary node); got {self.nodes}")
 
@@ -128,7 +127,8 @@ class SearchSpace:
         """
         models, gates = self._unpack(params)
         n = self.nodes
-        frozen = [all(gates[s][t] == "cutoff" for s in range(n + 1) if s != t) for t in range(1, n + 1)]
+        frozen_set = set(frozen_nodes(gate_codes(gates)))  # graph.py: the one home of "frozen"
+        frozen = [t in frozen_set for t in range(1, n + 1)]
         if frozen[0]:
             raise FrozenTargetError("every input of the target (node 1) is cutoff")
         nodes = [Node(m, PRETRAINED if f else None) for m, f in zip(models, frozen)]
@@ -160,6 +160,7 @@ class SearchSpace:
         keys = set()
         for combo in itertools.product(*choices):
             params = dict(zip(names, combo))
+            # graph.frozen_nodes' rule for the target, on the parameter names (this loop runs 10^5 times).
             if all(params[f"gate_{s}_1"] == "cutoff" for s in range(self.nodes + 1) if s != 1):
                 continue
             keys.add(self.key(params))

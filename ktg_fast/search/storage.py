@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import logging
 import os
 import sqlite3
@@ -18,6 +19,11 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
+
+import optuna
+import sqlalchemy as sa
+import sqlalchemy.exc
+from sqlalchemy.engine import make_url
 
 from .space import SearchError
 
@@ -38,8 +44,6 @@ def default_storage_url(out: str | os.PathLike) -> str:
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (for messages and tables)."""
     try:
-        from sqlalchemy.engine import make_url
-
         u = make_url(url)
         return u.render_as_string(hide_password=True) if u.password else url
     except Exception:
@@ -48,8 +52,6 @@ def mask_url(url: str) -> str:
 
 def sqlite_path(url: str) -> Optional[Path]:
     """The database file of an ``sqlite:///`` URL (None for other URLs and in-memory databases)."""
-    from sqlalchemy.engine import make_url
-
     u = make_url(url)
     if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
         return None
@@ -58,16 +60,12 @@ def sqlite_path(url: str) -> Optional[Path]:
 
 def _normalise(url: str) -> str:
     """Pick an installed PostgreSQL driver: SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3."""
-    from sqlalchemy.engine import make_url
-
     try:
         u = make_url(url)
     except Exception:
         raise SearchError(f"--storage {url!r} is not a database URL: use sqlite:///path/study.db or "
                           "postgresql://user@host:port/database") from None
     if u.drivername == "postgresql":
-        import importlib.util
-
         if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
             return u.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
     return url
@@ -83,9 +81,6 @@ def open_storage(url: str, *, heartbeat: Optional[int] = None, grace: Optional[i
         grace: seconds without a heartbeat after which a running trial is failed (default 2 x heartbeat).
         retry_callback: called with (study, trial) for each trial failed that way.
     """
-    import optuna
-    import sqlalchemy.exc
-
     shown = mask_url(url)  # messages name the URL as the user gave it
     url = _normalise(url)
     engine_kwargs: dict[str, Any] = {}
@@ -148,17 +143,12 @@ def _first_line(e: BaseException) -> str:
 
 def _is_creation_race(e: BaseException) -> bool:
     """An error of two processes creating the same tables at once (seen on SQLite and PostgreSQL)."""
-    import sqlalchemy.exc
-
     text = str(getattr(e, "orig", e)).lower()
     return isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in text or "duplicate" in text
 
 
 def _create_rdb(url: str, engine_kwargs: dict[str, Any], kw: dict[str, Any]) -> Any:
     """``RDBStorage(url)``, retried when another process is creating the same tables right now."""
-    import optuna
-    import sqlalchemy.exc
-
     for attempt in range(CREATE_ATTEMPTS):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kw)
@@ -188,8 +178,6 @@ def damaged_message(path: Path, e: BaseException) -> str:
 @contextlib.contextmanager
 def storage_errors(url: str) -> Iterator[None]:
     """Turn a damaged SQLite study file met while reading or writing the study into one :class:`SearchError`."""
-    import sqlalchemy.exc
-
     try:
         yield
     except (sqlalchemy.exc.DatabaseError, sqlite3.DatabaseError) as e:
@@ -197,6 +185,19 @@ def storage_errors(url: str) -> Iterator[None]:
         if path is None or not _is_damage(e):
             raise
         raise SearchError(damaged_message(path, e)) from None
+
+
+def checkpoint_sqlite(path: Optional[Path]) -> None:
+    """Fold an SQLite study's write-ahead log into ``study.db`` (a finished search's file then holds
+    everything, e.g. for a copy made while this process still has connections open).  Best effort:
+    a busy database keeps its log, which SQLite reads as before."""
+    if path is None or not path.exists():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(str(path), timeout=SQLITE_TIMEOUT_S)) as con:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error as e:
+        log.debug("could not checkpoint %s: %s", path, e)
 
 
 def _enable_wal(path: Path) -> None:
@@ -238,8 +239,6 @@ def admission_lock(storage: Any, url: str, name: str, *, wait_s: float = LOCK_WA
     if engine is None or engine.dialect.name != "postgresql":
         yield False
         return
-    import sqlalchemy as sa
-
     with engine.connect() as conn:
         got = _wait(lambda: bool(conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()),
                     wait_s)

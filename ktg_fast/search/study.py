@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import optuna
 
-from .config import SearchConfig, spec_differences
+from .config import SearchConfig, sampler_seed, spec_differences  # sampler_seed: re-exported, defined in config.py
 from .space import SearchError
 from .storage import mask_url, open_storage, sqlite_path, storage_errors
 
@@ -40,21 +41,8 @@ def make_sampler(name: str, seed: Optional[int] = None) -> optuna.samplers.BaseS
     raise SearchError(f"--sampler must be random or tpe; got {name!r}")
 
 
-def sampler_seed(seed: int, worker: int, host: Optional[str] = None) -> int:
-    """The sampler seed of worker ``worker``: from ``--seed`` and the worker's index (and, for a storage
-    shared by several machines, the host name), distinct per worker and the same on every rerun."""
-    import zlib
-
-    import numpy as np
-
-    entropy = [int(seed) & 0xFFFFFFFF, int(worker)] + ([zlib.crc32(host.encode())] if host else [])
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
-
-
 def trial_folders(out: Any) -> list[str]:
     """Names of the trial folders in ``<out>/trials`` (left by a study, possibly a lost one)."""
-    from pathlib import Path
-
     folder = Path(out) / "trials"
     if not folder.is_dir():
         return []

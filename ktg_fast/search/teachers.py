@@ -16,9 +16,14 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from .. import teachers as teacher_lib  # teacher_lib.pretrain_teacher is looked up per call (tests replace it)
+from ..data import canonical_name
 from ..graph import Graph
-from ..nodes import TeacherNotFoundError, teacher_path
+from ..io import atomic_write_json
+from ..teachers import TeacherNotFoundError, teacher_path
+from ..trainer import NonFiniteLossError
 from .config import SearchConfig
+from .storage import locked_file
 
 __all__ = ["ensure_teachers", "missing_teachers", "teacher_file", "TeacherPretrainError"]
 
@@ -35,14 +40,10 @@ def _failed_marker(dest: Path) -> Path:
 
 
 def teacher_file(cfg: SearchConfig, model: str) -> Path:
-    from ..data import canonical_name
-
     return teacher_path(cfg.teacher_dir(), canonical_name(cfg.dataset), model, cfg.resolved_val_size())
 
 
-def _pretrain_hint(cfg: SearchConfig, model: str) -> str:
-    from ..data import canonical_name
-
+def pretrain_hint(cfg: SearchConfig, model: str) -> str:
     parts = [f"python -m ktg_fast.pretrain --model {model} --dataset {canonical_name(cfg.dataset)}",
              f"--val-size {cfg.resolved_val_size()}", f"--teachers {cfg.teacher_dir()}",
              f"--epochs {cfg.resolved_teacher_epochs()}"]
@@ -73,7 +74,7 @@ def ensure_teachers(graph: Graph, cfg: SearchConfig, *, device: str, step: str =
             if not cfg.pretrain:
                 raise TeacherNotFoundError(
                     f"no teacher {model} for {cfg.dataset} at {dest} and --no-pretrain is set: run "
-                    f"`{_pretrain_hint(cfg, model)}`, or drop --no-pretrain to train it on demand")
+                    f"`{pretrain_hint(cfg, model)}`, or drop --no-pretrain to train it on demand")
             _pretrain_locked(model, dest, cfg, node=t, device=device, step=step, on_wait=on_wait)
         paths.append(dest)
     return paths
@@ -84,7 +85,7 @@ def _pretrain_failure(cfg: SearchConfig, model: str, node: int, dest: Path, reas
     return TeacherPretrainError(
         f"pre-training teacher {model} (frozen node {node} of this graph) failed: {reason}. The search stops "
         f"here; no graph is charged for it. Pre-train the teacher yourself with other settings (e.g. a lower "
-        f"--lr): `{_pretrain_hint(cfg, model)}`, or start the search again with other settings in another --out"
+        f"--lr): `{pretrain_hint(cfg, model)}`, or start the search again with other settings in another --out"
         + (f"; to try this teacher again as it is, delete {marker}" if marker.is_file() else ""))
 
 
@@ -106,10 +107,6 @@ def existing_clauses(text: str) -> str:
 
 def _pretrain_locked(model: str, dest: Path, cfg: SearchConfig, *, node: int, device: str, step: str,
                      on_wait: Optional[Callable[[str], None]]) -> None:
-    from ..pretrain import pretrain_teacher
-    from ..trainer import NonFiniteLossError
-    from .storage import locked_file
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     marker = _failed_marker(dest)
     lock_path = dest.with_name(dest.name + ".lock")
@@ -132,13 +129,12 @@ def _pretrain_locked(model: str, dest: Path, cfg: SearchConfig, *, node: int, de
                  model, cfg.dataset, cfg.resolved_teacher_epochs(), dest)
         t0 = time.monotonic()
         try:
-            pretrain_teacher(model, cfg.data_spec(), cfg.train_config(seed=0, epochs=cfg.resolved_teacher_epochs()),
-                             teacher_dir=cfg.teacher_dir(), device=device, step=step, progress=False)
+            teacher_lib.pretrain_teacher(model, cfg.data_spec(),
+                                         cfg.train_config(seed=0, epochs=cfg.resolved_teacher_epochs()),
+                                         teacher_dir=cfg.teacher_dir(), device=device, step=step, progress=False)
         except KeyboardInterrupt:
             raise
         except NonFiniteLossError as e:  # deterministic: record it so that no worker trains it again
-            from ..io import atomic_write_json
-
             reason = _teacher_reason(e)
             atomic_write_json(marker, {"model": model, "reason": reason, "epochs": cfg.resolved_teacher_epochs(),
                                        "lr": cfg.lr})

@@ -21,6 +21,18 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import optuna
+import torch
+
+from ..cli_common import run_cli
+from ..device import resolve_device, use_device
+from ..models import get_model
+from ..nodes import build_nodes, save_model_checkpoint
+from ..recipe import TrainConfig
+from ..steps import make_step
+from ..teachers import teacher_path
+from .space import FrozenTargetError, SearchSpace
+
 __all__ = ["sample_graph", "measure_epoch_seconds"]
 
 TRAIN_IMAGES, VAL_IMAGES, BATCH, CLASSES = 40_000, 10_000, 64, 100
@@ -28,10 +40,6 @@ TRAIN_IMAGES, VAL_IMAGES, BATCH, CLASSES = 40_000, 10_000, 64, 100
 
 def sample_graph(seed: int, nodes: int = 3, target: str = "resnet32") -> Any:
     """The ``seed``-th graph a random search would train (graphs with a frozen target skipped)."""
-    import optuna
-
-    from .space import FrozenTargetError, SearchSpace
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = SearchSpace(nodes=nodes, target=target)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -44,8 +52,6 @@ def sample_graph(seed: int, nodes: int = 3, target: str = "resnet32") -> Any:
 
 
 def _sync(device: Any) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -59,14 +65,6 @@ def measure_epoch_seconds(graph: Any, *, device: str = "auto", step: str = "auto
         barrier: (folder, workers, my index): wait until every worker is warm before timing.
         val_sample: validation images actually run (scaled to 10,000).
     """
-    import torch
-
-    from ..nodes import build_nodes, save_model_checkpoint, teacher_path
-    from ..models import get_model
-    from ..recipe import TrainConfig
-    from ..steps import make_step
-    from ..trainer import resolve_device, use_device
-
     dev = use_device(resolve_device(device))
     with tempfile.TemporaryDirectory() as teachers:
         for t in graph.frozen:  # speed does not depend on the teacher's weights
@@ -135,8 +133,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args(argv)
     if a.threads:
-        import torch
-
         torch.set_num_threads(a.threads)
     barrier = (Path(a.barrier), a.workers, a.index) if a.barrier else None
     res = measure_epoch_seconds(sample_graph(a.graph_seed), device=a.device, step=a.step, window_s=a.window,
@@ -148,6 +144,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli_common import run_cli
-
     run_cli(main)

@@ -38,15 +38,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from ..io import atomic_write_json, atomic_write_text
-from ..trainer import NonFiniteLossError, read_metrics
+from ..trainer import NonFiniteLossError, Trainer, read_metrics
 from .config import SearchConfig
-from .ledger import ATTR_FAIL, ATTR_KEY, ATTR_REJECTED, Ledger, is_retry, root_of
+from .ledger import ATTR_FAIL, ATTR_KEY, ATTR_REJECTED, Ledger, is_retry, retry_history, root_of
 from .space import FrozenTargetError, SearchError
 from .storage import admission_lock, open_storage
 from .study import BUDGET_ATTR, load_search_study
+from .teachers import TeacherPretrainError, ensure_teachers, existing_clauses
 
 __all__ = ["Worker", "trial_dir"]
 
@@ -87,13 +89,12 @@ class _Abort(SearchError):
     """An error that is not the trial's fault (missing data, a bug): the worker stops with this message."""
 
 
-def _interrupt(signum: int, frame: Any) -> None:
+def raise_interrupt(signum: int, frame: Any) -> None:
+    """A signal handler that stops like Ctrl-C (SIGTERM from schedulers: the trial is given back)."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _is_oom(e: BaseException) -> bool:
-    import torch
-
     return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
@@ -115,16 +116,12 @@ class Worker:
 
     # ------------------------------------------------------------ set-up
     def _device(self) -> str:
-        import torch
-
         dev = self.cfg.device
         if dev in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
             return f"cuda:{self.worker_id % torch.cuda.device_count()}"
         return dev
 
     def _threads(self) -> None:
-        import torch
-
         n = self.cfg.cpu_threads
         if n is None and self.cfg.workers > 1:
             n = max(1, (os.cpu_count() or 1) // self.cfg.workers)
@@ -159,7 +156,7 @@ class Worker:
         poll = max(0.2, min(self.cfg.poll_s, float(self.cfg.heartbeat)))
         prev = signal.getsignal(signal.SIGTERM)
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _interrupt)  # stopped politely: give the trial back, like Ctrl-C
+            signal.signal(signal.SIGTERM, raise_interrupt)  # stopped politely: give the trial back, like Ctrl-C
         try:
             while not self._stop:
                 optuna.storages.fail_stale_trials(self.study)
@@ -232,7 +229,7 @@ class Worker:
             return self._reject(trial, f"frozen: {e}")  # (FrozenTargetError says why)
         key = self.space.key(params)
         if is_retry(me) and ATTR_KEY in me.user_attrs:
-            history = list(me.system_attrs.get("retry_history", []))
+            history = retry_history(me)
             with admission_lock(self.storage, self.cfg.storage_url(), self.study.study_name):
                 dup = self.ledger().redundant_retry(self.storage.get_trial(trial._trial_id))
             if dup is not None:
@@ -250,11 +247,6 @@ class Worker:
         self._train(trial, me, graph)
 
     def _train(self, trial: optuna.Trial, me: FrozenTrial, graph: Any) -> None:
-        import torch
-
-        from ..trainer import Trainer
-        from .teachers import TeacherPretrainError, ensure_teachers, existing_clauses
-
         cfg = self.cfg
         root = root_of(me)
         seed = int(me.user_attrs.get("seed", cfg.seed + root))
@@ -264,7 +256,7 @@ class Worker:
             aside = out.with_name(f"{out.name}.old-{int(time.time())}")
             out.rename(aside)
             log.warning("trial folder %s already existed (an earlier study in this --out?); moved to %s", out, aside)
-        info = {"number": trial.number, "retry_of": me.system_attrs.get("retry_history", [None])[-1],
+        info = {"number": trial.number, "retry_of": (retry_history(me) or [None])[-1],
                 "seed": seed, "graph": graph.to_dict(), "host": self.host, "pid": os.getpid(),
                 "worker": self.worker_id, "dir": str(out.resolve()), "device": self.device, "resumed": resumed}
         for k in ("graph", "seed", "host", "pid", "dir"):
@@ -276,31 +268,14 @@ class Worker:
         log.info("%s: %s", what, _describe(graph))
         t0 = time.monotonic()
         target = graph.target
-        reported: set[int] = set()
-        state: dict[str, Any] = {"record": None}
         trainer: Optional[Trainer] = None
-
-        def on_epoch_end(record: dict) -> None:
-            epoch = int(record["epoch"])
-            if len(reported) < epoch - 1:  # a resumed run: report the epochs trained before the kill
-                for r in read_metrics(out / "metrics.jsonl"):
-                    if r["epoch"] < epoch and r["epoch"] not in reported:
-                        trial.report(float(r["val_acc"][target - 1]), int(r["epoch"]))
-                        reported.add(int(r["epoch"]))
-            acc = float(record["val_acc"][target - 1])
-            trial.report(acc, epoch)
-            reported.add(epoch)
-            state["record"] = record
-            # No rung at the last epoch: a trial that trained every epoch is complete.
-            if epoch < cfg.epochs and math.isfinite(acc) and trial.should_prune():
-                _save_target(trainer, out, graph, epoch, acc)
-                raise optuna.TrialPruned(f"pruned after epoch {epoch} (target val {acc:.2f}%)")
-
+        reporter = _EpochReporter(trial, target, cfg.epochs, out)
         try:
             ensure_teachers(graph, cfg, device=self.device, step=cfg.step)
             trainer = Trainer(graph, cfg.data_spec(), cfg.train_config(seed), out, device=self.device,
-                              step=cfg.step, teacher_dir=cfg.teacher_dir(), on_epoch_end=on_epoch_end,
+                              step=cfg.step, teacher_dir=cfg.teacher_dir(), on_epoch_end=reporter,
                               progress=False)
+            reporter.trainer = trainer
             final = trainer.run(resume=resumed)
             value = float(final["val_acc"][target - 1])
             trial.set_user_attr("val_acc", [float(a) for a in final["val_acc"]])
@@ -313,7 +288,7 @@ class Worker:
             if before is None or value > before.value:
                 log.info("new best: trial %d, target val %.2f%%", trial.number, value)
         except optuna.TrialPruned as e:
-            rec = state["record"] or {}
+            rec = reporter.record or {}
             if rec:
                 trial.set_user_attr("val_acc", [float(a) for a in rec["val_acc"]])
             self._finish(trial, out, info, "PRUNED", t0, epochs=int(rec.get("epoch", 0)))
@@ -348,7 +323,7 @@ class Worker:
 
     def _resume_from(self, me: FrozenTrial, out: Path) -> bool:
         """Copy the newest checkpoint of the dead trials of this lineage (on this machine) into ``out``."""
-        for number in reversed(list(me.system_attrs.get("retry_history", []))):
+        for number in reversed(retry_history(me)):
             src = trial_dir(self.cfg.out, int(number))
             if not (src / "checkpoint.pt").is_file() or (src / "final.json").is_file():
                 continue
@@ -376,18 +351,33 @@ class Worker:
             ckpt.unlink()  # the target's weights are in nodes/; the full checkpoint is only for resuming
 
 
-def _save_target(trainer: Any, out: Path, graph: Any, epoch: int, acc: float) -> None:
-    """Write the target's weights at the epoch it was pruned (``nodes/node<t>_<model>.pt``)."""
-    from ..nodes import save_model_checkpoint
+class _EpochReporter:
+    """The trainer's per-epoch callback for one trial: reports the target's validation accuracy to
+    Optuna (the epochs trained before a kill too, on a resumed run) and prunes at the rungs, saving
+    the target's weights first (``nodes/node<t>_<model>.pt``)."""
 
-    if trainer is None:
-        return
-    t = graph.target
-    trainer.step.adopt_nets()
-    node = graph.nodes[t - 1]
-    save_model_checkpoint(out / "nodes" / f"node{t}_{node.model}.pt", trainer.step.nets[t - 1], name=node.model,
-                          num_classes=trainer.num_classes, in_channels=trainer.in_channels,
-                          dataset=trainer.data.dataset, epochs=epoch, val_acc=acc, pruned=True)
+    def __init__(self, trial: optuna.Trial, target: int, epochs: int, out: Path):
+        self.trial, self.target, self.epochs, self.out = trial, target, epochs, out
+        self.reported: set[int] = set()
+        self.record: Optional[dict] = None
+        self.trainer: Any = None  # set once the trainer exists
+
+    def __call__(self, record: dict) -> None:
+        epoch = int(record["epoch"])
+        if len(self.reported) < epoch - 1:  # a resumed run: report the epochs trained before the kill
+            for r in read_metrics(self.out / "metrics.jsonl"):
+                if r["epoch"] < epoch and r["epoch"] not in self.reported:
+                    self.trial.report(float(r["val_acc"][self.target - 1]), int(r["epoch"]))
+                    self.reported.add(int(r["epoch"]))
+        acc = float(record["val_acc"][self.target - 1])
+        self.trial.report(acc, epoch)
+        self.reported.add(epoch)
+        self.record = record
+        # No rung at the last epoch: a trial that trained every epoch is complete.
+        if epoch < self.epochs and math.isfinite(acc) and self.trial.should_prune():
+            if self.trainer is not None:
+                self.trainer.save_node(self.target, epochs=epoch, val_acc=acc, pruned=True)
+            raise optuna.TrialPruned(f"pruned after epoch {epoch} (target val {acc:.2f}%)")
 
 
 def _describe(graph: Any) -> str:
