@@ -74,11 +74,21 @@ def loss_step(z: torch.Tensor, labels: torch.Tensor, codes: Sequence[Sequence[in
 
 
 class AuthorsStep:
-    """A whole training step in the authors' style (bench/test_bench_step.py)."""
+    """A whole training step in the authors' style (bench/test_bench_step.py).
+
+    Args:
+        graph, nets, cfg: the graph, one net per node, the recipe.
+        precision: "fp32", or "bf16"/"fp16" for the nets' forward under ``torch.autocast`` (the losses
+            in float32, as a user adding autocast to this loop would get; no loss scaling).
+        compile: what a user of ``torch.compile`` would do to this loop: ``torch.compile`` each net and
+            the per-node loss function (the per-node backward and the ``torch.optim.SGD`` steps stay as
+            they are: a ``backward`` is a graph break anyway).
+    """
 
     kind = "authors"
 
-    def __init__(self, graph: Graph, nets: list[nn.Module], cfg: TrainConfig):
+    def __init__(self, graph: Graph, nets: list[nn.Module], cfg: TrainConfig, *, precision: str = "fp32",
+                 compile: bool = False):
         self.graph, self.nets = graph, nets
         self.codes = gate_codes(graph.gates).tolist()
         self.opts = {t: torch.optim.SGD(nets[t - 1].parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -86,12 +96,21 @@ class AuthorsStep:
                      for t in graph.trainable}
         for net in nets:
             net.train()
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.forwards = [torch.compile(net) for net in nets] if compile else list(nets)
+        self.node_loss = torch.compile(node_loss) if compile else node_loss
+        if compile:
+            self.kind = "authors_compiled"
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, progress: torch.Tensor):
-        outs = [net(x) for net in self.nets]
+        if self.dtype is None:
+            outs = [f(x) for f in self.forwards]
+        else:
+            with torch.autocast(x.device.type, dtype=self.dtype):
+                outs = [f(x) for f in self.forwards]
         losses = []
         for t, opt in self.opts.items():
-            loss = node_loss(outs, y, self.codes, t, self.graph.temperature, progress)
+            loss = self.node_loss(outs, y, self.codes, t, self.graph.temperature, progress)
             opt.zero_grad()
             loss.backward(retain_graph=True)
             losses.append(loss.detach())

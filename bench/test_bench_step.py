@@ -11,12 +11,23 @@ Step variants, timed in the same run on the same synthetic on-device batches (no
              one torch.optim.SGD per node;
     eager    simultaneous update, unfused: this project's EagerStep (graph_loss, one backward, one SGD);
     fused    FusedStep without streams: one vmapped forward per architecture, flat SGD per group;
-    graph    CudaGraphStep: fused groups on CUDA streams, the whole step captured as one CUDA graph.
+    graph    CudaGraphStep: fused groups on CUDA streams, the whole step captured as one CUDA graph
+             (on CUDA: capturing the compiled step's body, CompiledCudaGraphStep);
+    compiled CompiledStep: the fused step under torch.compile (Inductor): forward + loss, and the update;
+    compiled_cl   the same with channels-last input;
+    eager_cl      EagerStep with channels-last nets and input;
+    authors_compiled  the authors' style as a torch.compile user would run it: each net and the
+             per-node loss compiled (bench/authors.py), backward and SGD as they are.
+On CUDA every variant runs in fp32 and in bf16 (autocast forward; rows "<variant>-bf16"); on the CPU in
+fp32 only (KTG_BENCH_PRECISIONS=fp32,bf16 adds bf16).  Compiled variants compile before the timed
+rounds, into a fresh Inductor cache for the session; test_compile_time_cold_warm measures a cold and
+a warm compile in two processes sharing one cache folder.
 The eager, fused and graph variants use ``graph_loss(impl="auto")``: the fused Triton loss kernel on
 CUDA when it is available, the PyTorch reference elsewhere.
 
 Reported: training images per second per node (each node trains on B images per step, so this is
-B / step time) and the ratio to the authors' style.  On CUDA: CUDA-event timing, the fraction of the
+B / step time) and the ratios to the authors' style, to the authors' style under torch.compile and
+to the eager step, each in the same precision.  On CUDA: CUDA-event timing, the fraction of the
 dense bf16 and tf32 FLOP ceilings reached (training FLOPs per image: ResNet32 0.41 G, ResNet110
 1.52 G, WRN-28-2 1.29 G) and a JSON record in bench/results/.  Targets on an H100/H200: graph >= 10x
 authors on graph b, graph >= 3x eager on graph a.  Without CUDA the graph variant is the fused step
@@ -24,7 +35,14 @@ authors on graph b, graph >= 3x eager on graph a.  Without CUDA the graph varian
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -34,13 +52,14 @@ from benchutil import CUDA, DEVICE, QUICK, sync, time_calls, write_result  # noq
 from torch import nn
 
 
-from ktg_fast.steps import CudaGraphStep, EagerStep, FusedStep  # noqa: E402
+from ktg_fast.steps import CompiledCudaGraphStep, CompiledStep, EagerStep, FusedStep, compile_cache_dir  # noqa: E402
 from authors import AuthorsStep  # noqa: E402
 from ktg_fast.graph import Graph, preset  # noqa: E402
 from ktg_fast.models import get_model  # noqa: E402
 from ktg_fast.recipe import TrainConfig  # noqa: E402
 
-VARIANTS = ["authors", "eager", "fused", "graph"]
+VARIANTS = ["authors", "authors_compiled", "eager", "eager_cl", "fused", "graph", "compiled", "compiled_cl"]
+PRECISIONS = os.environ.get("KTG_BENCH_PRECISIONS", "fp32,bf16" if CUDA else "fp32").split(",")
 
 if CUDA:
     GRAPHS = {"a": ["resnet32"] * 3, "b": ["resnet32", "wrn28_2", "resnet32", "resnet110"]}
@@ -64,16 +83,30 @@ def dense_graph(models: list[str]) -> Graph:
     return preset("dml", models=models)
 
 
-def make_variant(variant: str, graph: Graph, nets: list[nn.Module], cfg: TrainConfig):
-    if variant == "authors":
-        return AuthorsStep(graph, nets, cfg)
-    if variant == "eager":
-        return EagerStep(graph, nets, cfg)
+def make_variant(variant: str, graph: Graph, nets: list[nn.Module], cfg: TrainConfig, precision: str = "fp32"):
+    p = dict(precision=precision)
+    if variant in ("authors", "authors_compiled"):
+        return AuthorsStep(graph, nets, cfg, compile=variant == "authors_compiled", **p)
+    if variant in ("eager", "eager_cl"):
+        return EagerStep(graph, nets, cfg, channels_last=variant == "eager_cl", **p)
     if variant == "fused":
-        return FusedStep(graph, nets, cfg, streams=False)
+        return FusedStep(graph, nets, cfg, streams=False, **p)
+    if variant in ("compiled", "compiled_cl"):
+        return CompiledStep(graph, nets, cfg, channels_last=variant == "compiled_cl", **p)
     if CUDA:
-        return CudaGraphStep(graph, nets, cfg)
-    return FusedStep(graph, nets, cfg)  # no CUDA: nothing to capture, no streams
+        return CompiledCudaGraphStep(graph, nets, cfg, **p)
+    return FusedStep(graph, nets, cfg, **p)  # no CUDA: nothing to capture, no streams
+
+
+@pytest.fixture(scope="module", autouse=True)
+def inductor_cache(tmp_path_factory):
+    """A fresh Inductor cache for this bench session: the compiled variants compile cold."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    yield compile_cache_dir(os.environ.get("KTG_COMPILE_CACHE") or tmp_path_factory.mktemp("inductor"))
+    if before is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
 
 
 # --------------------------------------------------------------------------- timing
@@ -120,46 +153,60 @@ def _peaks() -> tuple[float, float] | None:
     return None
 
 
+def _label(variant: str, precision: str) -> str:
+    """Row name: the variant for fp32 (what bench/summary.py reads), ``variant-bf16`` otherwise."""
+    return variant if precision == "fp32" else f"{variant}-{precision}"
+
+
 def _format(rows: dict) -> list[str]:
     clock = "CUDA events, median of rounds" if CUDA else \
         "wall clock on CPU, 1 thread, small nets; graph = fused (no CUDA): GPU targets unmeasured"
     lines = [f"training step, batch {BATCH}, {IMAGE}x{IMAGE}, {CLASSES} classes, on {DEVICE} ({clock})",
-             f"{'graph':<6}{'variant':<9}{'ms/step':>9}{'img/s/node':>12}{'x authors':>10}{'x eager':>9}"
-             + ("  bf16 peak  tf32 peak" if _peaks() else "")]
+             f"{'graph':<6}{'variant':<23}{'ms/step':>9}{'img/s/node':>12}{'x authors':>10}{'x auth.comp':>12}"
+             f"{'x eager':>9}{'compile s':>10}" + ("  bf16 peak  tf32 peak" if _peaks() else "")]
     for g, models in GRAPHS.items():
-        base = rows.get((g, "authors"), {}).get("s_per_step")
-        eager = rows.get((g, "eager"), {}).get("s_per_step")
-        for v in VARIANTS:
-            r = rows.get((g, v))
-            if r is None:
-                continue
-            s = r["s_per_step"]
-            line = f"{g:<6}{v:<9}{s * 1e3:>9.2f}{BATCH / s:>12.0f}"
-            line += f"{base / s:>10.2f}" if base else f"{'':>10}"
-            line += f"{eager / s:>9.2f}" if eager else f"{'':>9}"
-            if "bf16_fraction" in r:
-                line += f"{r['bf16_fraction'] * 100:>10.1f}%{r['tf32_fraction'] * 100:>10.1f}%"
-            lines.append(line)
+        for prec in PRECISIONS:
+            base = rows.get((g, _label("authors", prec)), {}).get("s_per_step")
+            based = rows.get((g, _label("authors_compiled", prec)), {}).get("s_per_step")
+            eager = rows.get((g, _label("eager", prec)), {}).get("s_per_step")
+            for v in VARIANTS:
+                r = rows.get((g, _label(v, prec)))
+                if r is None:
+                    continue
+                s = r["s_per_step"]
+                line = f"{g:<6}{_label(v, prec):<23}{s * 1e3:>9.2f}{BATCH / s:>12.0f}"
+                line += f"{base / s:>10.2f}" if base else f"{'':>10}"
+                line += f"{based / s:>12.2f}" if based else f"{'':>12}"
+                line += f"{eager / s:>9.2f}" if eager else f"{'':>9}"
+                line += f"{r['compile_s']:>10.1f}" if r.get("compile_s") is not None else f"{'':>10}"
+                if "bf16_fraction" in r:
+                    line += f"{r['bf16_fraction'] * 100:>10.1f}%{r['tf32_fraction'] * 100:>10.1f}%"
+                lines.append(line)
         lines.append(f"{'':<6}nodes: {', '.join(models)}")
+    targets = [("b", "graph", "authors", 10.0), ("a", "graph", "eager", 3.0)] if CUDA else []
+    targets += [(g, "compiled", "authors", 1.5) for g in GRAPHS] + [(g, "compiled", "authors_compiled", 1.2)
+                                                                   for g in GRAPHS]
     if CUDA:
-        for g, v, k, target in (("b", "graph", "authors", 10.0), ("a", "graph", "eager", 3.0)):
-            a, b = rows.get((g, v)), rows.get((g, k))
-            if a and b:
-                got = b["s_per_step"] / a["s_per_step"]
-                lines.append(f"target: graph {g}, {v} >= {target:g}x {k}: {got:.2f}x "
-                             f"({'met' if got >= target else 'NOT met'})")
+        targets += [("b", "graph-bf16", "authors-bf16", 15.0), ("b", "graph-bf16", "authors_compiled-bf16", 2.0)]
+    for g, v, k, target in targets:
+        a, b = rows.get((g, v)), rows.get((g, k))
+        if a and b:
+            got = b["s_per_step"] / a["s_per_step"]
+            lines.append(f"target: graph {g}, {v} >= {target:g}x {k}: {got:.2f}x "
+                         f"({'met' if got >= target else 'NOT met'})")
     return lines
 
 
 # ------------------------------------------------------------------------ the bench
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("graph_name", list(GRAPHS))
-def test_train_step(benchmark, table, graph_name: str, variant: str) -> None:
+def test_train_step(benchmark, table, graph_name: str, variant: str, precision: str) -> None:
     models = GRAPHS[graph_name]
     graph = dense_graph(models)
     torch.manual_seed(0)
     nets = [get_model(m, num_classes=CLASSES).to(DEVICE) for m in models]
-    step = make_variant(variant, graph, nets, TrainConfig())
+    step = make_variant(variant, graph, nets, TrainConfig(), precision)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.rand(BATCH, 3, IMAGE, IMAGE, generator=gen).to(DEVICE),
                 torch.randint(0, CLASSES, (BATCH,), generator=gen).to(DEVICE)) for _ in range(N_BATCHES)]
@@ -172,21 +219,66 @@ def test_train_step(benchmark, table, graph_name: str, variant: str) -> None:
             state["k"] += 1
             step(x, y, progress)
 
-    # Lazy initialisation, autotuning, and the graph variant's capture: never inside the timed rounds.
+    # Lazy initialisation, compiling, autotuning, and the graph variant's capture: never inside the timed rounds.
+    t0 = time.perf_counter()
     for _ in range(max(WARMUP, getattr(step, "steady_after", 1) + 1)):
         x, y = batches[state["k"] % N_BATCHES]
         state["k"] += 1
         node_loss, _ = step(x, y, progress)
+    warmup_s = time.perf_counter() - t0
     assert torch.isfinite(node_loss).all()
     times = _time(run, ROUNDS)
     benchmark.pedantic(lambda: (run(), _sync()), rounds=1, iterations=1)
     s = statistics.median(times) / STEPS
-    row = {"s_per_step": s, "images_per_s_per_node": BATCH / s, "step_kind": step.kind, "models": models}
+    row = {"s_per_step": s, "images_per_s_per_node": BATCH / s, "step_kind": step.kind, "models": models,
+           "precision": precision,
+           "compile_s": getattr(step, "compile_seconds", None) or (warmup_s if "compiled" in variant else None)}
     peaks = _peaks()
     if peaks and all(m in TRAIN_GFLOP for m in models):
         flops = sum(TRAIN_GFLOP[m] for m in models) * 1e9 * BATCH / s
         row.update(tflops=flops / 1e12, bf16_fraction=flops / peaks[0], tf32_fraction=flops / peaks[1])
     if variant == "graph" and CUDA:
         assert step.kind == "cudagraph", "the CUDA graph was not captured (see the log for why)"
+    if variant.startswith("compiled"):
+        assert step.kind == "compiled", "torch.compile failed (see the log for why)"
     benchmark.extra_info.update(row)
-    table[(graph_name, variant)] = row
+    table[(graph_name, _label(variant, precision))] = row
+
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, {bench!r})
+    from test_bench_step import GRAPHS, BATCH, IMAGE, CLASSES, DEVICE, dense_graph
+    from ktg_fast.models import get_model
+    from ktg_fast.recipe import TrainConfig
+    from ktg_fast.steps import CompiledStep, compile_cache_dir
+    torch.set_num_threads(1)
+    compile_cache_dir(sys.argv[1])
+    models = GRAPHS["a"]
+    nets = [get_model(m, num_classes=CLASSES).to(DEVICE) for m in models]
+    step = CompiledStep(dense_graph(models), nets, TrainConfig())
+    x, y = torch.rand(BATCH, 3, IMAGE, IMAGE, device=DEVICE), torch.randint(0, CLASSES, (BATCH,), device=DEVICE)
+    for _ in range(2):
+        step(x, y, 0.0)
+    print(json.dumps({{"compile_s": step.compile_seconds, "kind": step.kind}}))
+""")
+
+
+def test_compile_time_cold_warm(benchmark, bench_report, tmp_path) -> None:
+    """Graph a's compiled step compiled by two processes in turn sharing one cache folder: cold, then warm."""
+    script = tmp_path / "compile_once.py"
+    script.write_text(_COMPILE_SCRIPT.format(bench=str(Path(__file__).parent)))
+    cache = tmp_path / "inductor"
+    got = []
+    for _ in range(2):
+        env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+        out = subprocess.run([sys.executable, str(script), str(cache)], capture_output=True, text=True,
+                             env=env, timeout=1200, check=True)
+        got.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    assert all(r["kind"] == "compiled" for r in got), got
+    cold, warm = got[0]["compile_s"], got[1]["compile_s"]
+    benchmark.extra_info.update(cold_s=cold, warm_s=warm)
+    bench_report.append(f"compile time, graph a ({', '.join(GRAPHS['a'])}), first compiled step: cold cache "
+                        f"{cold:.1f} s, warm cache (another process, same folder) {warm:.1f} s")
+    assert warm < cold

@@ -408,3 +408,32 @@ def test_leading_batch_dimensions_are_flattened():
     torch.testing.assert_close(lst.edge_loss, a.edge_loss, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"labels must be \(2, 5\) to match logits \(3, 2, 5, 7\)"):
         kf.graph_loss(z, y.reshape(10), gates)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_graph_loss_compiles_without_graph_breaks_and_floats_do_not_recompile(impl):
+    """torch._dynamo.explain: one graph for the reference and for the kernel path (interpreted here);
+    a Python-float progress compiles at most twice (specialised once, then dynamic), not once per value."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    import ktg_fast.kernels as kernels
+
+    if impl == "triton" and not kernels.is_available("cuda" if torch.cuda.is_available() else "cpu"):
+        pytest.skip("Triton kernels unavailable here")
+    dev = torch.device("cuda" if torch.cuda.is_available() and impl == "triton" else "cpu")
+    gates = kf.preset("dml", nodes=3).gates
+    gates[1][2], gates[2][3] = "linear", "correct"
+    z = torch.randn(3, 8, 10, device=dev)
+    y = torch.randint(0, 10, (8,), device=dev)
+    loss = kf.GraphLoss(gates, temperature=2.0, impl=impl)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(loss)(z, y, 0.3)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(loss, backend=counter)
+    for p in (0.1, 0.2, 0.3, 0.4, 0.5):
+        res = compiled(z, y, p)
+    assert counter.frame_count <= 2
+    torch.testing.assert_close(res.edge_loss, loss(z, y, 0.5).edge_loss)

@@ -91,10 +91,7 @@ class TrainStep(ABC):
 
 def node_lrs(graph: Graph, cfg: TrainConfig) -> list[float]:
     """Learning rate of each trainable node: ``cfg.node_lr`` is per network node (frozen ones ignored)."""
-    if cfg.node_lr is None:
-        return [cfg.lr] * len(graph.trainable)
-    if len(cfg.node_lr) != graph.num_nodes:
-        raise ValueError(f"node_lr has {len(cfg.node_lr)} entries but the graph has {graph.num_nodes} network nodes")
-    return [cfg.node_lr[t - 1] for t in graph.trainable]
+    rates = cfg.node_rates(graph.num_nodes)
+    return [rates[t - 1] for t in graph.trainable]
 
 

@@ -38,8 +38,9 @@ class CudaGraphStep(FusedStep):
     kind = "cudagraph"
 
     def __init__(self, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConfig, *, loss_impl: str = "auto",
-                 streams: bool = True, use_vmap: bool = True, warmup: int = 3):
-        super().__init__(graph, nets, cfg, loss_impl=loss_impl, streams=streams, use_vmap=use_vmap)
+                 streams: bool = True, use_vmap: bool = True, warmup: int = 3, **kwargs):
+        # kwargs: precision, channels_last (FusedStep); mode, cache_dir (the compiled variant, compiled.py)
+        super().__init__(graph, nets, cfg, loss_impl=loss_impl, streams=streams, use_vmap=use_vmap, **kwargs)
         if self.device.type != "cuda":
             raise ValueError("a CUDA-graph step needs the nets on a CUDA device; use --step fused on "
                              f"{self.device.type}")

@@ -53,19 +53,35 @@ class FlatSGD:
                     f.lr.mul_(f.active)
 
     @torch.no_grad()
-    def step(self) -> None:
-        """One update of every trainable group from the gradients in its flat buffers (no host sync)."""
+    def step(self, keep: Optional[dict[NodeGroup, torch.Tensor]] = None) -> None:
+        """One update of every trainable group from the gradients in its flat buffers (no host sync).
+
+        Args:
+            keep: optional (K,) bool per group: node slots to update.  A slot that is False is left
+                exactly as it was (parameters and momentum), as ``GradScaler`` skips an optimizer
+                step on overflow; its gradients may hold inf/NaN.  Groups not in ``keep`` all update.
+        """
         mu, wd = self.momentum, self.weight_decay
         for g in self.groups:
+            mask = None if keep is None else keep.get(g)
             for f in g.flats:
-                d = torch.add(f.grad, f.param, alpha=wd) if wd else f.grad.clone()
+                if mask is None:
+                    d = torch.add(f.grad, f.param, alpha=wd) if wd else f.grad.clone()
+                    if mu:
+                        f.momentum.mul_(mu).add_(d)
+                        if self.nesterov:
+                            d.add_(f.momentum, alpha=mu)
+                        else:
+                            d = f.momentum
+                    f.param.addcmul_(d, f.lr, value=-1.0)
+                    continue
+                el = mask.index_select(0, f.node_of)  # (N,) bool per element
+                # where(), not a product: a skipped node's gradient may be inf or NaN.
+                d = torch.where(el, torch.add(f.grad, f.param, alpha=wd) if wd else f.grad, 0.0)
                 if mu:
-                    f.momentum.mul_(mu).add_(d)
-                    if self.nesterov:
-                        d.add_(f.momentum, alpha=mu)
-                    else:
-                        d = f.momentum
-                f.param.addcmul_(d, f.lr, value=-1.0)
+                    f.momentum.copy_(torch.where(el, f.momentum * mu + d, f.momentum))
+                    d = d + f.momentum * mu if self.nesterov else f.momentum
+                f.param.addcmul_(d, torch.where(el, f.lr, 0.0), value=-1.0)
         if mu:
             self.has_momentum = True
 

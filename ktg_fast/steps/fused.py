@@ -22,6 +22,7 @@ from ..recipe import TrainConfig
 from .base import TrainStep, node_lrs
 from .flat_sgd import FlatSGD
 from .node_group import NodeGroup, group_nodes
+from .precision import NodeLossScale, check_precision, forward_autocast
 
 __all__ = ["FusedStep"]
 
@@ -37,15 +38,21 @@ class FusedStep(TrainStep):
         loss_impl: passed to :class:`~ktg_fast.loss.GraphLoss`.
         streams: on CUDA, run groups on separate streams.
         use_vmap: batch groups with vmap (False: every group loops over its nets).
+        precision: "fp32", "bf16" or "fp16" (:mod:`.precision`): autocast for the forward, the
+            graph loss in float32, weights and momentum in float32; fp16 with a loss scale per node.
+        channels_last: give the nets channels-last (NHWC) input.
 
     Raises:
-        ValueError: a net count that does not match the graph, or nets on several devices.
+        ValueError: a net count that does not match the graph, nets on several devices, an unknown precision.
     """
 
     kind = "fused"
 
     def __init__(self, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConfig, *, loss_impl: str = "auto",
-                 streams: bool = True, use_vmap: bool = True):
+                 streams: bool = True, use_vmap: bool = True, precision: str = "fp32",
+                 channels_last: bool = False):
+        self.precision = check_precision(precision)
+        self.channels_last = bool(channels_last)
         if len(nets) != graph.num_nodes:
             raise ValueError(f"{len(nets)} nets for a graph of {graph.num_nodes} network nodes")
         devices = {p.device for net in nets for p in net.parameters()} | {b.device for net in nets for b in net.buffers()}
@@ -72,6 +79,9 @@ class FusedStep(TrainStep):
         if streams and self.device.type == "cuda" and len(self.groups) > 1:
             self._streams = [torch.cuda.Stream(self.device) for _ in self.groups]
         self.optimizer = FlatSGD(self.groups, cfg)
+        # fp16: a loss scale per node; each group's slots map to graph nodes through _node_index.
+        self.scaler = NodeLossScale(graph.num_nodes, self.device) if self.precision == "fp16" else None
+        self._node_index = {g: torch.tensor([t - 1 for t in g.nodes], device=self.device) for g in self.train_groups}
         self._first_step_done = False
         self.set_lrs(node_lrs(graph, cfg))
 
@@ -112,7 +122,8 @@ class FusedStep(TrainStep):
     @torch.no_grad()
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (M, B, C) of every node in eval mode (running statistics, no dropout)."""
-        with self._on_device():
+        with self._on_device(), forward_autocast(self.device, self.precision):
+            x = self._prepare_input(x)
             outs = [g.forward(x, False) for g in self.groups]
         logits = torch.cat(outs) if len(outs) > 1 else outs[0]
         return logits if self._perm is None else logits.index_select(0, self._perm)
@@ -143,17 +154,46 @@ class FusedStep(TrainStep):
                     g.bind_grads()
                 for f in g.flats:
                     f.grad.zero_()
-        logits = self.forward(x, True)
-        res = self.loss(logits, y, progress=progress)
-        res.node_loss.sum().backward()
+        total, node_loss, logits = self._forward_loss(self._prepare_input(x), y, progress)
+        total.backward()
         self._join_streams()
         if first:
             for g in self.train_groups:
                 g.adopt_first_grads()
             self._first_step_done = True
             self.optimizer.refresh()
-        self.optimizer.step()
-        return res.node_loss.detach(), logits.detach()
+        self._update()
+        return node_loss.detach(), logits.detach()
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor, progress: Union[float, torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scalar to differentiate, node losses (M,) float32, logits (M, B, C) in the forward's dtype).
+
+        Only the nets run under autocast: the graph loss accumulates in float32 whatever the logits' dtype.
+        """
+        with forward_autocast(self.device, self.precision):
+            logits = self.forward(x, True)
+        res = self.loss(logits, y, progress=progress)
+        total = res.node_loss.sum() if self.scaler is None else self.scaler.scaled_total(res.node_loss)
+        return total, res.node_loss, logits
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        """The optimizer step; in fp16 each node is unscaled and checked, and a node that overflowed skips."""
+        if self.scaler is None:
+            self.optimizer.step()
+            return
+        keep = {}
+        for g in self.train_groups:
+            ok = self.scaler.unscale_and_check(self._node_index[g], g.flats)
+            self.scaler.update(self._node_index[g], ok)
+            keep[g] = ok
+        self.optimizer.step(keep)
 
     # ------------------------------------------------------------ learning rates
     def set_lrs(self, lrs: Sequence[float]) -> None:
