@@ -239,18 +239,30 @@ def _reference(z: torch.Tensor, labels: torch.Tensor, plan: _EdgePlan, t: float,
     # Only targets with some non-cutoff KL input are computed: frozen nodes cost nothing.
     kl_targets, kl_sources = list(plan.kl_targets), list(plan.kl_sources)
     if kl_targets:
-        zs = zf[kl_sources].detach() / t
-        logp_s = torch.log_softmax(zs, dim=-1)
+        # One log-softmax over every node that takes part (sources and targets share it; a contiguous
+        # run of nodes is a view, not a copy).  Masked classes (logit -inf) are clamped to the most
+        # negative float first: their p is exactly 0 and p log p = 0 (0 * log 0 = 0) with no NaN,
+        # while p_s > 0 against a masked target class still makes a huge KL.
+        used = sorted(set(kl_sources) | set(kl_targets))
+        z_used = _take(zf, used)
+        if t != 1.0:
+            z_used = z_used / t
+        # On the CPU a finite batch (the usual case) skips the guards below: checking costs one sum,
+        # the guards three passes (forward and backward).  On devices, and when traced, they always run
+        # (no synchronisation, no data-dependent branch).
+        guard = True
+        if z_used.device.type == "cpu" and not torch.compiler.is_compiling():
+            guard = not math.isfinite(float(z_used.detach().sum()))  # any NaN or inf makes the sum one
+        logp = torch.log_softmax(z_used.clamp(min=torch.finfo(dtype).min) if guard else z_used, dim=-1)
+        pos = {node: k for k, node in enumerate(used)}
+        logp_s = _take(logp, [pos[n] for n in kl_sources]).detach()
+        logp_t = _take(logp, [pos[n] for n in kl_targets])
         p_s = logp_s.exp()
-        # 0 * log 0 = 0: masked classes (logits -inf) have p = 0 and log p = -inf; clamping log p to
-        # the most negative float keeps them at 0, while p_s > 0 against a masked target class stays huge.
-        fmin = torch.finfo(dtype).min
-        neg_entropy = (p_s * logp_s.clamp(min=fmin)).sum(-1)  # (S, B): sum_c p_s log p_s
-        logp_t = torch.log_softmax(zf[kl_targets] / t, dim=-1).clamp(min=fmin)
+        neg_entropy = (p_s * logp_s).sum(-1)  # (S, B): sum_c p_s log p_s
         # The pairwise product also carries every target's gradient (sum_s w_st p_s): a source holding
         # NaN/inf must not reach targets it has only cutoff edges to (0 * NaN), so the product sees
         # finite probabilities; such a source's live edges still get a NaN loss through neg_entropy.
-        p_fin = torch.nan_to_num(p_s, nan=0.0, posinf=0.0, neginf=0.0)
+        p_fin = torch.nan_to_num(p_s, nan=0.0, posinf=0.0, neginf=0.0) if guard else p_s
         cross = torch.einsum("sbc,tbc->stb", p_fin, logp_t)  # sum_c p_s log p_t for every pair
         per_sample = (t * t) * (neg_entropy.unsqueeze(1) - cross)  # (S, T, B)
         w_kl = weights[1:, 1:][kl_sources][:, kl_targets]
@@ -262,11 +274,14 @@ def _reference(z: torch.Tensor, labels: torch.Tensor, plan: _EdgePlan, t: float,
 
     ce_targets = list(plan.ce_targets)
     if ce_targets:
-        zt = zf[ce_targets]
-        ce = torch.logsumexp(zt, dim=-1) - zt.gather(-1, safe_labels.expand(len(ce_targets), b).unsqueeze(-1)).squeeze(-1)
+        zt = _take(zf, ce_targets)
+        n = len(ce_targets)
+        # The fused log-softmax + NLL (a masked label class gives +inf, ignored rows 0).
+        ce = torch.nn.functional.cross_entropy(zt.reshape(n * b, c), safe_labels.long().repeat(n),
+                                               reduction="none").view(n, b)
         w_ce = weights[0, 1:][ce_targets]
         vals = torch.where(w_ce != 0, w_ce * ce, 0.0).sum(-1)
-        edge = edge.index_put((_index_tensor((0,) * len(ce_targets), str(dev)),
+        edge = edge.index_put((_index_tensor((0,) * n, str(dev)),
                                _index_tensor(tuple(t + 1 for t in ce_targets), str(dev))), vals)
 
     return GraphLossResult(node_loss=edge[:, 1:].sum(0), edge_loss=edge)
@@ -305,6 +320,13 @@ def reference_with_grad(z: torch.Tensor, labels: torch.Tensor, plan: "_EdgePlan"
             onehot = torch.zeros_like(q).scatter_(-1, safe_labels.expand(len(tg), b).unsqueeze(-1), 1.0)
             grad[tg] += torch.where(w0 != 0, w0 * (q - onehot), 0.0)
     return res, grad
+
+
+def _take(x: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
+    """``x[idx]`` along dim 0: a view when ``idx`` is a contiguous run (no copy, and a cheap backward)."""
+    if list(idx) == list(range(idx[0], idx[0] + len(idx))):
+        return x if len(idx) == x.shape[0] else x[idx[0]: idx[0] + len(idx)]
+    return x[list(idx)]
 
 
 @functools.lru_cache(maxsize=256)
