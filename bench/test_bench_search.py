@@ -8,7 +8,7 @@ batch 64), 200-epoch budget, successive halving with reduction factor 2 and
 minimum resource 1 epoch.  Trials per hour = 3600 x (epochs per second of all
 workers together) / (expected epochs per trial, 4.78: ``search.budget``).
 Each worker is a separate process training its own sampled graph
-(``python -m ktg_fast.search.throughput``); with K workers the K processes
+(``bench/search_throughput.py``); with K workers the K processes
 share the device and time the same window.  The input loader is left out
 (static on-device batch), so this is the training-step bound.
 
@@ -45,7 +45,7 @@ def run_workers(k: int, seeds: list[int]) -> list[dict]:
     with tempfile.TemporaryDirectory() as barrier:
         procs = []
         for i in range(k):
-            cmd = [sys.executable, "-m", "ktg_fast.search.throughput", "--graph-seed", str(seeds[i % len(seeds)]),
+            cmd = [sys.executable, str(REPO / "bench" / "search_throughput.py"), "--graph-seed", str(seeds[i % len(seeds)]),
                    "--window", str(WINDOW_S), "--barrier", barrier, "--workers", str(k), "--index", str(i),
                    "--warmup", "3" if CUDA else "1", "--val-sample", "1000" if CUDA else "100"]
             if threads:

@@ -61,7 +61,7 @@ def backend_status(capability: int = 90) -> tuple[bool, str]:
     """Whether Triton's CUDA backend (compiler and ptxas) can build for ``capability`` here."""
     try:
         from triton.backends.compiler import GPUTarget
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401  (probe: the CUDA backend loads)
 
         _tool("ptxas")
         _tool("cuobjdump")
@@ -88,13 +88,13 @@ def _tool(name: str) -> str:
 def _kernel_sets(dtype: torch.dtype, m: int, b: int, c: int, temperature: float, write_grad: bool):
     """(kernel, signature, constexprs, num_warps) for each launch graph_loss_triton makes for this problem."""
     from . import _triton_graph_loss as K
-    from .graph_loss import _LABEL_BLOCK, _SCALE_BLOCK, grad_dtype, plan
+    from .graph_loss import LABEL_BLOCK, SCALE_BLOCK, grad_dtype, plan
 
     cfg = plan(m, b, c, torch.device("cuda"), sms=132)
     mp, mp1 = triton.next_power_of_2(m), triton.next_power_of_2(m + 1)
     t = float(temperature)
     tc = dict(T=t, K_T=K._LOG2E / t, SAME_T=t == 1.0)
-    cc = dict(COUNT_IN_KERNEL=cfg.count_in_kernel, LABEL_BLOCK=min(_LABEL_BLOCK, triton.next_power_of_2(b)))
+    cc = dict(COUNT_IN_KERNEL=cfg.count_in_kernel, LABEL_BLOCK=min(LABEL_BLOCK, triton.next_power_of_2(b)))
     z, g = _TL[dtype], _TL[grad_dtype(dtype)]
     i64 = "i64" if b * c * m >= 2 ** 31 else "i32"
     out = []
@@ -132,7 +132,7 @@ def _kernel_sets(dtype: torch.dtype, m: int, b: int, c: int, temperature: float,
             out.append((K._scale_kernel,
                         dict(src_ptr=f"*{g}", dst_ptr=f"*{g if in_place else z}", gout_ptr="*fp32", s_g="i32",
                              N=n_t),
-                        dict(BLOCK=_SCALE_BLOCK, IN_PLACE=in_place), 8))
+                        dict(BLOCK=SCALE_BLOCK, IN_PLACE=in_place), 8))
     return out
 
 

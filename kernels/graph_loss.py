@@ -40,13 +40,13 @@ _MAX_NODES = 16
 _TILE_BUDGET = 8192
 # B up to this is counted inside the kernel (each program reads all labels); larger B by one torch op.
 _COUNT_IN_KERNEL_MAX_B = 1024
-_LABEL_BLOCK = 1024
+LABEL_BLOCK = 1024
 # Split C only into chunks at least this long.
 _MIN_CHUNK = 8192
-_SCALE_BLOCK = 4096
+SCALE_BLOCK = 4096
 # The backward's scale kernel runs a fixed grid of at most this many programs (over all nodes),
 # each looping over blocks: a node whose grad_output is 1 then costs a handful of idle programs.
-_SCALE_GRID = 1024
+SCALE_GRID = 1024
 
 
 def grad_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -217,7 +217,7 @@ def _graph_loss_fwd(
     count = labels  # a placeholder pointer when counting inside the kernel
     if not count_in_kernel:
         count = (labels != ignore_index).sum()
-    count_consts = dict(COUNT_IN_KERNEL=count_in_kernel, LABEL_BLOCK=min(_LABEL_BLOCK, triton.next_power_of_2(b)))
+    count_consts = dict(COUNT_IN_KERNEL=count_in_kernel, LABEL_BLOCK=min(LABEL_BLOCK, triton.next_power_of_2(b)))
     s_m, s_b = logits.stride(0), logits.stride(1)
     s_y = labels.stride(0)
     if num_splits == 1:
@@ -267,11 +267,11 @@ def _scale_launch(src: torch.Tensor, dst: torch.Tensor, grad_output: torch.Tenso
     n = src.numel() // max(m, 1)
     if n == 0:
         return
-    nblk = triton.cdiv(n, _SCALE_BLOCK)
-    programs = max(1, min(nblk, _SCALE_GRID // m))
+    nblk = triton.cdiv(n, SCALE_BLOCK)
+    programs = max(1, min(nblk, SCALE_GRID // m))
     _launch(
         K._scale_kernel, (programs, m), src,
-        src, dst, grad_output, grad_output.stride(0), n, BLOCK=_SCALE_BLOCK,
+        src, dst, grad_output, grad_output.stride(0), n, BLOCK=SCALE_BLOCK,
         IN_PLACE=src is dst, num_warps=8,
     )
 

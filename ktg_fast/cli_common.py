@@ -15,7 +15,7 @@ from .data.factory import LOADER_KINDS
 from .data.spec import DataSpec
 from .io import CheckpointError
 from .recipe import TrainConfig
-from .steps import STEP_KINDS
+from .steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .trainer import NonFiniteLossError
 
 __all__ = ["add_data_args", "add_recipe_args", "check_out_dir", "error_line", "positive_int", "run_cli",
@@ -55,8 +55,16 @@ def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int | None = None) ->
                    help="epochs of the x0.1 learning-rate steps (default: the recipe's, scaled to --epochs)")
     g.add_argument("--gamma", type=float, default=d.gamma)
     g.add_argument("--no-augment", action="store_true")
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="forward arithmetic (default: fp32 on the CPU, bf16 on a CUDA device that has it); the "
+                        "graph loss, weights and checkpoints stay fp32")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format (measure: it "
+                                                                 "helps on some devices, hurts on others)")
+    g.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="Inductor's on-disk cache for --step compiled (default <out>/inductor-cache): a second "
+                        "run compiles in seconds")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--step", default="auto", choices=STEP_KINDS,
+    g.add_argument("--step", default="auto", choices=(*STEP_KINDS, *DEPRECATED_STEP_KINDS),
                    help="training-step path (auto: the fastest available here)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -64,7 +72,8 @@ def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int | None = None) ->
 def recipe_from_args(args: argparse.Namespace, seed: int = 0):
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                        nesterov=not args.no_nesterov, weight_decay=args.weight_decay,
-                       milestones=args.milestones, gamma=args.gamma, seed=seed, augment=not args.no_augment)
+                       milestones=args.milestones, gamma=args.gamma, seed=seed, augment=not args.no_augment,
+                       precision=args.precision, channels_last=args.channels_last)
 
 
 def data_from_args(args: argparse.Namespace, *, test: bool = True):
@@ -74,7 +83,8 @@ def data_from_args(args: argparse.Namespace, *, test: bool = True):
 
 
 # What a training run's folder may hold (one seed; several seeds add seed<N>/ folders).
-RUN_FILES = frozenset({"checkpoint.pt", "metrics.jsonl", "graph.yaml", "final.json", "nodes", "results.md",
+RUN_FILES = frozenset({"checkpoint.pt", "metrics.jsonl", "graph.yaml", "final.json", "nodes", "inductor-cache",
+                       "results.md",
                        "results.json"})
 # What marks a search's folder.
 SEARCH_FILES = ("study.db", "search.json", "trials")

@@ -7,14 +7,8 @@ are all cutoff is *frozen*: it is loaded from a checkpoint and never trained.
 from __future__ import annotations
 
 import json
-import logging
 import math
-import numbers
-import operator
 import os
-import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -23,6 +17,9 @@ import torch
 import yaml
 
 from . import gates as _gates
+from . import graph_draw
+from .graph_io import (GATES_HELP, NODES_HELP, PRETRAINED, GraphError, Node, as_list, format_of, parse_gate_name,
+                       parse_node, parse_node_index, parse_temperature, parse_text, show_value)
 from .io import atomic_write_text
 from .models import canonical_model_name
 
@@ -57,33 +54,6 @@ def frozen_nodes(codes: torch.Tensor) -> list[int]:
     return [t for t in range(1, codes.shape[0]) if not bool(live[:, t].any())]
 
 
-# A frozen node's checkpoint may be this word: the trainer then looks for
-# <teacher dir>/<dataset>/<model>.pt, written by `python -m ktg_fast.pretrain`.
-PRETRAINED = "pretrained"
-
-
-class GraphError(ValueError):
-    """A graph file or object that breaks a rule; the message names the node, edge or value."""
-
-
-@dataclass
-class Node:
-    """A network node: its model's registry name and an optional checkpoint.
-
-    ``checkpoint`` is a path, :data:`PRETRAINED` (look up the teacher folder),
-    or ``None``.  Frozen nodes need one; trainable nodes start from it if set.
-    """
-
-    model: str
-    checkpoint: Optional[str] = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"model": self.model}
-        if self.checkpoint is not None:
-            d["checkpoint"] = self.checkpoint
-        return d
-
-
 @dataclass
 class Graph:
     """A knowledge transfer graph.
@@ -104,14 +74,14 @@ class Graph:
     check_models: bool = field(default=True, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.nodes = [_node(n, i) for i, n in enumerate(_sequence(self.nodes, "nodes", _NODES_HELP), start=1)]
-        rows = _sequence(self.gates, "gates", _GATES_HELP)
+        self.nodes = [parse_node(n, i) for i, n in enumerate(as_list(self.nodes, "nodes", NODES_HELP), start=1)]
+        rows = as_list(self.gates, "gates", GATES_HELP)
         self.gates = [
-            [_gate_name(g, s, t) for t, g in enumerate(_sequence(row, f"gates row {s}", _GATES_HELP))]
+            [parse_gate_name(g, s, t) for t, g in enumerate(as_list(row, f"gates row {s}", GATES_HELP))]
             for s, row in enumerate(rows)
         ]
-        self.temperature = _temperature(self.temperature)
-        self.target = _node_index(self.target, "target")
+        self.temperature = parse_temperature(self.temperature)
+        self.target = parse_node_index(self.target, "target")
         self.validate()
 
     # ------------------------------------------------------------------ queries
@@ -192,7 +162,7 @@ class Graph:
         """Build and validate a graph from :meth:`to_dict`'s format."""
         if not isinstance(d, dict):
             raise GraphError(
-                f"a graph must be a mapping with keys nodes, gates, temperature, target; got {_show(d)}"
+                f"a graph must be a mapping with keys nodes, gates, temperature, target; got {show_value(d)}"
             )
         unknown = set(d) - {"temperature", "target", "nodes", "gates"}
         if unknown:
@@ -205,16 +175,16 @@ class Graph:
         # Types are checked strictly (a list is not a tuple or a string, a row is a list):
         # the file's own structure, not Python's duck typing, decides.
         if not isinstance(d["nodes"], list):
-            raise GraphError(f"nodes must be a list: {_NODES_HELP}; got {_show(d['nodes'])}")
+            raise GraphError(f"nodes must be a list: {NODES_HELP}; got {show_value(d['nodes'])}")
         if not isinstance(d["gates"], list):
-            raise GraphError(f"gates must be a list of rows: {_GATES_HELP}; got {_show(d['gates'])}")
+            raise GraphError(f"gates must be a list of rows: {GATES_HELP}; got {show_value(d['gates'])}")
         for s, row in enumerate(d["gates"]):
             if not isinstance(row, list):
-                raise GraphError(f"gates row {s} must be a list of gates: {_GATES_HELP}; got {_show(row)}")
+                raise GraphError(f"gates row {s} must be a list of gates: {GATES_HELP}; got {show_value(row)}")
         for i, n in enumerate(d["nodes"], start=1):
             if not isinstance(n, (str, dict)):
                 raise GraphError(
-                    f"node {i}: expected a model name or a mapping {{model: ..., checkpoint: ...}}, got {_show(n)}"
+                    f"node {i}: expected a model name or a mapping {{model: ..., checkpoint: ...}}, got {show_value(n)}"
                 )
         return cls(
             nodes=d["nodes"],
@@ -242,7 +212,7 @@ class Graph:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the graph atomically; the suffix (.yaml/.yml/.json) picks the format."""
         path = Path(path)
-        atomic_write_text(path, self.dumps(_format_of(path)))
+        atomic_write_text(path, self.dumps(format_of(path)))
         return path
 
     @classmethod
@@ -251,7 +221,7 @@ class Graph:
         path = Path(path)
         if not path.is_file():
             raise GraphError(f"graph file {str(path)!r} not found; give a preset name ({', '.join(PRESETS)}) or a path")
-        fmt = _format_of(path)
+        fmt = format_of(path)
         try:
             raw = path.read_bytes()
         except OSError as e:
@@ -264,7 +234,7 @@ class Graph:
                 "a graph file is YAML or JSON text"
             ) from None
         try:
-            data = _parse(text, fmt)
+            data = parse_text(text, fmt)
         except GraphError as e:
             raise GraphError(f"{path}: {e}") from None
         try:
@@ -275,246 +245,17 @@ class Graph:
     # ------------------------------------------------------------------ drawing
     def to_dot(self, *, title: Optional[str] = None, accuracies: Optional[Sequence[float]] = None,
                metric: str = "val") -> str:
-        """Graphviz DOT text in the paper's style.
-
-        The target node is red, frozen nodes blue, edges labelled by gate,
-        cutoff edges left out.  ``accuracies`` (percent, one per network node)
-        are printed in the node labels as e.g. ``val 73.9 %`` (``metric`` names the split).
-        """
-        out = ["digraph KTG {", "  rankdir=LR;", '  node [shape=ellipse, style=filled, fillcolor="white", fontname="Helvetica"];']
-        if title:
-            out.append(f'  labelloc="t"; label="{title}";')
-        out.append('  n0 [label="Label", shape=box, fillcolor="#dddddd"];')
-        for i, node in enumerate(self.nodes, start=1):
-            text = f"{i}: {node.model}"
-            if accuracies is not None:
-                text += f"\\n{metric} {float(accuracies[i - 1]):.1f} %"
-            if i == self.target:
-                style = 'fillcolor="#f4a6a6", color="#c00000", penwidth=2'
-            elif self.is_frozen(i):
-                style = 'fillcolor="#a6c8f4", color="#0050c0"'
-                text += "\\n(frozen)"
-            else:
-                style = 'fillcolor="white"'
-            out.append(f'  n{i} [label="{text}", {style}];')
-        for s in range(self.num_nodes + 1):
-            for t in range(1, self.num_nodes + 1):
-                g = self.gates[s][t]
-                if s != t and g != "cutoff":
-                    out.append(f'  n{s} -> n{t} [label="{g}"];')
-        out.append("}")
-        return "\n".join(out) + "\n"
+        """Graphviz DOT text in the paper's style (:func:`ktg_fast.graph_draw.to_dot`)."""
+        return graph_draw.to_dot(self, title=title, accuracies=accuracies, metric=metric)
 
     def draw(self, path: str | os.PathLike, *, title: Optional[str] = None,
              accuracies: Optional[Sequence[float]] = None, metric: str = "val",
              on_png_skipped: Any = None) -> list[Path]:
-        """Write ``<path>.dot`` and, with graphviz's ``dot``, ``<path>.png``; return the files written.
-
-        ``accuracies`` (percent, one per network node) are printed in the node
-        labels as e.g. ``val 73.9 %`` (``metric`` names the split).  When
-        ``dot`` is missing or fails, the PNG is skipped and the reason goes to
-        ``on_png_skipped`` (default: a logged warning); the ``.dot`` file is
-        written either way.
-        """
-        base = Path(path).with_suffix("")
-        dot_path = base.with_suffix(".dot")
-        text = self.to_dot(title=title, accuracies=accuracies, metric=metric)
-        atomic_write_text(dot_path, text)
-        written = [dot_path]
-        skip = on_png_skipped or (lambda why: logging.getLogger("ktg_fast").warning("%s", why))
-        exe = shutil.which("dot")
-        if exe is None:
-            skip("graph PNGs skipped: graphviz's `dot` is not installed (the .dot files are written); install "
-                 "graphviz (e.g. apt-get install graphviz) and run the command again to draw them")
-            return written
-        png = base.with_suffix(".png")
-        tmp = png.with_name(png.name + ".tmp")
-        try:
-            subprocess.run([exe, "-Tpng", str(dot_path), "-o", str(tmp)], check=True, capture_output=True,
-                           text=True, timeout=120)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
-            tmp.unlink(missing_ok=True)
-            detail = (getattr(e, "stderr", None) or "").strip().splitlines()
-            why = f"exit code {e.returncode}" if isinstance(e, subprocess.CalledProcessError) else str(e)
-            skip(f"graph PNGs skipped: graphviz's `{exe} -Tpng` failed ({why}" + (f": {detail[0]}" if detail else "")
-                 + "); the .dot files are written")
-            return written
-        os.replace(tmp, png)
-        written.append(png)
-        return written
+        """Write ``<path>.dot`` and, with graphviz, ``<path>.png`` (:func:`ktg_fast.graph_draw.draw`)."""
+        return graph_draw.draw(self, path, title=title, accuracies=accuracies, metric=metric,
+                               on_png_skipped=on_png_skipped)
 
 
-def _format_of(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        return "yaml"
-    if suffix == ".json":
-        return "json"
-    raise GraphError(f"{path}: unknown graph file suffix {suffix!r}; use .yaml, .yml or .json")
-
-
-_NODES_HELP = "one model name or {model: ..., checkpoint: ...} mapping per network node"
-_GATES_HELP = "(M+1) rows of M+1 gate names, gates[source][destination], label first"
-_BOOL_HELP = "YAML reads unquoted yes/no/on/off/true/false as booleans"
-
-
-def _show(value: Any) -> str:
-    """A value as the user wrote it, for messages: null for None, repr otherwise (shortened)."""
-    if value is None:
-        return "null"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _sequence(value: Any, what: str, help_text: str) -> list[Any]:
-    """``value`` as a list; refuse strings, mappings and scalars naming ``what``."""
-    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
-        raise GraphError(f"{what} must be a list: {help_text}; got {_show(value)}")
-    return list(value)
-
-
-def _node(n: Any, i: int) -> Node:
-    """A :class:`Node` from a Node, a model name or a {model, checkpoint} mapping; types checked, i for messages."""
-    if isinstance(n, Node):
-        model, checkpoint = n.model, n.checkpoint
-    elif isinstance(n, str):
-        model, checkpoint = n, None
-    elif isinstance(n, dict):
-        extra = set(n) - {"model", "checkpoint"}
-        if extra:
-            raise GraphError(f"node {i}: unknown keys {sorted(map(str, extra))}; allowed: model, checkpoint")
-        if "model" not in n:
-            raise GraphError(f"node {i}: no 'model' key; write e.g. {{model: resnet32}}")
-        model, checkpoint = n["model"], n.get("checkpoint")
-    else:
-        raise GraphError(
-            f"node {i}: expected a model name or a mapping {{model: ..., checkpoint: ...}}, got {_show(n)}"
-        )
-    if not isinstance(model, str) or not model.strip():
-        raise GraphError(f"node {i}: model must be a model name such as 'resnet32', got {_show(model)}")
-    if isinstance(checkpoint, bool):
-        raise GraphError(
-            f"node {i}: checkpoint is a boolean ({_BOOL_HELP}); write a path, '{PRETRAINED}', or leave it out"
-        )
-    if checkpoint is not None and (not isinstance(checkpoint, (str, os.PathLike)) or not str(checkpoint).strip()):
-        raise GraphError(
-            f"node {i}: checkpoint must be a file path or '{PRETRAINED}' (or left out), got {_show(checkpoint)}"
-        )
-    return Node(model, None if checkpoint is None else str(checkpoint))
-
-
-def _temperature(value: Any) -> float:
-    """A finite positive temperature as a float; strings, booleans and lists are refused."""
-    if isinstance(value, bool):
-        raise GraphError(f"temperature is a boolean ({_BOOL_HELP}); write a number such as 1.0 or 4")
-    if not isinstance(value, numbers.Real):
-        raise GraphError(f"temperature must be a finite positive number such as 1.0 or 4, got {_show(value)}")
-    t = float(value)
-    if not (math.isfinite(t) and t > 0):
-        raise GraphError(f"temperature must be a finite positive number such as 1.0 or 4, got {t}")
-    return t
-
-
-def _node_index(value: Any, what: str) -> int:
-    """An integer node index; floats (1.7, and 1.0 too), strings and booleans are refused, never truncated."""
-    if isinstance(value, bool):
-        raise GraphError(f"{what} is a boolean ({_BOOL_HELP}); write a node number such as 1")
-    try:
-        return operator.index(value)  # ints, numpy ints and 0-dim integer tensors
-    except TypeError:
-        raise GraphError(f"{what} must be an integer node number such as 1, got {_show(value)}") from None
-
-
-def _gate_name(g: Any, s: int, t: int) -> str:
-    """The canonical name of gate ``g`` (a name or an integer code) of edge s -> t."""
-    known = ", ".join(_gates.gate_names())
-    if isinstance(g, bool):
-        raise GraphError(f"gate[{s}][{t}] is the boolean {g} ({_BOOL_HELP}); write a gate name: {known}")
-    if not isinstance(g, str):
-        try:
-            g = operator.index(g)  # an integer code; floats are refused, never truncated (1.7 is not through)
-        except TypeError:
-            codes = ", ".join(f"{i} {n}" for i, n in enumerate(_gates.gate_names()))
-            raise GraphError(
-                f"gate[{s}][{t}]: {_show(g)} is not a gate: write a gate name ({known}) "
-                f"or an integer code ({codes})"
-            ) from None
-    try:
-        return _gates.get_gate(g).name
-    except (KeyError, ValueError, TypeError):
-        raise GraphError(f"gate[{s}][{t}]: unknown gate {_show(g)}; known gates: {known}") from None
-
-
-# ------------------------------------------------------------------- parsing
-def _parse(text: str, fmt: str) -> Any:
-    """Parse graph file text; duplicate keys and syntax errors raise a one-line :class:`GraphError`."""
-    if fmt == "json":
-        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-            seen: dict[str, Any] = {}
-            for k, v in items:
-                if k in seen:
-                    raise GraphError(f"duplicate key {k!r}: JSON keeps only the last one; remove one")
-                seen[k] = v
-            return seen
-
-        try:
-            return json.loads(text, object_pairs_hook=pairs)
-        except json.JSONDecodeError as e:
-            raise GraphError(f"cannot parse JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
-    try:
-        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 -- a SafeLoader subclass
-    except yaml.MarkedYAMLError as e:
-        where = e.problem_mark or e.context_mark
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        context = f" ({e.context})" if e.context and e.problem else ""
-        raise GraphError(f"cannot parse YAML: {e.problem or e.context}{context}{at}") from None
-    except yaml.reader.ReaderError as e:
-        raise GraphError(
-            f"not a YAML text file: unacceptable character #x{e.character:04x} ({e.reason}) at offset {e.position}"
-        ) from None
-    except yaml.YAMLError as e:
-        raise GraphError(f"cannot parse YAML: {' '.join(str(e).split())}") from None
-
-
-_LOADER: Any = None
-
-
-def _yaml_loader() -> Any:
-    """A SafeLoader that refuses duplicate keys and reads ``1e-3`` as a number (as YAML 1.2 does)."""
-    global _LOADER
-    if _LOADER is not None:
-        return _LOADER
-    class GraphLoader(yaml.SafeLoader):
-        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            if isinstance(node, yaml.MappingNode):
-                seen: dict[Any, Any] = {}
-                for key_node, _ in node.value:
-                    if key_node.tag == "tag:yaml.org,2002:merge":
-                        continue  # keys merged with << may be overridden: that is not a duplicate
-                    key = self.construct_object(key_node, deep=True)
-                    try:
-                        first = seen.get(key)
-                    except TypeError:
-                        continue  # unhashable: the base class reports it
-                    if first is not None:
-                        raise GraphError(
-                            f"duplicate key {_show(key)} at line {key_node.start_mark.line + 1} (first at line "
-                            f"{first.line + 1}): YAML readers silently keep only the last one; remove one"
-                        )
-                    seen[key] = key_node.start_mark
-            return super().construct_mapping(node, deep=deep)
-
-    # YAML 1.1 needs a dot in a float (1e-3 would be a string); accept 1e-3, 2E5, 1.5e3 as numbers.
-    GraphLoader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-        list("-+.0123456789"),
-    )
-    _LOADER = GraphLoader
-    return _LOADER
-
-
-# ---------------------------------------------------------------------- presets
 def _vanilla(model: str = "resnet32", **_: Any) -> Graph:
     return Graph([Node(model)], [["cutoff", "through"], ["cutoff", "cutoff"]])
 

@@ -21,7 +21,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .loss import GatesLike, GraphLoss, GraphLossResult
+from .loss import GraphLoss
+from .loss_inputs import GatesLike, GraphLossResult
 
 __all__ = ["GraphLinearLoss"]
 

@@ -11,7 +11,6 @@ from torch import nn
 from .graph import PRETRAINED, Graph
 from .io import CheckpointError, atomic_torch_save, check_state_dict, load_checkpoint
 from .models import canonical_model_name, get_model
-from .teachers import TeacherNotFoundError, default_teacher_dir, teacher_path
 
 __all__ = [
     "TeacherNotFoundError",
@@ -21,6 +20,25 @@ __all__ = [
     "teacher_path",
     "default_teacher_dir",
 ]
+
+
+class TeacherNotFoundError(FileNotFoundError):
+    """A frozen node's checkpoint is missing; the message says how to make it."""
+
+
+def default_teacher_dir() -> Path:
+    """``$KTG_TEACHERS`` or ./teachers: where ``python -m ktg_fast.pretrain`` writes and graphs look."""
+    return Path(os.environ.get("KTG_TEACHERS", "teachers"))
+
+
+def teacher_path(teacher_dir: str | os.PathLike, dataset: str, model: str, val_size: int = 0) -> Path:
+    """Checkpoint path of a label-only teacher.
+
+    Teachers for a search are trained on the search's training split (the
+    validation images held out), so the split is part of the name.
+    """
+    tag = dataset if val_size == 0 else f"{dataset}-val{val_size}"
+    return Path(teacher_dir) / tag / f"{canonical_model_name(model)}.pt"
 
 
 def save_model_checkpoint(path: str | os.PathLike, model: nn.Module, *, name: str, num_classes: int,

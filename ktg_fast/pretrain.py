@@ -17,7 +17,8 @@ from .cli_common import (add_data_args, add_recipe_args, check_out_dir, data_fro
                          setup_logging)
 from .data import canonical_name
 from .models import canonical_model_name
-from .teachers import default_teacher_dir, pretrain_teacher, teacher_path
+from .nodes import default_teacher_dir, teacher_path
+from .teachers import pretrain_teacher
 
 __all__ = ["main"]
 
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"{dest} is a folder, not a teacher checkpoint: move it away or choose other --teachers")
     work = check_out_dir(args.out if args.out else dest.with_suffix(".run"))  # before any data is loaded
     dest = pretrain_teacher(model, data, recipe_from_args(args, args.seed), teacher_dir=teachers,
-                            device=args.device, step=args.step, progress=not args.no_progress, work_dir=work)
+                            device=args.device, step=args.step, progress=not args.no_progress, work_dir=work,
+                            compile_cache=args.compile_cache or work / "inductor-cache")
     print(f"teacher {model} for {data.dataset} written to {dest}")
     return 0
 

@@ -47,6 +47,10 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     check_every: int = 50  # steps between host reads of the non-finite-loss flag
+    # Arithmetic of the forward passes: "fp32", "bf16" or "fp16"; None: fp32 on the CPU, bf16 on a CUDA
+    # device that supports it (the graph loss, weights and checkpoints stay fp32 whatever this is).
+    precision: Optional[str] = None
+    channels_last: bool = False  # channels-last images (and nets): faster on some devices, slower on others
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field."""
@@ -60,6 +64,8 @@ class TrainConfig:
             raise ValueError("weight decay must be >= 0 and momentum in [0, 1)")
         if self.nesterov and self.momentum == 0:
             raise ValueError("Nesterov momentum needs momentum > 0")
+        if self.precision not in (None, "fp32", "bf16", "fp16"):
+            raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
     def node_rates(self, num_nodes: int) -> list[float]:
         """Base learning rate of each network node (1..M): ``node_lr`` when given, else ``lr`` for all.

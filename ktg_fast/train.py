@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         run_dir = out / f"seed{seed}" if len(args.seeds) > 1 else out
         trainer = Trainer(graph, data_from_args(args), recipe_from_args(args, seed), run_dir, device=args.device,
-                          step=args.step, teacher_dir=args.teachers, progress=not args.no_progress)
+                          step=args.step, teacher_dir=args.teachers, progress=not args.no_progress,
+                          compile_cache=args.compile_cache or out / "inductor-cache")
         final = trainer.run(resume=args.resume)
         finals.append(final)
         metric = "test_acc" if "test_acc" in final else "val_acc"

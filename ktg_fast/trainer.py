@@ -8,7 +8,6 @@ with the same weights as an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -20,14 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .graph import Graph
-from .io import (CheckpointError, append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text,
-                 check_state_dict, load_checkpoint)
+from .io import CheckpointError, append_jsonl, atomic_torch_save, atomic_write_json, check_state_dict, load_checkpoint
 from .nodes import build_nodes, save_model_checkpoint
 from .recipe import TrainConfig, lr_at_epoch
 from .data import canonical_name, load_dataset, load_image_folder, make_loader, train_val_split
 from .data.spec import SPLIT_SEED, DataSpec
 from .device import resolve_device, use_device
-from .steps import TrainStep, make_step
+from .run_files import (epoch_line, fingerprint_diff, format_duration, is_tty, read_json, read_metrics,
+                        short_record, truncate_metrics)
+from .steps import TrainStep, default_precision, make_step
 
 __all__ = ["Trainer", "CheckpointError", "NonFiniteLossError", "RunExistsError", "fingerprint_diff", "read_metrics"]
 
@@ -54,7 +54,7 @@ class Trainer:
         out_dir: run folder: ``checkpoint.pt``, ``metrics.jsonl``,
             ``final.json``, ``graph.yaml``, ``nodes/node<t>_<model>.pt``.
         device: ``auto``, ``cpu``, ``cuda``...
-        step: ``auto``, ``eager``, ``fused`` or ``graph`` (see ``step.py``).
+        step: ``auto`` or a kind of :data:`ktg_fast.steps.STEP_KINDS`.
         teacher_dir: where frozen nodes marked ``pretrained`` are found.
         on_epoch_end: called with each epoch's metrics record; a search
             reports to its pruner here (and may raise to stop the run).
@@ -65,13 +65,14 @@ class Trainer:
                  device: str | torch.device = "auto", step: str = "auto", loss_impl: str = "auto",
                  teacher_dir: Optional[str | os.PathLike] = None,
                  on_epoch_end: Optional[Callable[[dict], None]] = None, progress: bool = True,
-                 save_checkpoints: bool = True):
+                 save_checkpoints: bool = True, compile_cache: Optional[str | os.PathLike] = None):
         cfg.validate()
         data.validate()
         self.graph, self.data, self.cfg = graph, data, cfg
         self.out = Path(out_dir)
         self.device = use_device(resolve_device(device))
         self.step_kind, self.loss_impl = step, loss_impl
+        self.compile_cache = compile_cache
         self.teacher_dir = teacher_dir
         self.on_epoch_end = on_epoch_end
         self.show_progress = progress
@@ -121,10 +122,13 @@ class Trainer:
         nets = build_nodes(self.graph, num_classes=self.num_classes, in_channels=self.in_channels,
                            dataset=_dataset_key(self.data.dataset), device=self.device,
                            teacher_dir=self.teacher_dir, val_size=self.data.val_size)
-        self.train_step: TrainStep = make_step(self.step_kind, self.graph, nets, self.cfg, loss_impl=self.loss_impl)
-        log.info("step path: %s", self.train_step.kind)
         self.iters_per_epoch = len(self.train_loader)
         self.k_end = self.cfg.epochs * self.iters_per_epoch
+        self.precision = self.cfg.precision or default_precision(self.device)
+        self.train_step: TrainStep = make_step(
+            self.step_kind, self.graph, nets, self.cfg, loss_impl=self.loss_impl, total_steps=self.k_end,
+            precision=self.precision, channels_last=self.cfg.channels_last, compile_cache=self.compile_cache)
+        log.info("step path: %s (%s)", self.train_step.kind, self.precision)
 
     def _fingerprint(self) -> dict:
         """What must match for a checkpoint to be resumed."""
@@ -154,7 +158,7 @@ class Trainer:
             raise CheckpointError(f"{path} is not a training checkpoint of ktg_fast (it lacks "
                                   f"{[k for k in need if not isinstance(ckpt, dict) or k not in ckpt]}); "
                                   "move it away or choose another --out folder")
-        diffs = fingerprint_diff(ckpt["fingerprint"], self._fingerprint())
+        diffs = fingerprint_diff(_upgrade_fingerprint(ckpt["fingerprint"]), self._fingerprint())
         if diffs:
             raise ValueError(f"{path} was written with other settings: {'; '.join(diffs)}. Resume with the "
                              "same settings, or use another --out folder for a new run")
@@ -213,13 +217,13 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.graph.save(self.out / "graph.yaml")
         # Records after the checkpoint (or any, with none) are redone: one record per epoch.
-        _truncate_metrics(self.out / "metrics.jsonl", start_epoch)
+        truncate_metrics(self.out / "metrics.jsonl", start_epoch)
         if start_epoch >= self.cfg.epochs:
             log.info("%s is already complete", self.out)
             final = self.out / "final.json"
             # A kill after the last checkpoint but before final.json: finish from the last record.
             if final.exists():
-                return _read_json(final)
+                return read_json(final)
             records = read_metrics(self.out / "metrics.jsonl")
             last = records[-1] if records else {
                 "epoch": start_epoch, "step": step, **{f"{sp}_acc": self.evaluate(sp) for sp in self.eval_loaders}}
@@ -229,7 +233,7 @@ class Trainer:
         progress_t = torch.zeros((), device=self.device)
         epochs = range(start_epoch, self.cfg.epochs)
         # Bars only on a terminal: in a log file their cursor moves would leave escape codes.
-        bars = self.show_progress and _is_tty(sys.stderr)
+        bars = self.show_progress and is_tty(sys.stderr)
         bar = tqdm(epochs, desc=f"train {self.out.name}", unit="epoch", disable=not bars,
                    initial=start_epoch, total=self.cfg.epochs)
         record: dict = {}
@@ -285,10 +289,10 @@ class Trainer:
             if first_epoch:
                 self._estimate(epoch, time.perf_counter() - run_t0)
             if bars:
-                bar.set_postfix(_short(record, self.graph.target))
+                bar.set_postfix(short_record(record, self.graph.target))
             else:
-                log.info("epoch %d/%d: %s (%s)", epoch + 1, self.cfg.epochs, _epoch_line(record, self.graph.target),
-                         _duration(time.perf_counter() - t0))
+                log.info("epoch %d/%d: %s (%s)", epoch + 1, self.cfg.epochs, epoch_line(record, self.graph.target),
+                         format_duration(time.perf_counter() - t0))
             if self.on_epoch_end is not None:
                 self.on_epoch_end(record)
         bar.close()
@@ -302,20 +306,20 @@ class Trainer:
         left = self.cfg.epochs - epoch
         total = seconds / done * self.iters_per_epoch * left
         log.info("speed so far %.1f batches/s: training the %d epoch%s left takes about %s, plus evaluation",
-                 done / seconds, left, "" if left == 1 else "s", _duration(total))
+                 done / seconds, left, "" if left == 1 else "s", format_duration(total))
 
     def _estimate(self, epoch: int, seconds: float) -> None:
         """After the first epoch of this process: the run's total time at the measured speed."""
         left = self.cfg.epochs - epoch - 1
         if not left:
-            log.info("epoch %d took %s with evaluation", epoch + 1, _duration(seconds))
+            log.info("epoch %d took %s with evaluation", epoch + 1, format_duration(seconds))
             return
         finish = time.strftime("%H:%M", time.localtime(time.time() + seconds * left))
-        what = (f"the whole run ({self.cfg.epochs} epochs) takes about {_duration(seconds * self.cfg.epochs)}"
+        what = (f"the whole run ({self.cfg.epochs} epochs) takes about {format_duration(seconds * self.cfg.epochs)}"
                 if epoch == 0 else
-                f"epochs {epoch + 1}-{self.cfg.epochs} of this resumed run take about {_duration(seconds * (left + 1))}")
+                f"epochs {epoch + 1}-{self.cfg.epochs} of this resumed run take about {format_duration(seconds * (left + 1))}")
         log.info("epoch %d took %s with evaluation: %s at this speed, done around %s",
-                 epoch + 1, _duration(seconds), what, finish)
+                 epoch + 1, format_duration(seconds), what, finish)
 
     def _check_finite(self, bad_step: torch.Tensor, bad_nodes: torch.Tensor, epoch: int) -> None:
         k = int(bad_step)
@@ -357,127 +361,21 @@ class Trainer:
             self.save_node(t, test_acc=record.get("test_acc", [None] * m)[t - 1],
                            val_acc=record.get("val_acc", [None] * m)[t - 1])
         final = {"graph": self.graph.to_dict(), "dataset": self.data.dataset, "seed": self.cfg.seed,
-                 "epochs": self.cfg.epochs, "step_path": self.train_step.kind, "loader": self.loader_kind, **record}
+                 "epochs": self.cfg.epochs, "step_path": self.train_step.kind, "precision": self.precision,
+                 "loader": self.loader_kind, **record}
         atomic_write_json(self.out / "final.json", final)
         return final
-
-
-def _is_tty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
-def _duration(seconds: float) -> str:
-    """``42 s``, ``7 min 5 s``, ``4 h 26 min``, ``3 d 2 h``."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{max(seconds, 0):.0f} s" if seconds >= 1 else f"{seconds:.1f} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60} s"
-    if s < 86400:
-        return f"{s // 3600} h {s % 3600 // 60} min"
-    return f"{s // 86400} d {s % 86400 // 3600} h"
-
-
-def fingerprint_diff(old: dict, new: dict) -> list[str]:
-    """The settings that differ between a checkpoint's fingerprint and this run's, as command-line
-    flags: ``--lr 0.05 in the checkpoint, 0.1 now``."""
-    out = []
-    g_old, g_new = old.get("graph") or {}, new.get("graph") or {}
-    n_old, n_new = g_old.get("nodes") or [], g_new.get("nodes") or []
-    if len(n_old) != len(n_new):  # another graph altogether: its nodes, not every gate
-        def models(nodes: list) -> str:
-            return f"{len(nodes)} node{'s' if len(nodes) != 1 else ''} (" + \
-                ", ".join(str(n.get("model") if isinstance(n, dict) else n) for n in nodes) + ")"
-        out.append(f"--graph {models(n_old)} in the checkpoint, {models(n_new)} now")
-        old, new = {k: v for k, v in old.items() if k != "graph"}, {k: v for k, v in new.items() if k != "graph"}
-    for path, a, b in _diff(old, new, ""):
-        key = path.split(".", 1)[1] if path.startswith("config.") else path
-        if path.startswith("graph"):
-            label = f"--graph ({path[len('graph.'):] or 'graph'})"
-        else:
-            label = _FLAGS.get(key, key)
-        out.append(f"{label} {_fmt(a)} in the checkpoint, {_fmt(b)} now")
-    return out
-
-
-_FLAGS = {"dataset": "--dataset", "val_size": "--val-size", "train_subset": "--train-subset",
-          "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "momentum": "--momentum",
-          "nesterov": "Nesterov momentum (--no-nesterov)", "weight_decay": "--weight-decay",
-          "milestones": "--milestones", "gamma": "--gamma", "seed": "seed", "augment": "augmentation (--no-augment)",
-          "node_lr": "per-node learning rates", "check_every": "check_every"}
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "unset"
-    if isinstance(v, list):
-        return " ".join(_fmt(x) for x in v) if all(not isinstance(x, (list, dict)) for x in v) else json.dumps(v)
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
-def _diff(a: Any, b: Any, path: str):
-    """Yield (dotted path, a's value, b's value) of every leaf where ``a`` and ``b`` differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            yield from _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and path.startswith("graph"):
-        for i, (x, y) in enumerate(zip(a, b)):
-            yield from _diff(x, y, f"{path}[{i}]")
-    elif a != b:
-        yield path, a, b
 
 
 def _dataset_key(name: str) -> str:
     return canonical_name(name)
 
 
-def _short(record: dict, target: int) -> dict:
-    out = {"loss": f"{sum(record['train_loss']):.3f}"}
-    for split in ("val", "test"):
-        if f"{split}_acc" in record:
-            out[split] = f"{record[f'{split}_acc'][target - 1]:.2f}"
-    return out
-
-
-def _epoch_line(record: dict, target: int) -> str:
-    """``loss 1.234, target (node 1) val 45.60 %, test 44.10 %``: one epoch in a log line."""
-    parts = [f"loss {sum(record['train_loss']):.3f}"]
-    accs = [f"{split} {record[f'{split}_acc'][target - 1]:.2f} %" for split in ("val", "test")
-            if f"{split}_acc" in record]
-    if accs:
-        parts.append(f"target (node {target}) " + ", ".join(accs))
-    return ", ".join(parts)
-
-
-def _truncate_metrics(path: Path, epoch: int) -> None:
-    """Keep one record per epoch up to ``epoch`` (the checkpoint's; 0 without one): drop lines written
-    after the checkpoint, repeated epochs and a line cut short by a kill."""
-    if not path.exists():
-        return
-    by_epoch: dict[int, dict] = {}
-    for r in read_metrics(path):
-        if isinstance(r, dict) and isinstance(r.get("epoch"), int) and 1 <= r["epoch"] <= epoch:
-            by_epoch[r["epoch"]] = r  # a repeated epoch: the later record is the checkpoint's
-    atomic_write_text(path, "".join(json.dumps(by_epoch[e]) + "\n" for e in sorted(by_epoch)))
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Records of a ``metrics.jsonl`` (none if it is missing); a line cut short by a kill is skipped."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+def _upgrade_fingerprint(old: Any) -> Any:
+    """A checkpoint's settings as this version names them: recipe fields added since take their
+    defaults, fields since removed are dropped (checkpoints of earlier versions still resume)."""
+    if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
+        return old
+    defaults = TrainConfig().to_dict()
+    cfg = {k: v for k, v in old["config"].items() if k in defaults}
+    return {**old, "config": {**{k: v for k, v in defaults.items() if k not in cfg}, **cfg}}

@@ -24,7 +24,8 @@ from ktg_fast.models import get_model
 from ktg_fast.nodes import load_model_checkpoint, save_model_checkpoint
 from ktg_fast.recipe import TrainConfig
 from ktg_fast.data import DataSpec
-from ktg_fast.trainer import NonFiniteLossError, Trainer, read_metrics
+from ktg_fast.run_files import read_metrics
+from ktg_fast.trainer import NonFiniteLossError, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()

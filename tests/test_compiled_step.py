@@ -14,7 +14,6 @@ bf16 against fp32: measured <= 3e-3 after 5 steps at lr 0.01; the bound is 1e-2.
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import os
 from pathlib import Path
@@ -328,22 +327,19 @@ def test_compile_cache_dir_sets_inductor_folder(tmp_path, monkeypatch) -> None:
 # ------------------------------------------------------------------------- real data
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")
-def test_fashion_mnist_bf16_reaches_fp32_accuracy(tmp_path, monkeypatch) -> None:
+def test_fashion_mnist_bf16_reaches_fp32_accuracy(tmp_path) -> None:
     """A short Fashion-MNIST DML run (2 x resnet8) in bf16 ends within 2 points of the same run in fp32."""
-    import ktg_fast.trainer as trainer_mod
-    from ktg_fast.trainer import DataSpec, Trainer
+    from ktg_fast.data import DataSpec
+    from ktg_fast.trainer import Trainer
 
     data = DataSpec("fashion-mnist", val_size=2000, train_subset=4096, eval_subset=2000, loader="torch")
-    cfg = TrainConfig(epochs=2, batch_size=64, lr=0.1, seed=0)
     acc = {}
     for precision in ("fp32", "bf16"):
-        # The trainer builds its step through make_step; this run's precision is passed there.
-        monkeypatch.setattr(trainer_mod, "make_step", functools.partial(make_step, precision=precision))
+        cfg = TrainConfig(epochs=2, batch_size=64, lr=0.1, seed=0, precision=precision)  # the recipe's field
         t = Trainer(preset("dml", nodes=2, model="resnet8"), data, cfg, tmp_path / precision, device="cpu",
                     step="eager", progress=False)
         final = t.run()
-        built = getattr(t, "train_step", None) or getattr(t, "step")  # the attribute's name is being changed
-        assert built.precision == precision
+        assert t.train_step.precision == precision and final["precision"] == precision
         acc[precision] = final["val_acc"]
     assert min(acc["fp32"]) > 60.0, acc  # it learned (chance is 10 %)
     for node in range(2):

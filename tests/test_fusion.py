@@ -569,3 +569,10 @@ def test_gpu_graph_step_on_the_second_device(cuda_exact) -> None:
         torch.testing.assert_close(a(x, y, progress), b(x, y, progress), rtol=1e-5, atol=1e-5)
     assert a.kind == "cudagraph" and a._cuda_graph is not None and torch.cuda.current_device() == 0
     assert_nets_equal(a_nets, b_nets)
+
+
+def test_old_step_name_graph_still_works_with_a_deprecation_message(caplog) -> None:
+    graph = dml_graph(["resnet8"] * 2)
+    with pytest.warns(FutureWarning, match="--step graph is now --step cudagraph"):
+        step = make_step("graph", graph, build(graph), TrainConfig())
+    assert step.kind == "fused"  # CPU nets: the CUDA-graph step falls back to the fused one

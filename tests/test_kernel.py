@@ -466,10 +466,10 @@ def test_cutoff_edges_ignore_a_diverged_source(bad, c, launch):
 
 
 def test_backward_scale_uses_a_small_fixed_grid(monkeypatch):
-    """The scale kernel's grid is (P, M) with P <= _SCALE_GRID / M whatever B * C is; each program
+    """The scale kernel's grid is (P, M) with P <= SCALE_GRID / M whatever B * C is; each program
     loops over blocks, so every element is still scaled."""
-    monkeypatch.setattr(kgl, "_SCALE_BLOCK", 16)
-    monkeypatch.setattr(kgl, "_SCALE_GRID", 6)
+    monkeypatch.setattr(kgl, "SCALE_BLOCK", 16)
+    monkeypatch.setattr(kgl, "SCALE_GRID", 6)
     grids = []
     real = kgl._launch
 

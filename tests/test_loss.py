@@ -363,7 +363,7 @@ def test_graph_loss_module_binds_the_gates_once(monkeypatch):
         raise AssertionError("the gate matrix was re-validated on a call")
 
     monkeypatch.setattr(L._gates, "gate_codes", refuse)
-    monkeypatch.setattr(L, "_edge_plan", refuse)
+    monkeypatch.setattr(L, "edge_plan", refuse)
     a = bound(z, labels, prog)
     monkeypatch.undo()
     b = kf.graph_loss(z, labels, gates, temperature=T, progress=prog)
@@ -379,13 +379,14 @@ def test_graph_loss_module_binds_the_gates_once(monkeypatch):
 @pytest.mark.parametrize("seed", range(12))
 def test_closed_form_reference_gradient_equals_autograd(seed):
     """reference_with_grad (the gradient written with the forward, as the kernel does) against autograd."""
-    from ktg_fast.loss import _edge_plan, prepare_gates, reference_with_grad
+    from ktg_fast.reference import edge_plan, reference_with_grad
+    from ktg_fast.loss_inputs import prepare_gates
 
     logits, labels, gates, T, prog = random_case(seed)
     z = torch.stack(logits).detach().requires_grad_()
     res = kf.graph_loss(z, labels, gates, temperature=T, progress=prog)
     expected = torch.autograd.grad(res.node_loss.sum(), z)[0] if res.node_loss.requires_grad else torch.zeros_like(z)
-    plan = _edge_plan(prepare_gates(gates, z.shape[0]))
+    plan = edge_plan(prepare_gates(gates, z.shape[0]))
     res2, grad = reference_with_grad(z.detach(), labels, plan, T, prog, -100)
     torch.testing.assert_close(res2.edge_loss, res.edge_loss.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12)

@@ -268,3 +268,37 @@ def test_tiny_imagenet_folder_trains_through_each_loader(tmp_path, loader):
     assert t.loader_kind == loader and t.num_classes == 3 and t.in_channels == 3
     assert len(final["test_acc"]) == 1  # the labelled val folder serves as the test split
     assert final["step"] == 3  # 18 images, batch 6, last incomplete batch dropped
+
+
+def test_cli_precision_flag_reaches_the_step(tmp_path):
+    """--precision bf16: the forward runs in bf16 (recorded in final.json), weights stay fp32."""
+    out = tmp_path / "bf16"
+    _cli(["--graph", "dml", "--model", "resnet8", "--dataset", "synthetic", "--train-subset", "64", "--epochs", "1",
+          "--batch-size", "32", "--out", str(out), "--no-progress", "--loader", "torch", "--device", "cpu",
+          "--step", "fused", "--precision", "bf16"])
+    final = json.loads((out / "final.json").read_text())
+    assert final["precision"] == "bf16" and final["step_path"] == "fused"
+    nets, _ = _weights(out)
+    assert all(v.dtype == torch.float32 for sd in nets for v in sd.values() if v.is_floating_point())
+    r = _cli(["--graph", "dml", "--model", "resnet8", "--dataset", "synthetic", "--out", str(tmp_path / "x"),
+              "--precision", "fp8"], check=False)
+    assert r.returncode == 2 and "--precision" in r.stderr
+
+
+def test_checkpoint_of_an_earlier_version_still_resumes(tmp_path):
+    """A checkpoint whose recipe lacks fields added since (precision, channels_last) and holds one
+    removed since (extra) resumes; a real difference is still refused."""
+    args = ["--graph", "dml", "--model", "resnet8", "--dataset", "synthetic", "--train-subset", "64",
+            "--epochs", "1", "--batch-size", "32", "--loader", "torch", "--no-progress", "--device", "cpu",
+            "--step", "eager", "--out", str(tmp_path / "r")]
+    _cli(args)
+    ck_path = tmp_path / "r" / "checkpoint.pt"
+    ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+    cfg = ck["fingerprint"]["config"]
+    cfg.pop("precision"), cfg.pop("channels_last")
+    cfg["extra"] = {}
+    torch.save(ck, ck_path)
+    r = _cli(args + ["--resume"], check=False)
+    assert r.returncode == 0, r.stderr
+    r = _cli(args + ["--resume", "--lr", "0.2"], check=False)
+    assert r.returncode == 2 and "--lr" in r.stderr

@@ -42,7 +42,7 @@ from ..cli_common import positive_int, setup_logging
 from ..data import canonical_name, dataset_info, load_dataset
 from ..data.factory import LOADER_KINDS
 from ..recipe import TrainConfig
-from ..steps import STEP_KINDS
+from ..steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .config import CONFIG_FILE, SearchConfig, load_config, spec_differences
 from .export import export_study
 from .ledger import ATTR_FAIL, Ledger
@@ -116,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(default 2 x --heartbeat)")
     g.add_argument("--max-retry", type=int, help="re-runs of a trial whose worker died (default 3)")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
-    g.add_argument("--step", choices=STEP_KINDS, help="training-step path (default auto)")
+    g.add_argument("--step", choices=(*STEP_KINDS, *DEPRECATED_STEP_KINDS), help="training-step path (default auto)")
+    g.add_argument("--precision", choices=PRECISIONS, help="forward arithmetic (default: fp32 on the CPU, bf16 on "
+                                                           "a CUDA device that has it)")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    g.add_argument("--compile-cache", metavar="DIR", help="Inductor's cache, shared by every trial and worker "
+                                                          "(default <out>/inductor-cache)")
     g.add_argument("--cpu-threads", type=int, help="torch threads per worker on CPU (default: cores / workers)")
     g.add_argument("--poll", dest="poll_s", type=float, help="seconds between storage polls (default 5)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress line")
@@ -179,7 +184,8 @@ def _preflight(cfg: SearchConfig) -> None:
 
 # The files and folders a search writes into --out (besides lock and temporary files).
 SEARCH_NAMES = frozenset({CONFIG_FILE, "study.db", "study.db-wal", "study.db-shm", "study.db-journal", "trials", "logs",
-                          "teachers", "best", "top", "trials.md", "trials.json", "history.png", "intermediate.png"})
+                          "teachers", "best", "top", "trials.md", "trials.json", "history.png", "intermediate.png",
+                          "inductor-cache"})
 # What a training run (python -m ktg_fast.train / pretrain) writes.
 RUN_NAMES = frozenset({"metrics.jsonl", "checkpoint.pt", "final.json", "graph.yaml", "nodes", "results.md",
                        "config.json", "run.json"})

@@ -24,7 +24,7 @@ from ..data.spec import DataSpec
 from ..data.synthetic import DEFAULT_SIZE
 from ..io import atomic_write_json
 from ..recipe import TrainConfig
-from ..teachers import default_teacher_dir
+from ..nodes import default_teacher_dir
 from .space import DEFAULT_GATES, DEFAULT_MODELS, SearchError, SearchSpace
 from .storage import default_storage_url, sqlite_path
 
@@ -36,7 +36,7 @@ CONFIG_FILE = "search.json"
 STUDY_KEYS = (
     "nodes", "target", "models", "gates", "temperature",
     "dataset", "val_size", "train_subset", "eval_subset",
-    "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "gamma", "augment",
+    "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "gamma", "augment", "precision",
     "min_resource", "reduction_factor", "min_early_stopping_rate", "teacher_epochs",
     "heartbeat", "grace",
 )
@@ -91,6 +91,9 @@ class SearchConfig:
     workers: int = 1
     device: str = "auto"
     step: str = "auto"
+    precision: Optional[str] = None  # None: fp32 on the CPU, bf16 on a CUDA device that has it
+    channels_last: bool = False
+    compile_cache: Optional[str] = None  # None: <out>/inductor-cache, shared by every trial and worker
     cpu_threads: Optional[int] = None
     poll_s: float = 5.0
     # written by the search for the record: the sampler seed of each local worker (see sampler_seed)
@@ -145,7 +148,12 @@ class SearchConfig:
     def train_config(self, seed: int, epochs: Optional[int] = None):
         return TrainConfig(epochs=epochs or self.epochs, batch_size=self.batch_size, lr=self.lr,
                            momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay,
-                           milestones=self.milestones, gamma=self.gamma, seed=seed, augment=self.augment)
+                           milestones=self.milestones, gamma=self.gamma, seed=seed, augment=self.augment,
+                           precision=self.precision, channels_last=self.channels_last)
+
+    def compile_cache_folder(self) -> Path:
+        """Inductor's cache folder for every trial's compiled step (``--compile-cache``)."""
+        return Path(self.compile_cache) if self.compile_cache else Path(self.out) / "inductor-cache"
 
     def study_spec(self) -> dict[str, Any]:
         """The study settings, normalised (canonical names, resolved split and teacher epochs)."""

@@ -20,7 +20,7 @@ from .. import teachers as teacher_lib  # teacher_lib.pretrain_teacher is looked
 from ..data import canonical_name
 from ..graph import Graph
 from ..io import atomic_write_json
-from ..teachers import TeacherNotFoundError, teacher_path
+from ..nodes import TeacherNotFoundError, teacher_path
 from ..trainer import NonFiniteLossError
 from .config import SearchConfig
 from .storage import locked_file

@@ -42,7 +42,8 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from ..io import atomic_write_json, atomic_write_text
-from ..trainer import NonFiniteLossError, Trainer, read_metrics
+from ..run_files import read_metrics
+from ..trainer import NonFiniteLossError, Trainer
 from .config import SearchConfig
 from .ledger import ATTR_FAIL, ATTR_KEY, ATTR_REJECTED, Ledger, is_retry, retry_history, root_of
 from .space import FrozenTargetError, SearchError
@@ -274,7 +275,7 @@ class Worker:
             ensure_teachers(graph, cfg, device=self.device, step=cfg.step)
             trainer = Trainer(graph, cfg.data_spec(), cfg.train_config(seed), out, device=self.device,
                               step=cfg.step, teacher_dir=cfg.teacher_dir(), on_epoch_end=reporter,
-                              progress=False)
+                              progress=False, compile_cache=cfg.compile_cache_folder())
             reporter.trainer = trainer
             final = trainer.run(resume=resumed)
             value = float(final["val_acc"][target - 1])

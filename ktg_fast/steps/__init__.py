@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -31,7 +32,7 @@ from .fused import FusedStep
 from .node_group import NodeGroup, architecture_key, group_nodes
 from .precision import PRECISIONS, NodeLossScale, check_precision, default_precision
 
-__all__ = ["STEP_KINDS", "STEPS", "CPU_AUTO_KIND", "make_step", "TrainStep", "EagerStep", "FusedStep",
+__all__ = ["STEP_KINDS", "DEPRECATED_STEP_KINDS", "STEPS", "CPU_AUTO_KIND", "make_step", "TrainStep", "EagerStep", "FusedStep",
            "CudaGraphStep", "NodeGroup", "FlatSGD", "architecture_key", "group_nodes", "eval_mode_logits",
            "node_lrs", "CompiledStep", "CompiledCudaGraphStep", "compile_cache_dir", "graph_breaks", "PRECISIONS",
            "NodeLossScale", "default_precision", "CPU_COMPILE_MIN_STEPS", "CUDA_COMPILE_MIN_STEPS"]
@@ -40,6 +41,8 @@ __all__ = ["STEP_KINDS", "STEPS", "CPU_AUTO_KIND", "make_step", "TrainStep", "Ea
 STEPS: dict[str, Callable[..., TrainStep]] = {"eager": EagerStep, "fused": FusedStep, "cudagraph": CudaGraphStep,
                                               "compiled": CompiledStep}
 STEP_KINDS = ("auto", *STEPS)
+# Old spellings still accepted for one release, with a deprecation message ("graph" meant two things).
+DEPRECATED_STEP_KINDS = {"graph": "cudagraph"}
 
 # On the CPU "auto" takes the eager step.  bench/test_bench_step.py (batch 16,
 # 32x32; 3 x resnet8, and resnet8/wrn10_1/resnet8/resnet14) put the fused step
@@ -93,6 +96,12 @@ def make_step(kind: str, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConf
     Raises:
         ValueError: an unknown ``kind`` (the message lists :data:`STEP_KINDS`) or precision.
     """
+    if kind in DEPRECATED_STEP_KINDS:
+        new = DEPRECATED_STEP_KINDS[kind]
+        warnings.warn(f"--step {kind} is now --step {new} (the old name goes in the next release)",
+                      FutureWarning, stacklevel=2)
+        say_once(logging.WARNING, "--step %s is deprecated: use --step %s", kind, new)
+        kind = new
     if kind not in STEP_KINDS:
         raise ValueError(f"unknown step {kind!r}; choose from {', '.join(STEP_KINDS)}")
     check_precision(precision)
@@ -117,8 +126,8 @@ def make_step(kind: str, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConf
         kind = "fused"
     opts: dict = dict(loss_impl=loss_impl, precision=precision, channels_last=channels_last)
     if kind == "cudagraph":
-        if compile is None:
-            compile = total_steps is None or total_steps >= CUDA_COMPILE_MIN_STEPS
+        if compile is None:  # only where the run is known to be long enough to repay compiling
+            compile = total_steps is not None and total_steps >= CUDA_COMPILE_MIN_STEPS
         if compile:
             return CompiledCudaGraphStep(graph, nets, cfg, cache_dir=compile_cache, **opts)
     if kind == "compiled":

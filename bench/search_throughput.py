@@ -1,6 +1,6 @@
 """How fast a sampled graph trains: seconds per epoch, for the search's cost model (``budget.py``).
 
-    python -m ktg_fast.search.throughput --graph-seed 0 --window 20 [--barrier DIR --workers K]
+    python bench/search_throughput.py --graph-seed 0 --window 20 [--barrier DIR --workers K]
 
 Samples a graph from the paper's space (3 nodes, ResNet32 target, auxiliary
 ResNet32 / ResNet110 / WRN-28-2, four gates), builds it on the device with
@@ -24,14 +24,14 @@ from typing import Any, Optional
 import optuna
 import torch
 
-from ..cli_common import run_cli
-from ..device import resolve_device, use_device
-from ..models import get_model
-from ..nodes import build_nodes, save_model_checkpoint
-from ..recipe import TrainConfig
-from ..steps import make_step
-from ..teachers import teacher_path
-from .space import FrozenTargetError, SearchSpace
+from ktg_fast.cli_common import run_cli
+from ktg_fast.device import resolve_device, use_device
+from ktg_fast.models import get_model
+from ktg_fast.nodes import build_nodes, save_model_checkpoint
+from ktg_fast.recipe import TrainConfig
+from ktg_fast.steps import make_step
+from ktg_fast.nodes import teacher_path
+from ktg_fast.search.space import FrozenTargetError, SearchSpace
 
 __all__ = ["sample_graph", "measure_epoch_seconds"]
 
@@ -119,7 +119,7 @@ def measure_epoch_seconds(graph: Any, *, device: str = "auto", step: str = "auto
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ktg_fast.search.throughput", description=__doc__,
+    p = argparse.ArgumentParser(prog="python bench/search_throughput.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--graph-seed", type=int, default=0)
     p.add_argument("--device", default="auto")

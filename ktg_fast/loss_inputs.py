@@ -1,0 +1,138 @@
+"""The graph loss's front door: what a call must hand over, checked once, with errors that name it.
+
+Shapes and dtypes of logits and labels, the temperature, the linear gate's progress, the gate
+matrix's size and structure (the structure rule itself lives in :mod:`ktg_fast.graph`).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence, Union
+
+import torch
+
+from . import gates as _gates
+from .graph import check_gate_structure
+
+__all__ = ["GraphLossResult", "LogitsLike", "GatesLike", "stack_logits", "flatten_batch", "check_labels",
+           "check_temperature", "prepare_gates", "progress_tensor"]
+
+LogitsLike = Union[torch.Tensor, Sequence[torch.Tensor]]
+GatesLike = Union[torch.Tensor, Sequence[Sequence[Union[str, int]]]]
+
+
+class GraphLossResult(NamedTuple):
+    """Losses of one batch.
+
+    Attributes:
+        node_loss: (M,) loss L_t of each network node t = 1..M (index t-1).
+            Its gradient reaches node t's logits only, so
+            ``node_loss.sum().backward()`` trains every node by its own loss.
+        edge_loss: (M+1, M+1) loss L_{s,t} of every edge [source][destination];
+            zero for cutoff edges, the diagonal and column 0.
+    """
+
+    node_loss: torch.Tensor
+    edge_loss: torch.Tensor
+
+
+def stack_logits(logits: LogitsLike) -> torch.Tensor:
+    if isinstance(logits, torch.Tensor):
+        if logits.dim() < 3:
+            raise ValueError(f"logits must be (M, *, C) (e.g. (M, B, C) or (M, B, T, C)) or a list of M (*, C) "
+                             f"tensors, got shape {tuple(logits.shape)}")
+        z = logits
+    else:
+        logits = list(logits)
+        if not logits:
+            raise ValueError("logits is an empty list: pass one (B, C) tensor per network node")
+        if not all(isinstance(x, torch.Tensor) for x in logits):
+            raise TypeError("logits must be tensors: an (M, B, C) tensor or a list of M (B, C) tensors")
+        shapes = {tuple(x.shape) for x in logits}
+        if len(shapes) != 1 or len(next(iter(shapes))) < 2:
+            raise ValueError(f"every node's logits must be (*, C) of one shape, e.g. (B, C), got shapes {sorted(shapes)}")
+        z = torch.stack(logits)
+    if not z.dtype.is_floating_point:
+        raise TypeError(f"logits must be floating point (float32, float64, bfloat16 or float16), got {z.dtype}")
+    return z
+
+
+_LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def flatten_batch(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, *, C) logits and (*) labels -> (M, B, C) and (B,), as F.cross_entropy users expect."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an int64 or int32 tensor of class indices, got {type(labels).__name__}")
+    lead = tuple(z.shape[1:-1])
+    if tuple(labels.shape) != lead:
+        raise ValueError(f"labels must be {lead} to match logits {tuple(z.shape)} (M, *, C), got {tuple(labels.shape)}")
+    if z.dim() == 3:
+        return z, labels
+    return z.reshape(z.shape[0], -1, z.shape[-1]), labels.reshape(-1)
+
+
+def check_labels(labels: torch.Tensor, z: torch.Tensor, ignore_index: int) -> None:
+    """Shape, dtype and (on the CPU, where it costs no synchronisation) range of the labels."""
+    m, b, c = z.shape
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a ({b},) int64 or int32 tensor of class indices, got {type(labels).__name__}")
+    if labels.shape != (b,):
+        raise ValueError(f"labels must be ({b},) to match logits {tuple(z.shape)}, got {tuple(labels.shape)}")
+    if labels.dtype not in _LABEL_DTYPES:
+        raise ValueError(f"labels must be int64 or int32 class indices, got {labels.dtype}")
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= c))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={ignore_index}; "
+                             f"labels[{i}] is {int(labels[i])}")
+
+
+def check_temperature(temperature: float) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a positive finite number, got {temperature!r}")
+    t = float(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return t
+
+
+def prepare_gates(gates: GatesLike, num_nodes: int) -> torch.Tensor:
+    """Validate a gate matrix for ``num_nodes`` network nodes; return int64 codes on the CPU.
+
+    Raises ``ValueError`` naming the edge at fault for a wrong size or a
+    non-cutoff gate on the diagonal or into the label (column 0).
+    """
+    codes = _gates.gate_codes(gates)
+    if codes.shape[0] != num_nodes + 1:
+        raise ValueError(
+            f"gate matrix is {codes.shape[0]}x{codes.shape[0]} but logits hold {num_nodes} nodes: "
+            f"it must be {num_nodes + 1}x{num_nodes + 1} (label node 0 plus one row per network)"
+        )
+    check_gate_structure(codes)
+    return codes
+
+
+def progress_tensor(
+    progress: Union[float, torch.Tensor], device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """progress as a 0-dim tensor; values outside [0, 1] (or NaN) are refused where it costs no sync.
+
+    A float is always checked; a CPU tensor too; a CUDA tensor is not (it would synchronise every step).
+    """
+    if isinstance(progress, torch.Tensor):
+        if progress.numel() != 1 or not progress.dtype.is_floating_point:
+            raise ValueError(f"progress must be a float or a 0-dim floating-point tensor, got "
+                             f"{progress.dtype} of shape {tuple(progress.shape)}")
+        if progress.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_progress_value(float(progress))
+        return progress.reshape(()).to(device=device, dtype=dtype)
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)):
+        raise TypeError(f"progress must be a number in [0, 1] or a 0-dim tensor, got {progress!r}")
+    _check_progress_value(float(progress))
+    return torch.tensor(float(progress), device=device, dtype=dtype)
+
+
+def _check_progress_value(v: float) -> None:
+    if not 0.0 <= v <= 1.0:  # also false for NaN
+        raise ValueError(f"progress (k / k_end of the linear gate) must lie in [0, 1], got {v!r}")
