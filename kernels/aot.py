@@ -88,7 +88,7 @@ def _tool(name: str) -> str:
 def _kernel_sets(dtype: torch.dtype, m: int, b: int, c: int, temperature: float, write_grad: bool):
     """(kernel, signature, constexprs, num_warps) for each launch graph_loss_triton makes for this problem."""
     from . import _triton_graph_loss as K
-    from .graph_loss import LABEL_BLOCK, SCALE_BLOCK, grad_dtype, plan
+    from .launch import LABEL_BLOCK, SCALE_BLOCK, grad_dtype, plan
 
     cfg = plan(m, b, c, torch.device("cuda"), sms=132)
     mp, mp1 = triton.next_power_of_2(m), triton.next_power_of_2(m + 1)

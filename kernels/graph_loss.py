@@ -24,131 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
 from . import _triton_graph_loss as K
+from .launch import (DTYPES, LABEL_BLOCK, MAX_NODES, SCALE_BLOCK, SCALE_GRID, grad_dtype, interpreted,
+                     is_available, plan)
 
 __all__ = ["grad_dtype", "graph_loss_triton", "graph_loss_triton_with_grad", "is_available", "plan"]
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_NODES = 16
-# Work budget of one program tile: [MP, MP, BLOCK_C] temporaries stay near this many elements.
-_TILE_BUDGET = 8192
-# B up to this is counted inside the kernel (each program reads all labels); larger B by one torch op.
-_COUNT_IN_KERNEL_MAX_B = 1024
-LABEL_BLOCK = 1024
-# Split C only into chunks at least this long.
-_MIN_CHUNK = 8192
-SCALE_BLOCK = 4096
-# The backward's scale kernel runs a fixed grid of at most this many programs (over all nodes),
-# each looping over blocks: a node whose grad_output is 1 then costs a handful of idle programs.
-SCALE_GRID = 1024
-
-
-def grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the gradient buffer the forward writes for logits of ``dtype`` (float16 -> float32)."""
-    return torch.float32 if dtype == torch.float16 else dtype
-
-
-# Whether Triton built this module's kernels for its interpreter (TRITON_INTERPRET=1 at import).
-_INTERPRETED = type(K._fused_kernel).__name__ == "InterpretedFunction"
-
-
-def _interpreted() -> bool:
-    """True when the kernels run in the Triton interpreter (CPU tensors)."""
-    return _INTERPRETED
-
-
-def is_available(device: torch.device | str) -> bool:
-    """Whether ``graph_loss_triton`` can run on tensors of ``device``.
-
-    True on CUDA devices (when CUDA is usable), and on the CPU when the kernels
-    were built under the Triton interpreter (``TRITON_INTERPRET=1`` set before
-    ``ktg_fast.kernels`` was first imported).
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and not _interpreted()
-    if device.type == "cpu":
-        return _interpreted()
-    return False
-
-
-@torch.compiler.assume_constant_result
-def _sm_count(index: int) -> int:
-    """Streaming multiprocessors of CUDA device ``index`` (a constant to torch.compile)."""
-    if index < 0:
-        index = torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).multi_processor_count  # cached by torch
-
-
-class Plan(NamedTuple):
-    """Launch configuration chosen from the shapes (and device), never from data."""
-
-    block_c: int
-    rows_per_program: int
-    num_splits: int
-    chunk: int
-    num_warps: int
-    count_in_kernel: bool
-
-
-def plan(
-    m: int,
-    b: int,
-    c: int,
-    device: torch.device,
-    *,
-    num_splits: int | None = None,
-    block_c: int | None = None,
-    rows_per_program: int | None = None,
-    sms: int | None = None,
-) -> Plan:
-    """Choose block sizes, rows per program and the C split for an (m, b, c) problem.
-
-    The keyword arguments override the heuristics (tests use them to reach the
-    multi-block, multi-row and split-C code paths with small shapes); ``sms``
-    (streaming multiprocessors) stands in for the device's when planning ahead
-    of time without a GPU (:mod:`ktg_fast.kernels.aot`).
-    """
-    mp = triton.next_power_of_2(m)
-    if block_c is None:
-        budget = max(16, _TILE_BUDGET // (mp * mp))
-        block_c = min(max(16, triton.next_power_of_2(c)), budget)
-    if block_c < 1 or block_c & (block_c - 1):
-        raise ValueError(f"block_c must be a power of two, got {block_c}")
-    on_gpu = device.type == "cuda" and not _interpreted()
-    if not on_gpu:
-        sms = 1
-    elif sms is None:
-        sms = _sm_count(-1 if device.index is None else device.index)
-    if num_splits is None:
-        num_splits = 1
-        if on_gpu and b < 2 * sms and c >= 2 * _MIN_CHUNK:
-            num_splits = max(1, min(triton.cdiv(4 * sms, b), c // _MIN_CHUNK))
-    num_splits = max(1, min(int(num_splits), triton.cdiv(c, block_c)))
-    chunk = triton.cdiv(triton.cdiv(c, num_splits), block_c) * block_c
-    num_splits = triton.cdiv(c, chunk)
-    if rows_per_program is None:
-        if num_splits > 1 or c > block_c:
-            rows_per_program = 1
-        else:
-            # Small C: several rows per program (fewer partial sums to reduce), while keeping
-            # >= ~16 programs per SM to hide each row's latency.
-            rows_per_program = max(1, min(b // (16 * sms), 16)) if on_gpu else max(1, min(b, 16))
-    if rows_per_program < 1:
-        raise ValueError(f"rows_per_program must be >= 1, got {rows_per_program}")
-    # At most 16 elements of the [MP, MP, BLOCK_C] tile per thread: with 32 (8 warps at M = 16, or 4 at
-    # MP = 2, BLOCK_C = 1024) ptxas spills on sm_90 (tests/test_kernel_build.py checks every plan).
-    tile = mp * mp * block_c
-    num_warps = max(1, min(16, tile // (32 * 16)))
-    return Plan(block_c, int(rows_per_program), int(num_splits), int(chunk), num_warps,
-                b <= _COUNT_IN_KERNEL_MAX_B)
-
 
 def _device_guard(probe: torch.Tensor):
     """Make ``probe``'s CUDA device current for a launch (Triton launches on the current device).
@@ -171,7 +56,7 @@ def _launch(kernel, grid: tuple, probe: torch.Tensor, *args, **kwargs) -> None:
     Interpreted kernels cannot be traced: on fake tensors (shape propagation) they are skipped.
     """
     with _device_guard(probe):
-        if _interpreted():
+        if interpreted():
             if not isinstance(probe, torch._subclasses.FakeTensor):
                 kernel[grid](*args, **kwargs)
         else:
@@ -332,10 +217,10 @@ def _check_inputs(
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise ValueError(f"logits must be an (M, B, C) tensor, got {getattr(logits, 'shape', type(logits))}")
     m, b, c = logits.shape
-    if logits.dtype not in _DTYPES:
+    if logits.dtype not in DTYPES:
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
-    if not 1 <= m <= _MAX_NODES:
-        raise ValueError(f"the kernel handles 1 to {_MAX_NODES} nodes, got M = {m}")
+    if not 1 <= m <= MAX_NODES:
+        raise ValueError(f"the kernel handles 1 to {MAX_NODES} nodes, got M = {m}")
     if b < 1 or c < 1:
         raise ValueError(f"logits must have at least one row and one class, got shape {tuple(logits.shape)}")
     if not is_available(logits.device):

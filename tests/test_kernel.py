@@ -25,6 +25,7 @@ import ktg_fast  # noqa: E402
 import ktg_fast.kernels as kernels  # noqa: E402  (installed by pip install -e .: kernels/ is ktg_fast.kernels)
 
 from ktg_fast.kernels import graph_loss as kgl  # noqa: E402
+from ktg_fast.kernels import launch as klaunch  # noqa: E402
 from ktg_fast.loss import graph_loss_reference  # noqa: E402
 
 from ktg_fast.gates import CORRECT, CUTOFF, LINEAR, THROUGH  # noqa: E402
@@ -217,7 +218,7 @@ def test_non_contiguous_class_dimension_is_copied():
 
 def test_batch_count_on_device(monkeypatch):
     """Large batches count the non-ignored rows with one torch op before the launch."""
-    monkeypatch.setattr(kgl, "_COUNT_IN_KERNEL_MAX_B", 2)
+    monkeypatch.setattr(klaunch, "COUNT_IN_KERNEL_MAX_B", 2)
     assert not kgl.plan(2, 8, 10, DEV).count_in_kernel
     z, labels = make_case(2, 8, 10, seed=6)
     check(z, labels, mixed_gates(2, seed=6), 2.0, rows_per_program=3)

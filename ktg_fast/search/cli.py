@@ -26,32 +26,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shlex
-import signal
-import subprocess
 import sys
-import time
-from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
-
-from tqdm.contrib.logging import logging_redirect_tqdm
+from typing import Optional
 
 from ..cli_common import positive_int, setup_logging
-from ..data import canonical_name, dataset_info, load_dataset
+from ..data import canonical_name
 from ..data.factory import LOADER_KINDS
 from ..recipe import TrainConfig
 from ..steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .config import CONFIG_FILE, SearchConfig, load_config, spec_differences
 from .export import export_study
-from .ledger import ATTR_FAIL, Ledger
-from .progress import Progress, format_duration
+from .progress import format_duration
+from .run import run_search
 from .space import DEFAULT_GATES, DEFAULT_MODELS, SearchError
-from .storage import checkpoint_sqlite, mask_url, sqlite_path, storage_errors
-from .study import BUDGET_ATTR, create_or_join, open_for_reading
-from .teachers import missing_teachers, pretrain_hint, teacher_file
-from .worker import Worker, raise_interrupt
+from .storage import sqlite_path, storage_errors
+from .study import open_for_reading
+from .worker import Worker
 
 __all__ = ["main", "build_parser"]
 
@@ -162,26 +154,6 @@ def resolve_config(args: argparse.Namespace) -> tuple[SearchConfig, bool]:
     return cfg, "trials" in given
 
 
-def _preflight(cfg: SearchConfig) -> None:
-    """Check what a worker would stumble on, before any trial starts."""
-    name = canonical_name(cfg.dataset)
-    dataset_info(name)
-    if name != "tiny-imagenet":  # loading its JPEG folder takes long; its workers report a missing folder
-        n = len(load_dataset(name, cfg.data_root, split="train"))
-        val = cfg.resolved_val_size()
-        if not 0 < val < n:
-            raise SearchError(f"--val-size {val} does not fit the {n} training images of {name}")
-        if cfg.train_subset and cfg.train_subset < cfg.batch_size:
-            raise SearchError(f"--train-subset {cfg.train_subset} is smaller than one batch ({cfg.batch_size})")
-    if not cfg.pretrain and "cutoff" in cfg.space().gates:
-        missing = missing_teachers(cfg, cfg.space().models)
-        if missing:
-            raise SearchError("--no-pretrain is set but auxiliary nodes may be frozen and these teachers are missing: "
-                              + "; ".join(f"{m} ({teacher_file(cfg, m)})" for m in missing)
-                              + f". Train them first, e.g. `{pretrain_hint(cfg, missing[0])}`, "
-                              "or drop --no-pretrain")
-
-
 # The files and folders a search writes into --out (besides lock and temporary files).
 SEARCH_NAMES = frozenset({CONFIG_FILE, "study.db", "study.db-wal", "study.db-shm", "study.db-journal", "trials", "logs",
                           "teachers", "best", "top", "trials.md", "trials.json", "history.png", "intermediate.png",
@@ -189,11 +161,6 @@ SEARCH_NAMES = frozenset({CONFIG_FILE, "study.db", "study.db-wal", "study.db-shm
 # What a training run (python -m ktg_fast.train / pretrain) writes.
 RUN_NAMES = frozenset({"metrics.jsonl", "checkpoint.pt", "final.json", "graph.yaml", "nodes", "results.md",
                        "config.json", "run.json"})
-
-
-def plural(n: int, word: str) -> str:
-    """``1 trial``, ``2 trials``."""
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def check_out(out: str) -> None:
@@ -216,154 +183,6 @@ def check_out(out: str) -> None:
                       f"resumes its own (one with {CONFIG_FILE}): use another --out")
 
 
-# ----------------------------------------------------------------------- run
-def run_search(cfg: SearchConfig, *, trials_given: bool, progress: bool = True) -> int:
-    """Create or join the study, run the workers to the end, print the outcome."""
-    if trials_given:
-        cfg.check_budget(cfg.trials)  # before any file is written
-    _preflight(cfg)
-    study, created = create_or_join(cfg, trials_given=trials_given)
-    cfg.study = study.study_name  # saved: a renamed or copied folder resumes this study
-    cfg.sampler_seeds = [cfg.sampler_seed(k) for k in range(cfg.workers)]
-    cfg.save()
-    url = cfg.storage_url()
-    print(f"{'new' if created else 'joined'} study {study.study_name!r} in {mask_url(url)}: "
-          f"{cfg.space().describe()}; {plural(cfg.trials, 'trial')} of up to {plural(cfg.epochs, 'epoch')}; "
-          f"{plural(cfg.workers, 'worker')} here", file=sys.stderr)
-    reader = open_for_reading(url, study.study_name)
-    # Inline, the worker announces a new best itself, right after the trial's line.
-    prog = Progress(reader, lambda: int(reader.user_attrs.get(BUDGET_ATTR, cfg.trials)), workers=cfg.workers,
-                    interval_s=min(2.0, cfg.poll_s), announce=cfg.workers > 1) if progress else None
-    with storage_errors(url):
-        code = _run_inline(cfg, prog) if cfg.workers == 1 else _run_processes(cfg, prog)
-        book = prog.close() if prog else None
-        if book is None:
-            book = Ledger(reader.get_trials(deepcopy=False), int(reader.user_attrs.get(BUDGET_ATTR, cfg.trials)))
-    checkpoint_sqlite(sqlite_path(url))
-    best = book.best()
-    if book.complete:
-        print(f"search complete: {plural(book.done, 'trial')}; best trial {best.number if best else '-'}"
-              + (f" (target val {best.value:.2f}%)" if best else "")
-              + f". Export: python -m ktg_fast.search export --out {cfg.out}", file=sys.stderr)
-    if book.done and book.counts["failed"] == book.done:
-        print(f"warning: every trial failed ({_failure_summary(book)}); no graph was trained to the end. Fix the "
-              f"cause and start again in another --out (details: python -m ktg_fast.search export --out {cfg.out}, "
-              "then trials.md)", file=sys.stderr)
-    return code
-
-
-def _failure_summary(book: Any) -> str:
-    """The most frequent failure reasons of a study, e.g. ``3 x non-finite loss ...; 1 x out of memory ...``."""
-    reasons = Counter(re.split(r"; |: ", str(ln.latest.user_attrs.get(ATTR_FAIL, "?")))[0][:120]
-                      for ln in book.admitted if ln.status == "failed" and ln.latest is not None)
-    return "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3))
-
-
-def _run_inline(cfg: SearchConfig, prog: Any) -> int:
-    worker = Worker(cfg, 0)
-    if prog is not None:
-        prog.start()
-    try:
-        if prog is not None and prog.tty:
-            with logging_redirect_tqdm(loggers=[logging.root]):
-                worker.run()
-        else:
-            worker.run()
-    except KeyboardInterrupt:
-        if prog is not None:
-            prog.close()
-        print("interrupted; run the same command again to continue the search", file=sys.stderr)
-        return 130
-    finally:
-        if prog is not None:
-            prog.close()  # stop its thread whatever happened
-    return 0
-
-
-def _run_processes(cfg: SearchConfig, prog: Any) -> int:
-    """Start ``cfg.workers`` worker processes (logs in <out>/logs/) and watch them and the study."""
-    logs = cfg.out_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for k in range(cfg.workers):
-        f = open(logs / f"worker{k}.log", "a")
-        cmd = [sys.executable, "-m", "ktg_fast.search", "worker", "--out", str(cfg.out), "--worker-id", str(k)]
-        procs.append((k, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), f))
-        time.sleep(0.2)  # staggered starts keep SQLite's first writes apart
-    print(f"{cfg.workers} workers started; their logs: {logs}/worker<k>.log", file=sys.stderr)
-    failed: list[str] = []
-    prev = signal.signal(signal.SIGTERM, raise_interrupt)  # a SIGTERM stops the workers like Ctrl-C
-    try:
-        return _watch(cfg, procs, prog, logs, failed)
-    finally:
-        signal.signal(signal.SIGTERM, prev)
-
-
-def _watch(cfg: SearchConfig, procs: list, prog: Any, logs: Path, failed: list[str]) -> int:
-    """Wait for the workers, reporting deaths and progress; Ctrl-C/SIGTERM stops them all."""
-    try:
-        alive = set(range(len(procs)))
-        while alive:
-            for k, p, f in procs:
-                if k in alive and p.poll() is not None:
-                    alive.discard(k)
-                    f.close()
-                    if p.returncode != 0:
-                        why = f"signal {-p.returncode}" if p.returncode < 0 else f"exit code {p.returncode}"
-                        last = _last_line(logs / f"worker{k}.log")
-                        failed.append(f"worker {k} ended with {why}: {last}")
-                        msg = f"worker {k} ended with {why}" + (f": {last}" if last else "") + (
-                            "; its trial is re-queued after the heartbeat timeout" if p.returncode < 0 else "")
-                        if "pre-training teacher" in last:  # the whole search's problem: stop every worker
-                            _stop_all(procs)
-                            raise SearchError(_last_line(logs / f"worker{k}.log", limit=None).split("error: ", 1)[-1])
-                        (prog._write if prog is not None else lambda m: print(m, file=sys.stderr))(msg)
-            if prog is not None:
-                try:
-                    prog.poll()
-                except Exception as e:
-                    log.debug("progress poll failed: %s", e)
-            time.sleep(0.5 if prog is None else prog.interval_s)
-    except KeyboardInterrupt:
-        for k, p, f in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)  # (SIGINT may be ignored in background jobs)
-        for k, p, f in procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-            f.close()
-        print("interrupted; run the same command again to continue the search", file=sys.stderr)
-        return 130
-    if failed and len(failed) == len(procs):
-        raise SearchError("every worker stopped before the search was complete: " + " | ".join(failed)
-                          + f"; see {logs}; run the same command again to continue")
-    return 0
-
-
-def _stop_all(procs: list) -> None:
-    """SIGTERM every worker still running (each gives its trial back) and wait for them."""
-    for k, p, f in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for k, p, f in procs:
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-        f.close()
-
-
-def _last_line(path: Path, limit: Optional[int] = 300) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return lines[-1][:limit] if lines else ""
-
-
-# --------------------------------------------------------------- subcommands
 def worker_main(argv: list[str]) -> int:
     """``python -m ktg_fast.search worker --out DIR --worker-id K`` (started by the search itself)."""
     p = argparse.ArgumentParser(prog="python -m ktg_fast.search worker")
