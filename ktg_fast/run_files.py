@@ -3,12 +3,13 @@ from a checkpoint's (as command-line flags), and human-readable durations and ep
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from .io import atomic_write_text
 
-__all__ = ["fingerprint_diff", "read_metrics", "truncate_metrics", "read_json", "format_duration", "is_tty",
+__all__ = ["early_estimate_line", "estimate_line", "fingerprint_diff", "read_metrics", "truncate_metrics", "read_json", "format_duration", "is_tty",
            "short_record", "epoch_line"]
 
 
@@ -127,3 +128,21 @@ def read_metrics(path: Path) -> list[dict]:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def early_estimate_line(done: int, seconds: float, iters_per_epoch: int, epochs_left: int) -> str:
+    """The run's time from the first batches' speed (during the first epoch of a process)."""
+    total = seconds / done * iters_per_epoch * epochs_left
+    return (f"speed so far {done / seconds:.1f} batches/s: training the {epochs_left} epoch"
+            f"{'' if epochs_left == 1 else 's'} left takes about {format_duration(total)}, plus evaluation")
+
+
+def estimate_line(epoch: int, seconds: float, epochs: int) -> str:
+    """After epoch ``epoch`` (0-based) took ``seconds``: the whole run's time and when it ends."""
+    left = epochs - epoch - 1
+    if not left:
+        return f"epoch {epoch + 1} took {format_duration(seconds)} with evaluation"
+    finish = time.strftime("%H:%M", time.localtime(time.time() + seconds * left))
+    what = (f"the whole run ({epochs} epochs) takes about {format_duration(seconds * epochs)}" if epoch == 0 else
+            f"epochs {epoch + 1}-{epochs} of this resumed run take about {format_duration(seconds * (left + 1))}")
+    return f"epoch {epoch + 1} took {format_duration(seconds)} with evaluation: {what} at this speed, done around {finish}"

@@ -25,8 +25,8 @@ from .recipe import TrainConfig, lr_at_epoch
 from .data import canonical_name, load_dataset, load_image_folder, make_loader, train_val_split
 from .data.spec import SPLIT_SEED, DataSpec
 from .device import resolve_device, use_device
-from .run_files import (epoch_line, fingerprint_diff, format_duration, is_tty, read_json, read_metrics,
-                        short_record, truncate_metrics)
+from .run_files import (early_estimate_line, epoch_line, estimate_line, fingerprint_diff, format_duration, is_tty,
+                        read_json, read_metrics, short_record, truncate_metrics)
 from .steps import TrainStep, default_precision, make_step
 
 __all__ = ["Trainer", "CheckpointError", "NonFiniteLossError", "RunExistsError", "fingerprint_diff", "read_metrics"]
@@ -300,26 +300,13 @@ class Trainer:
 
     def _early_estimate(self, done: int, seconds: float, epoch: int) -> None:
         """During the first epoch (after at least 10 s and 10 batches): the run's time from the speed so far."""
-        if seconds < 10 or done < 10:
-            return
-        self._early_eta = True
-        left = self.cfg.epochs - epoch
-        total = seconds / done * self.iters_per_epoch * left
-        log.info("speed so far %.1f batches/s: training the %d epoch%s left takes about %s, plus evaluation",
-                 done / seconds, left, "" if left == 1 else "s", format_duration(total))
+        if seconds >= 10 and done >= 10:
+            self._early_eta = True
+            log.info("%s", early_estimate_line(done, seconds, self.iters_per_epoch, self.cfg.epochs - epoch))
 
     def _estimate(self, epoch: int, seconds: float) -> None:
         """After the first epoch of this process: the run's total time at the measured speed."""
-        left = self.cfg.epochs - epoch - 1
-        if not left:
-            log.info("epoch %d took %s with evaluation", epoch + 1, format_duration(seconds))
-            return
-        finish = time.strftime("%H:%M", time.localtime(time.time() + seconds * left))
-        what = (f"the whole run ({self.cfg.epochs} epochs) takes about {format_duration(seconds * self.cfg.epochs)}"
-                if epoch == 0 else
-                f"epochs {epoch + 1}-{self.cfg.epochs} of this resumed run take about {format_duration(seconds * (left + 1))}")
-        log.info("epoch %d took %s with evaluation: %s at this speed, done around %s",
-                 epoch + 1, format_duration(seconds), what, finish)
+        log.info("%s", estimate_line(epoch, seconds, self.cfg.epochs))
 
     def _check_finite(self, bad_step: torch.Tensor, bad_nodes: torch.Tensor, epoch: int) -> None:
         k = int(bad_step)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -43,6 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..io import atomic_write_json, atomic_write_text
 from ..run_files import read_metrics
+from .trial_hooks import EpochReporter, Heartbeat
 from ..trainer import NonFiniteLossError, Trainer
 from .config import SearchConfig
 from .ledger import ATTR_FAIL, ATTR_KEY, ATTR_REJECTED, Ledger, is_retry, retry_history, root_of
@@ -59,31 +59,6 @@ log = logging.getLogger("ktg_fast.search")
 def trial_dir(out: str | os.PathLike, number: int) -> Path:
     """``<out>/trials/<number, 5 digits>``."""
     return Path(out) / "trials" / f"{number:05d}"
-
-
-class _Heartbeat:
-    """Record a trial's heartbeat every ``interval`` seconds from a thread (errors are logged, not fatal)."""
-
-    def __init__(self, storage: Any, trial_id: int, interval: float):
-        self.storage, self.trial_id, self.interval = storage, trial_id, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{trial_id}", daemon=True)
-
-    def __enter__(self) -> "_Heartbeat":
-        self.storage.record_heartbeat(self.trial_id)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception as e:  # a busy database must not kill the trial
-                log.warning("heartbeat of trial id %d not recorded: %s", self.trial_id, str(e).splitlines()[0])
 
 
 class _Abort(SearchError):
@@ -132,7 +107,7 @@ class Worker:
     def _open(self) -> None:
         cfg = self.cfg
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        # We run the heartbeat ourselves (see _Heartbeat), which Optuna's ask() does not know.
+        # We run the heartbeat ourselves (see Heartbeat), which Optuna's ask() does not know.
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         spec = cfg.study_spec()
@@ -189,7 +164,7 @@ class Worker:
     def _one_trial(self) -> None:
         trial = self.study.ask()
         tid = trial._trial_id
-        with _Heartbeat(self.storage, tid, float(self.storage.get_heartbeat_interval() or 60)):
+        with Heartbeat(self.storage, tid, float(self.storage.get_heartbeat_interval() or 60)):
             try:
                 self._admit_and_train(trial)
             except KeyboardInterrupt:
@@ -270,7 +245,7 @@ class Worker:
         t0 = time.monotonic()
         target = graph.target
         trainer: Optional[Trainer] = None
-        reporter = _EpochReporter(trial, target, cfg.epochs, out)
+        reporter = EpochReporter(trial, target, cfg.epochs, out)
         try:
             ensure_teachers(graph, cfg, device=self.device, step=cfg.step)
             trainer = Trainer(graph, cfg.data_spec(), cfg.train_config(seed), out, device=self.device,
@@ -350,35 +325,6 @@ class Worker:
         ckpt = out / "checkpoint.pt"
         if state != "FAIL" and ckpt.exists():
             ckpt.unlink()  # the target's weights are in nodes/; the full checkpoint is only for resuming
-
-
-class _EpochReporter:
-    """The trainer's per-epoch callback for one trial: reports the target's validation accuracy to
-    Optuna (the epochs trained before a kill too, on a resumed run) and prunes at the rungs, saving
-    the target's weights first (``nodes/node<t>_<model>.pt``)."""
-
-    def __init__(self, trial: optuna.Trial, target: int, epochs: int, out: Path):
-        self.trial, self.target, self.epochs, self.out = trial, target, epochs, out
-        self.reported: set[int] = set()
-        self.record: Optional[dict] = None
-        self.trainer: Any = None  # set once the trainer exists
-
-    def __call__(self, record: dict) -> None:
-        epoch = int(record["epoch"])
-        if len(self.reported) < epoch - 1:  # a resumed run: report the epochs trained before the kill
-            for r in read_metrics(self.out / "metrics.jsonl"):
-                if r["epoch"] < epoch and r["epoch"] not in self.reported:
-                    self.trial.report(float(r["val_acc"][self.target - 1]), int(r["epoch"]))
-                    self.reported.add(int(r["epoch"]))
-        acc = float(record["val_acc"][self.target - 1])
-        self.trial.report(acc, epoch)
-        self.reported.add(epoch)
-        self.record = record
-        # No rung at the last epoch: a trial that trained every epoch is complete.
-        if epoch < self.epochs and math.isfinite(acc) and self.trial.should_prune():
-            if self.trainer is not None:
-                self.trainer.save_node(self.target, epochs=epoch, val_acc=acc, pruned=True)
-            raise optuna.TrialPruned(f"pruned after epoch {epoch} (target val {acc:.2f}%)")
 
 
 def _describe(graph: Any) -> str:
