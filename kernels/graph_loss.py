@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -289,21 +290,9 @@ def graph_loss_triton(
         is detached (not differentiable).  When no gradient is needed (logits
         not requiring grad, or grad mode off), no gradient is written.
     """
-    _check_inputs(logits, labels, gate_codes, temperature, progress, ignore_index)
-    m, b, c = logits.shape
-    if logits.stride(2) != 1:
-        logits = logits.contiguous()  # loads along C must be contiguous; other strides are free
-    progress = progress.reshape(())
-    if progress.dtype != torch.float32:
-        progress = progress.float()
-    cfg = plan(m, b, c, logits.device, num_splits=num_splits, block_c=block_c, rows_per_program=rows_per_program)
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    node, edge, _ = torch.ops.ktg_fast.graph_loss_fwd(
-        logits, labels, gate_codes, progress, float(temperature), int(ignore_index), compute_grad,
-        cfg.block_c, cfg.rows_per_program, cfg.num_splits, cfg.chunk, cfg.num_warps, cfg.count_in_kernel,
-    )
+    node, edge, _ = _forward(logits, labels, gate_codes, temperature, progress, ignore_index, None,
+                             num_splits=num_splits, block_c=block_c, rows_per_program=rows_per_program)
     return node, edge.detach()
-
 
 
 def graph_loss_triton_with_grad(
@@ -320,14 +309,27 @@ def graph_loss_triton_with_grad(
     d(sum of node losses)/d(logits) in :func:`grad_dtype` of the logits' dtype.  For callers that
     turn the gradient into others themselves (``ktg_fast.GraphLinearLoss``'s chunks).
     """
+    with torch.no_grad():
+        return _forward(logits.detach(), labels, gate_codes, temperature, progress, ignore_index, True)
+
+
+def _forward(logits: torch.Tensor, labels: torch.Tensor, gate_codes: torch.Tensor, temperature: float,
+             progress: torch.Tensor, ignore_index: int, compute_grad: Optional[bool], **launch) -> tuple:
+    """Check the inputs, plan the launch and run the forward op (one prologue for both entry points).
+
+    ``compute_grad`` None: write the gradient when autograd will want it (grad mode on, logits require it).
+    """
     _check_inputs(logits, labels, gate_codes, temperature, progress, ignore_index)
+    if compute_grad is None:
+        compute_grad = torch.is_grad_enabled() and logits.requires_grad
     m, b, c = logits.shape
     if logits.stride(2) != 1:
-        logits = logits.contiguous()
-    progress = progress.reshape(()).float()
-    cfg = plan(m, b, c, logits.device)
-    with torch.no_grad():
-        return torch.ops.ktg_fast.graph_loss_fwd(
-            logits.detach(), labels, gate_codes, progress, float(temperature), int(ignore_index), True,
-            cfg.block_c, cfg.rows_per_program, cfg.num_splits, cfg.chunk, cfg.num_warps, cfg.count_in_kernel,
-        )
+        logits = logits.contiguous()  # loads along C must be contiguous; other strides are free
+    progress = progress.reshape(())
+    if progress.dtype != torch.float32:
+        progress = progress.float()
+    cfg = plan(m, b, c, logits.device, **launch)
+    return torch.ops.ktg_fast.graph_loss_fwd(
+        logits, labels, gate_codes, progress, float(temperature), int(ignore_index), compute_grad,
+        cfg.block_c, cfg.rows_per_program, cfg.num_splits, cfg.chunk, cfg.num_warps, cfg.count_in_kernel,
+    )
