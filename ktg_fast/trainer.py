@@ -3,8 +3,12 @@ metrics, atomic per-epoch checkpoints and exact resume.
 
 Exact resume: model initialisation is seeded by ``seed``; each epoch's batch
 order and augmentation are seeded by (seed, epoch); the checkpoint holds every
-node's weights and momentum buffers.  A run killed anywhere and resumed ends
-with the same weights as an uninterrupted one.
+node's weights, momentum buffers and (fp16) loss scales.  A run killed anywhere
+and resumed ends with the same weights as an uninterrupted one.
+
+The trainer runs the epochs; its parts live beside it: the data (:mod:`.run_data`),
+checkpoints (:mod:`.checkpoint`), per-epoch measurements and evaluation
+(:mod:`.epoch_stats`), the run's files and time estimates (:mod:`.run_files`).
 """
 from __future__ import annotations
 
@@ -18,13 +22,16 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import read_checkpoint, restore_checkpoint, run_fingerprint, save_checkpoint
+from .data import canonical_name
+from .data.spec import DataSpec
+from .device import resolve_device, use_device
+from .epoch_stats import EpochStats, evaluate_nodes
 from .graph import Graph
-from .io import CheckpointError, append_jsonl, atomic_torch_save, atomic_write_json, check_state_dict, load_checkpoint
+from .io import CheckpointError, append_jsonl, atomic_write_json
 from .nodes import build_nodes, save_model_checkpoint
 from .recipe import TrainConfig, lr_at_epoch
-from .data import canonical_name, load_dataset, load_image_folder, make_loader, train_val_split
-from .data.spec import SPLIT_SEED, DataSpec
-from .device import resolve_device, use_device
+from .run_data import load_run_data
 from .run_files import (early_estimate_line, epoch_line, estimate_line, fingerprint_diff, format_duration, is_tty,
                         read_json, read_metrics, short_record, truncate_metrics)
 from .steps import TrainStep, default_precision, make_step
@@ -40,8 +47,6 @@ class NonFiniteLossError(RuntimeError):
 
 class RunExistsError(FileExistsError):
     """The output folder already holds a run and ``resume`` was not asked for."""
-
-
 
 
 class Trainer:
@@ -77,50 +82,23 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.show_progress = progress
         self.save_checkpoints = save_checkpoints
-        self.milestones = cfg.resolved_milestones(_dataset_key(data.dataset))
+        self.milestones = cfg.resolved_milestones(canonical_name(data.dataset))
         self.node_lrs: dict[int, float] = {}  # node -> learning rate of the running epoch
         self._early_eta = False  # the in-epoch time estimate was logged
 
     # ------------------------------------------------------------------ data
     def _load_data(self) -> None:
-        d = self.data
-        # Image-folder datasets stay files so DALI can decode them; other loaders decode them into memory.
-        if canonical_name(d.dataset) == "tiny-imagenet" and d.loader in ("auto", "dali"):
-            def load(split):
-                return load_image_folder(d.dataset, d.root, split=split)
-        else:
-            def load(split):
-                return load_dataset(d.dataset, d.root, split=split, download=d.download)
-        train = load("train")
-        val = None
-        if d.val_size:
-            train, val = train_val_split(train, d.val_size, seed=SPLIT_SEED)
-        if d.train_subset is not None:
-            train = train.subset(range(min(d.train_subset, len(train))))
-        test = load("test") if d.test else None
-        if d.eval_subset is not None:
-            val = val.subset(range(min(d.eval_subset, len(val)))) if val is not None else None
-            test = test.subset(range(min(d.eval_subset, len(test)))) if test is not None else None
-        if len(train) < self.cfg.batch_size:
-            raise ValueError(f"{len(train)} training images are fewer than one batch of {self.cfg.batch_size}")
-        self.num_classes = train.num_classes
-        self.in_channels = train.image_shape[0]
-        self.train_loader, chosen, why = make_loader(d.loader, train, self.cfg.batch_size, train=True,
-                                                     seed=self.cfg.seed, device=self.device,
-                                                     augment=self.cfg.augment)
-        self.loader_kind = chosen
-        self.eval_loaders = {}
-        for name, ds in (("val", val), ("test", test)):
-            if ds is not None:
-                self.eval_loaders[name], _, _ = make_loader(chosen, ds, 1000, train=False, seed=0,
-                                                            device=self.device, augment=False,
-                                                            reason="as the training loader")
+        run_data = load_run_data(self.data, batch_size=self.cfg.batch_size, seed=self.cfg.seed,
+                                 augment=self.cfg.augment, device=self.device)
+        self.train_loader, self.eval_loaders = run_data.train_loader, run_data.eval_loaders
+        self.loader_kind = run_data.loader_kind
+        self.num_classes, self.in_channels = run_data.num_classes, run_data.in_channels
 
     # ----------------------------------------------------------------- setup
     def _build(self) -> None:
         torch.manual_seed(self.cfg.seed)
         nets = build_nodes(self.graph, num_classes=self.num_classes, in_channels=self.in_channels,
-                           dataset=_dataset_key(self.data.dataset), device=self.device,
+                           dataset=canonical_name(self.data.dataset), device=self.device,
                            teacher_dir=self.teacher_dir, val_size=self.data.val_size)
         self.iters_per_epoch = len(self.train_loader)
         self.k_end = self.cfg.epochs * self.iters_per_epoch
@@ -130,69 +108,28 @@ class Trainer:
             precision=self.precision, channels_last=self.cfg.channels_last, compile_cache=self.compile_cache)
         log.info("step path: %s (%s)", self.train_step.kind, self.precision)
 
-    def _fingerprint(self) -> dict:
-        """What must match for a checkpoint to be resumed."""
-        return {"graph": self.graph.to_dict(), "dataset": self.data.dataset, "val_size": self.data.val_size,
-                "train_subset": self.data.train_subset, "config": self.cfg.to_dict()}
-
     # ----------------------------------------------------------- checkpoints
     @property
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.pt"
 
     def _save_checkpoint(self, epoch: int, step: int) -> None:
-        # Plain types and tensors only: read back with weights_only=True.
-        atomic_torch_save({
-            "epoch": epoch, "step": step, "fingerprint": self._fingerprint(),
-            "nets": self.train_step.node_state_dicts(), "momentum": self.train_step.momentum_buffers(),
-            "torch_rng": torch.get_rng_state(),
-        }, self.checkpoint_path)
+        save_checkpoint(self.checkpoint_path, epoch=epoch, step=step, train_step=self.train_step,
+                        fingerprint=run_fingerprint(self.graph, self.data, self.cfg))
 
     def _read_checkpoint(self) -> dict:
-        """Load ``checkpoint.pt`` (tensors and plain types only) and check it was written by this run's
-        settings; nothing is written before this check passes."""
-        path = self.checkpoint_path
-        ckpt = load_checkpoint(path)
-        need = ("epoch", "step", "fingerprint", "nets", "momentum", "torch_rng")
-        if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
-            raise CheckpointError(f"{path} is not a training checkpoint of ktg_fast (it lacks "
-                                  f"{[k for k in need if not isinstance(ckpt, dict) or k not in ckpt]}); "
-                                  "move it away or choose another --out folder")
-        diffs = fingerprint_diff(_upgrade_fingerprint(ckpt["fingerprint"]), self._fingerprint())
-        if diffs:
-            raise ValueError(f"{path} was written with other settings: {'; '.join(diffs)}. Resume with the "
-                             "same settings, or use another --out folder for a new run")
-        return ckpt
+        """Load ``checkpoint.pt`` and check it was written by this run's settings (before anything is written)."""
+        return read_checkpoint(self.checkpoint_path, run_fingerprint(self.graph, self.data, self.cfg))
 
     def _restore(self, ckpt: dict) -> tuple[int, int]:
-        """Load the checked checkpoint's weights, momentum and RNG into the built step."""
-        if len(ckpt["nets"]) != len(self.train_step.nets):
-            raise CheckpointError(f"{self.checkpoint_path} holds {len(ckpt['nets'])} networks, the graph has "
-                                  f"{len(self.train_step.nets)}")
-        for t, (net, state, node) in enumerate(zip(self.train_step.nets, ckpt["nets"], self.graph.nodes), start=1):
-            check_state_dict(net, state, self.checkpoint_path, what=f"node {t} ({node.model})")
-        try:
-            self.train_step.load_node_state_dicts(ckpt["nets"])
-            self.train_step.load_momentum_buffers(ckpt["momentum"])
-            torch.set_rng_state(ckpt["torch_rng"])
-        except (RuntimeError, KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{self.checkpoint_path} does not fit this run: "
-                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        """Load the checked checkpoint into the built step; return its (epoch, step)."""
+        done = restore_checkpoint(ckpt, self.checkpoint_path, self.train_step, self.graph)
         log.info("resumed %s after epoch %d", self.out, ckpt["epoch"])
-        return ckpt["epoch"], ckpt["step"]
+        return done
 
-    # ------------------------------------------------------------- evaluate
-    @torch.no_grad()
     def evaluate(self, split: str) -> list[float]:
         """Top-1 accuracy (%) of every node on ``split`` (``val`` or ``test``)."""
-        loader = self.eval_loaders[split]
-        correct = torch.zeros(self.graph.num_nodes, dtype=torch.long, device=self.device)
-        total = 0
-        for x, y in loader:
-            logits = self.train_step.eval_logits(x)
-            correct += (logits.argmax(-1) == y.unsqueeze(0)).sum(-1)
-            total += y.shape[0]
-        return (correct.double() * 100.0 / max(total, 1)).tolist()
+        return evaluate_nodes(self.train_step, self.eval_loaders[split], self.graph.num_nodes, self.device)
 
     # ------------------------------------------------------------------ run
     def run(self, resume: bool = False) -> dict:
@@ -244,11 +181,7 @@ class Trainer:
             self.node_lrs = {t: base[t - 1] * lr_scale for t in self.graph.trainable}
             self.train_step.set_lrs([self.node_lrs[t] for t in self.graph.trainable])
             self.train_loader.set_epoch(epoch)
-            loss_sum = torch.zeros(m, dtype=torch.float64, device=self.device)
-            correct = torch.zeros(m, dtype=torch.long, device=self.device)
-            bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-            bad_nodes = torch.zeros(m, dtype=torch.bool, device=self.device)
-            seen = 0
+            stats = EpochStats(m, self.device)
             t0 = time.perf_counter()
             first_epoch = epoch == start_epoch
             batches = tqdm(self.train_loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
@@ -257,29 +190,21 @@ class Trainer:
                 step += 1
                 progress_t.fill_(step / self.k_end)
                 node_loss, logits = self.train_step(x, y, progress_t)
-                # Accumulate on the device; the host reads once per check_every steps.
-                finite = torch.isfinite(node_loss)
-                first = (bad_step < 0) & ~finite.all()
-                bad_step = torch.where(first, torch.full_like(bad_step, step), bad_step)
-                bad_nodes = torch.where(first, ~finite, bad_nodes)
-                loss_sum += node_loss.double()
-                correct += (logits.argmax(-1) == y.unsqueeze(0)).sum(-1)
-                seen += y.shape[0]
+                stats.add(step, node_loss, logits, y)  # on the device; the host reads once per check_every steps
                 if (i + 1) % self.cfg.check_every == 0 or i + 1 == self.iters_per_epoch:
-                    self._check_finite(bad_step, bad_nodes, epoch)
+                    self._check_finite(stats, epoch)
                     if bars:
-                        batches.set_postfix(loss=f"{(loss_sum.sum() / (i + 1)).item():.3f}")
+                        batches.set_postfix(loss=f"{(stats.loss_sum.sum() / (i + 1)).item():.3f}")
                     if first_epoch and i + 1 < self.iters_per_epoch and not self._early_eta:
                         self._early_estimate(i + 1, time.perf_counter() - t0, epoch)
             batches.close()
-            self._check_finite(bad_step, bad_nodes, epoch)
+            self._check_finite(stats, epoch)
             elapsed = time.perf_counter() - t0
             record = {
                 # One rate per network node (None for frozen ones): per-node rates are the recipe's too.
                 "epoch": epoch + 1, "step": step, "lr": [self.node_lrs.get(t) for t in range(1, m + 1)],
-                "train_loss": (loss_sum / max(self.iters_per_epoch, 1)).tolist(),
-                "train_acc": (correct.double() * 100.0 / max(seen, 1)).tolist(),
-                "images_per_s": seen / elapsed if elapsed > 0 else None, "time_s": elapsed,
+                "train_loss": stats.mean_loss(self.iters_per_epoch), "train_acc": stats.accuracy(),
+                "images_per_s": stats.seen / elapsed if elapsed > 0 else None, "time_s": elapsed,
             }
             for split in self.eval_loaders:
                 record[f"{split}_acc"] = self.evaluate(split)
@@ -308,11 +233,12 @@ class Trainer:
         """After the first epoch of this process: the run's total time at the measured speed."""
         log.info("%s", estimate_line(epoch, seconds, self.cfg.epochs))
 
-    def _check_finite(self, bad_step: torch.Tensor, bad_nodes: torch.Tensor, epoch: int) -> None:
-        k = int(bad_step)
-        if k < 0:
+    def _check_finite(self, stats: EpochStats, epoch: int) -> None:
+        """Raise :class:`NonFiniteLossError` if a node's loss was NaN or infinite at a step of ``stats``."""
+        bad = stats.first_non_finite()
+        if bad is None:
             return
-        nodes = [t + 1 for t in bad_nodes.nonzero().flatten().tolist()]
+        k, nodes = bad
         names = ", ".join(f"node {t} ({self.graph.nodes[t - 1].model})" for t in nodes)
         lrs = self.node_lrs
         rates = ", ".join(f"node {t}'s is {lrs[t]:g}" for t in nodes if t in lrs)
@@ -353,16 +279,3 @@ class Trainer:
         atomic_write_json(self.out / "final.json", final)
         return final
 
-
-def _dataset_key(name: str) -> str:
-    return canonical_name(name)
-
-
-def _upgrade_fingerprint(old: Any) -> Any:
-    """A checkpoint's settings as this version names them: recipe fields added since take their
-    defaults, fields since removed are dropped (checkpoints of earlier versions still resume)."""
-    if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
-        return old
-    defaults = TrainConfig().to_dict()
-    cfg = {k: v for k, v in old["config"].items() if k in defaults}
-    return {**old, "config": {**{k: v for k, v in defaults.items() if k not in cfg}, **cfg}}

@@ -1,4 +1,5 @@
-"""Shared test set-up: the Triton interpreter on CPU, markers, small helpers."""
+"""Shared test set-up: the Triton interpreter on CPU, markers, shared fixtures (helpers live in helpers.py)."""
+import logging
 import os
 
 import pytest
@@ -21,6 +22,27 @@ try:
     collect_ignore_glob: list[str] = []
 except ImportError:
     collect_ignore_glob = ["test_search_*.py"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    convolutions only spin-wait on more, badly when another process shares the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def keep_threads():
+    """The search sets torch threads and log levels of this process: put them back."""
+    n = torch.get_num_threads()
+    levels = {name: logging.getLogger(name).level for name in ("ktg_fast", "ktg_fast.search")}
+    yield
+    torch.set_num_threads(n)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def pytest_report_header(config):

@@ -22,10 +22,10 @@ from ktg_fast.graph import preset
 from ktg_fast.io import CheckpointError, append_jsonl, atomic_write_text, check_state_dict, load_checkpoint
 from ktg_fast.models import get_model
 from ktg_fast.nodes import load_model_checkpoint, save_model_checkpoint
-from ktg_fast.recipe import TrainConfig
-from ktg_fast.data import DataSpec
 from ktg_fast.run_files import read_metrics
 from ktg_fast.trainer import NonFiniteLossError, Trainer
+
+from helpers import exploding_model, small_config, synthetic_data
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -56,15 +56,11 @@ def one_error_line(code, err):
 
 
 def small(**kw):
-    base = dict(epochs=1, batch_size=32, lr=0.05, seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    return small_config(**{"epochs": 1, **kw})
 
 
 def synth(**kw):
-    base = dict(dataset="synthetic", loader="torch", train_subset=64, eval_subset=32)
-    base.update(kw)
-    return DataSpec(**base)
+    return synthetic_data(**{"train_subset": 64, "eval_subset": 32, **kw})
 
 
 # ----------------------------------------------------------------------------- 3, 14
@@ -281,30 +277,15 @@ def test_12_bugs_keep_their_traceback_and_search_uses_the_handler(monkeypatch):
 
 # ----------------------------------------------------------------------------- 13
 def test_13_nan_stop_quotes_node_lr_and_no_phantom_checkpoint(tmp_path):
-    from torch import nn
-
     from ktg_fast.graph import Graph, Node
-    from ktg_fast.models import register_model, unregister_model
 
-    class Exploding(nn.Module):
-        def __init__(self, num_classes, in_channels=3):
-            super().__init__()
-            self.net = get_model("resnet8", num_classes=num_classes, in_channels=in_channels)
-
-        def forward(self, x):
-            out = self.net(x)
-            return out * float("nan") if self.training else out
-
-    register_model("exploding")(lambda *, num_classes, in_channels=3: Exploding(num_classes, in_channels))
-    try:
+    with exploding_model():
         g = Graph([Node("resnet8"), Node("exploding")],
                   [["cutoff", "through", "through"], ["cutoff", "cutoff", "cutoff"], ["cutoff", "cutoff", "cutoff"]])
         t = Trainer(g, synth(), small(lr=0.1, node_lr=[0.05, 0.3], check_every=1), tmp_path / "r", step="eager",
                     progress=False)
         with pytest.raises(NonFiniteLossError) as e:
             t.run()
-    finally:
-        unregister_model("exploding")
     msg = str(e.value)
     assert "node 2 (exploding)" in msg and "node 2's is 0.3" in msg
     assert "last good checkpoint" not in msg and "no checkpoint was written" in msg

@@ -22,24 +22,20 @@ import pytest
 import torch
 from torch import nn
 
-from ktg_fast.graph import Graph, Node, preset
-from ktg_fast.models import get_model
+from ktg_fast.graph import Graph, preset
 from ktg_fast.recipe import TrainConfig
 from ktg_fast.steps import (CPU_AUTO_KIND, CPU_COMPILE_MIN_STEPS, CompiledStep, EagerStep, FusedStep,
                             NodeLossScale, compile_cache_dir, make_step)
 from ktg_fast.steps import base as steps_base
 from torch._dynamo.utils import counters
 
+from helpers import build_nets, mixed_graph as mixed_graph_of
+
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 BATCH, STEPS = 16, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
@@ -56,25 +52,11 @@ def compile_cache(tmp_path_factory) -> Path:
 
 def mixed_graph() -> Graph:
     """Two resnet8, one wrn10_1, a frozen resnet8 teacher (node 4); every gate kind, groups out of node order."""
-    return Graph(
-        [Node("resnet8"), Node("wrn10_1"), Node("resnet8"), Node("resnet8", checkpoint="teacher.pt")],
-        [["cutoff", "through", "linear", "through", "cutoff"],
-         ["cutoff", "cutoff", "through", "correct", "cutoff"],
-         ["cutoff", "linear", "cutoff", "through", "cutoff"],
-         ["cutoff", "through", "correct", "cutoff", "cutoff"],
-         ["cutoff", "through", "through", "linear", "cutoff"]],
-        temperature=2.0)
+    return mixed_graph_of("resnet8", "wrn10_1", "resnet8")
 
 
 def build(graph: Graph, seed: int = 0, num_classes: int = 10) -> list[nn.Module]:
-    torch.manual_seed(seed)
-    nets = [get_model(n.model, num_classes=num_classes) for n in graph.nodes]
-    for t in graph.frozen:  # a "pre-trained" teacher: non-trivial running statistics, eval mode, no grad
-        for bn in (m for m in nets[t - 1].modules() if isinstance(m, nn.BatchNorm2d)):
-            bn.running_mean.uniform_(-0.3, 0.3)
-            bn.running_var.uniform_(0.5, 2.0)
-        nets[t - 1].eval().requires_grad_(False)
-    return nets
+    return build_nets(graph, seed=seed, num_classes=num_classes)
 
 
 def batches(n: int = STEPS, b: int = BATCH, size: int = 32, seed: int = 1):

@@ -24,16 +24,12 @@ from ktg_fast.recipe import TrainConfig, make_optimizer
 from ktg_fast.steps import EagerStep, make_step
 from ktg_fast.loss import graph_loss_reference
 
+from helpers import build_nets, mixed_graph as mixed_graph_of
+
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 convolutions: OpenMP threads only spin-wait, badly when another process shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dml_graph(models: list[str]) -> Graph:
@@ -42,26 +38,11 @@ def dml_graph(models: list[str]) -> Graph:
 
 def mixed_graph() -> Graph:
     """Two ResNet32, one WRN-16-2 and a frozen teacher (node 4); every gate kind, groups out of node order."""
-    return Graph(
-        [Node("resnet32"), Node("wrn16_2"), Node("resnet32"), Node("resnet20", checkpoint="teacher.pt")],
-        [["cutoff", "through", "linear", "through", "cutoff"],
-         ["cutoff", "cutoff", "through", "correct", "cutoff"],
-         ["cutoff", "linear", "cutoff", "through", "cutoff"],
-         ["cutoff", "through", "correct", "cutoff", "cutoff"],
-         ["cutoff", "through", "through", "linear", "cutoff"]],
-        temperature=2.0)
+    return mixed_graph_of("resnet32", "wrn16_2", "resnet20")
 
 
 def build(graph: Graph, dtype: torch.dtype = F64, seed: int = 0, num_classes: int = 10) -> list[nn.Module]:
-    torch.manual_seed(seed)
-    nets = [get_model(n.model, num_classes=num_classes).to(dtype) for n in graph.nodes]
-    for t in graph.frozen:  # a "pre-trained" teacher: non-trivial running statistics, eval mode, no grad
-        net = nets[t - 1]
-        for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
-            bn.running_mean.uniform_(-0.3, 0.3)
-            bn.running_var.uniform_(0.5, 2.0)
-        net.eval().requires_grad_(False)
-    return nets
+    return build_nets(graph, dtype, seed=seed, num_classes=num_classes)
 
 
 def batch(n: int = 4, size: int = 8, dtype: torch.dtype = F64, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

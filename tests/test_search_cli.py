@@ -23,19 +23,6 @@ TINY = ["--dataset", "fashion-mnist", "--train-subset", "128", "--eval-subset", 
         "--heartbeat", "2", "--poll", "0.5", "--no-progress"]
 
 
-@pytest.fixture
-def keep_threads():
-    """The search sets torch threads and log levels of this process: put them back."""
-    import logging
-
-    n = torch.get_num_threads()
-    levels = {name: logging.getLogger(name).level for name in ("ktg_fast", "ktg_fast.search")}
-    yield
-    torch.set_num_threads(n)
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-
-
 def expected_states(trials, epochs):
     """Replay Optuna's successive-halving rule on a sequential search: (state, last epoch) per trial."""
     out, seen = {}, []

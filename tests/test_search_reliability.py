@@ -32,17 +32,6 @@ TINY = ["--nodes", "2", "--target", "resnet8", "--models", "resnet8", "--dataset
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.fixture
-def keep_threads():
-    """The search sets torch threads and log levels of this process: put them back."""
-    n = torch.get_num_threads()
-    levels = {name: logging.getLogger(name).level for name in ("ktg_fast", "ktg_fast.search")}
-    yield
-    torch.set_num_threads(n)
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished tiny search of 3 trials (copy it before changing it)."""
@@ -151,10 +140,10 @@ def fresh_postgres_database(url: str) -> str:
 
     import sqlalchemy as sa
 
-    from ktg_fast.search.storage import _normalise
+    from ktg_fast.search.storage_url import normalise_url
 
     name = f"race_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(_normalise(url), isolation_level="AUTOCOMMIT")
+    engine = sa.create_engine(normalise_url(url), isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(sa.text(f"CREATE DATABASE {name}"))
     engine.dispose()
@@ -340,13 +329,13 @@ def test_messages_new_best_plurals_and_nothing_left_behind(tmp_path, keep_thread
     assert not list(out.glob("*.lock")) and not list(out.rglob("*.lock"))
 
     from ktg_fast.graph import Graph, Node
-    from ktg_fast.search.worker import _describe
+    from ktg_fast.search.trial_files import describe_graph
 
     g = Graph([Node("resnet8"), Node("resnet8")], [["cutoff", "through", "through"], ["cutoff"] * 3,
                                                    ["cutoff", "through", "cutoff"]])
-    assert _describe(g).endswith("; 3 edges")
+    assert describe_graph(g).endswith("; 3 edges")
     g1 = Graph([Node("resnet8")], [["cutoff", "through"], ["cutoff", "cutoff"]])
-    assert _describe(g1).endswith("; 1 edge")
+    assert describe_graph(g1).endswith("; 1 edge")
 
 
 def test_progress_announces_the_first_best_and_writes_no_escape_codes():

@@ -8,29 +8,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import ktg_fast as kf
 from ktg_fast.graph import Graph, Node, preset
-from ktg_fast.models import get_model, register_model, unregister_model
+from ktg_fast.models import get_model
 from ktg_fast.recipe import TrainConfig, default_milestones, lr_at_epoch, make_optimizer
 from ktg_fast.steps import EagerStep
 from ktg_fast.data import DataSpec
+from ktg_fast.io import CheckpointError
 from ktg_fast.trainer import NonFiniteLossError, RunExistsError, Trainer
+
+from helpers import exploding_model, small_config, synthetic_data
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def small_cfg(**kw):
-    base = dict(epochs=2, batch_size=32, lr=0.05, seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    return small_config(**{"epochs": 2, **kw})
 
 
-def synth(**kw):
-    base = dict(dataset="synthetic", loader="torch")
-    base.update(kw)
-    return DataSpec(**base)
+synth = synthetic_data
 
 
 def test_recipe_defaults_and_schedule():
@@ -126,23 +123,7 @@ def test_linear_gate_progress_runs_from_1_over_kend_to_1(tmp_path):
 
 
 def test_nan_loss_names_node_and_step(tmp_path):
-    calls = {"n": 0}
-
-    class Exploding(nn.Module):
-        def __init__(self, num_classes, in_channels=3):
-            super().__init__()
-            self.net = get_model("resnet8", num_classes=num_classes, in_channels=in_channels)
-
-        def forward(self, x):
-            out = self.net(x)
-            if self.training:
-                calls["n"] += 1
-                if calls["n"] >= 3:
-                    out = out * float("nan")
-            return out
-
-    register_model("exploding")(lambda *, num_classes, in_channels=3: Exploding(num_classes, in_channels))
-    try:
+    with exploding_model(from_call=3):
         g = Graph([Node("resnet8"), Node("exploding")],
                   [["cutoff", "through", "through"], ["cutoff", "cutoff", "cutoff"], ["cutoff", "cutoff", "cutoff"]])
         g.gates[0][2] = "through"
@@ -151,8 +132,6 @@ def test_nan_loss_names_node_and_step(tmp_path):
                     step="eager", progress=False)
         with pytest.raises(NonFiniteLossError, match=r"step 3 \(epoch 1\) in node 2 \(exploding\)"):
             t.run()
-    finally:
-        unregister_model("exploding")
 
 
 def _cli(args, env=None, check=True):
@@ -302,3 +281,43 @@ def test_checkpoint_of_an_earlier_version_still_resumes(tmp_path):
     assert r.returncode == 0, r.stderr
     r = _cli(args + ["--resume", "--lr", "0.2"], check=False)
     assert r.returncode == 2 and "--lr" in r.stderr
+
+
+@pytest.mark.parametrize("write_kind,read_kind", [("eager", "fused"), ("fused", "eager")])
+def test_fp16_checkpoint_keeps_each_nodes_loss_scale(tmp_path, write_kind, read_kind):
+    """fp16: a short run's checkpoint holds each node's loss scale and growth tracker, a resume (on either
+    step path) restores them instead of starting at 2^16 again, and a checkpoint without them still loads."""
+    g = preset("dml", models=["resnet8", "resnet8"])
+    data, cfg = synth(train_subset=64), small_cfg(epochs=1, precision="fp16")
+    t = Trainer(g, data, cfg, tmp_path / "r", device="cpu", step=write_kind, progress=False)
+    t.run()
+    ck_path = tmp_path / "r" / "checkpoint.pt"
+    ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+    written = t.train_step.loss_scale_state()
+    assert set(ck["loss_scale"]) == {"scale", "growth_tracker"}
+    for k in written:
+        assert torch.equal(ck["loss_scale"][k], written[k]), k
+    assert ck["loss_scale"]["scale"].shape == (2,) and ck["loss_scale"]["growth_tracker"].dtype == torch.int32
+
+    def resumed():
+        t2 = Trainer(g, data, cfg, tmp_path / "r", device="cpu", step=read_kind, progress=False)
+        t2._load_data()
+        t2._build()
+        assert t2.train_step.loss_scale_state()["scale"].tolist() == [2.0 ** 16] * 2  # fresh before the restore
+        assert t2._restore(t2._read_checkpoint()) == (1, 2)
+        return t2.train_step.loss_scale_state()
+
+    # Values no fresh scaler has: a resume that dropped them would read 2^16 and 0.
+    ck["loss_scale"] = {"scale": torch.tensor([2.0 ** 9, 2.0 ** 13]),
+                        "growth_tracker": torch.tensor([3, 1700], dtype=torch.int32)}
+    torch.save(ck, ck_path)
+    state = resumed()
+    assert state["scale"].tolist() == [2.0 ** 9, 2.0 ** 13] and state["growth_tracker"].tolist() == [3, 1700]
+    del ck["loss_scale"]  # a checkpoint written before the loss scales were saved
+    torch.save(ck, ck_path)
+    state = resumed()
+    assert state["scale"].tolist() == [2.0 ** 16] * 2 and state["growth_tracker"].tolist() == [0, 0]
+    ck["loss_scale"] = {"scale": torch.ones(3), "growth_tracker": torch.zeros(3, dtype=torch.int32)}
+    torch.save(ck, ck_path)
+    with pytest.raises(CheckpointError, match="loss-scale scale is \\(3,\\), not one value for each of 2 nodes"):
+        resumed()

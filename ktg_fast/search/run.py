@@ -18,7 +18,8 @@ from .config import SearchConfig
 from .ledger import ATTR_FAIL, Ledger
 from .progress import Progress
 from .space import SearchError
-from .storage import checkpoint_sqlite, mask_url, sqlite_path, storage_errors
+from .storage import checkpoint_sqlite, storage_errors
+from .storage_url import mask_url, sqlite_path
 from .study import BUDGET_ATTR, create_or_join, open_for_reading
 from .teachers import missing_teachers, pretrain_hint, teacher_file
 from .worker import Worker, raise_interrupt
@@ -162,15 +163,7 @@ def _watch(cfg: SearchConfig, procs: list, prog: Any, logs: Path, failed: list[s
                     log.debug("progress poll failed: %s", e)
             time.sleep(0.5 if prog is None else prog.interval_s)
     except KeyboardInterrupt:
-        for k, p, f in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)  # (SIGINT may be ignored in background jobs)
-        for k, p, f in procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-            f.close()
+        _stop_all(procs)  # SIGTERM, not SIGINT: SIGINT may be ignored in background jobs
         print("interrupted; run the same command again to continue the search", file=sys.stderr)
         return 130
     if failed and len(failed) == len(procs):

@@ -1,19 +1,16 @@
-"""Opening Optuna storages, with clear errors, heartbeats and a cross-worker lock.
+"""Opening Optuna storages, with clear errors and heartbeats; the SQLite study file's upkeep.
 
 The embedded default is an SQLite file ``<out>/study.db`` in WAL mode with a
 long lock timeout, which several worker processes on one machine share safely;
 ``--storage URL`` takes any SQLAlchemy URL Optuna's RDB storage accepts
 (PostgreSQL for many machines).  Every storage records trial heartbeats, so a
-trial whose worker died is failed after the grace period and re-queued.
+trial whose worker died is failed after the grace period and re-queued.  URLs are read in
+:mod:`.storage_url`, the cross-worker locks are in :mod:`.locks` (both re-exported here).
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
-import importlib.util
 import logging
-import os
 import sqlite3
 import time
 import warnings
@@ -21,11 +18,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import optuna
-import sqlalchemy as sa
 import sqlalchemy.exc
-from sqlalchemy.engine import make_url
 
+from .locks import LOCK_WAIT_S, admission_lock, locked_file, sqlite_lock_path
 from .space import SearchError
+from .storage_url import default_storage_url, mask_url, normalise_url, sqlite_path
 
 __all__ = ["default_storage_url", "open_storage", "mask_url", "admission_lock", "sqlite_path", "sqlite_lock_path",
            "locked_file", "storage_errors", "damaged_message"]
@@ -33,42 +30,6 @@ __all__ = ["default_storage_url", "open_storage", "mask_url", "admission_lock", 
 log = logging.getLogger("ktg_fast.search")
 
 SQLITE_TIMEOUT_S = 120  # how long a writer waits for the SQLite lock before failing
-LOCK_WAIT_S = 120  # how long a worker waits for the cross-worker lock before going on without it
-
-
-def default_storage_url(out: str | os.PathLike) -> str:
-    """``sqlite:///<absolute out>/study.db``."""
-    return f"sqlite:///{Path(out).resolve() / 'study.db'}"
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for messages and tables)."""
-    try:
-        u = make_url(url)
-        return u.render_as_string(hide_password=True) if u.password else url
-    except Exception:
-        return url
-
-
-def sqlite_path(url: str) -> Optional[Path]:
-    """The database file of an ``sqlite:///`` URL (None for other URLs and in-memory databases)."""
-    u = make_url(url)
-    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
-        return None
-    return Path(u.database)
-
-
-def _normalise(url: str) -> str:
-    """Pick an installed PostgreSQL driver: SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3."""
-    try:
-        u = make_url(url)
-    except Exception:
-        raise SearchError(f"--storage {url!r} is not a database URL: use sqlite:///path/study.db or "
-                          "postgresql://user@host:port/database") from None
-    if u.drivername == "postgresql":
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
-            return u.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
-    return url
 
 
 def open_storage(url: str, *, heartbeat: Optional[int] = None, grace: Optional[int] = None,
@@ -82,7 +43,7 @@ def open_storage(url: str, *, heartbeat: Optional[int] = None, grace: Optional[i
         retry_callback: called with (study, trial) for each trial failed that way.
     """
     shown = mask_url(url)  # messages name the URL as the user gave it
-    url = _normalise(url)
+    url = normalise_url(url)
     engine_kwargs: dict[str, Any] = {}
     path = sqlite_path(url)
     backend = url.split(":", 1)[0].split("+", 1)[0]
@@ -181,7 +142,7 @@ def storage_errors(url: str) -> Iterator[None]:
     try:
         yield
     except (sqlalchemy.exc.DatabaseError, sqlite3.DatabaseError) as e:
-        path = sqlite_path(_normalise(url))
+        path = sqlite_path(normalise_url(url))
         if path is None or not _is_damage(e):
             raise
         raise SearchError(damaged_message(path, e)) from None
@@ -218,104 +179,3 @@ def _enable_wal(path: Path) -> None:
             raise SearchError(damaged_message(path, e)) from None
 
 
-@contextlib.contextmanager
-def admission_lock(storage: Any, url: str, name: str, *, wait_s: float = LOCK_WAIT_S) -> Iterator[bool]:
-    """Serialise a short critical section across every worker of a study.
-
-    SQLite: an ``flock`` on a file beside the database (removed on release).  PostgreSQL: a
-    session advisory lock (released by the server if the worker dies).  Other
-    backends, or a lock not obtained within ``wait_s``: no lock (yields False),
-    with a warning.
-    """
-    key = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
-    lock_path = sqlite_lock_path(url, name)
-    if lock_path is not None:
-        with locked_file(lock_path, wait_s=wait_s) as got:
-            if not got:
-                log.warning("could not lock %s within %.0f s; going on without it", lock_path, wait_s)
-            yield got
-        return
-    engine = getattr(storage, "engine", None)
-    if engine is None or engine.dialect.name != "postgresql":
-        yield False
-        return
-    with engine.connect() as conn:
-        got = _wait(lambda: bool(conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()),
-                    wait_s)
-        conn.commit()
-        if not got:
-            log.warning("could not take the study's advisory lock within %.0f s; going on without it", wait_s)
-        try:
-            yield got
-        finally:
-            if got:
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
-
-
-def sqlite_lock_path(url: str, name: str) -> Optional[Path]:
-    """The lock file of study ``name`` in an SQLite storage (None for other storages)."""
-    path = sqlite_path(_normalise(url))
-    if path is None:
-        return None
-    return path.with_name(path.name + f".{hashlib.sha1(name.encode()).hexdigest()[:8]}.lock")
-
-
-@contextlib.contextmanager
-def locked_file(path: Path, *, wait_s: Optional[float] = None) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``path`` and remove the file when done: no lock file stays behind.
-
-    The holder unlinks the file before unlocking; a process that meanwhile
-    locked the unlinked inode notices it is no longer at ``path`` and tries
-    again, so two processes never hold the lock at once.  ``wait_s`` None
-    waits as long as it takes; otherwise yields False when not obtained in
-    time (the file is then left alone).
-    """
-    deadline = None if wait_s is None else time.monotonic() + wait_s
-    path = Path(path)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        if deadline is None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            got = True
-        else:
-            got = _wait(lambda: _try_flock(fd), max(0.0, deadline - time.monotonic()))
-        if not got:
-            os.close(fd)
-            yield False
-            return
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # the previous holder removed this file: lock the new one
-    try:
-        yield True
-    finally:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        os.close(fd)  # (closing releases the lock)
-
-
-def _try_flock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-
-
-def _wait(try_once: Any, wait_s: float) -> bool:
-    deadline = time.monotonic() + wait_s
-    delay = 0.01
-    while True:
-        if try_once():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.5)

@@ -23,42 +23,35 @@ the same machine.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import threading
 import time
 import traceback
 import warnings
-from pathlib import Path
 from typing import Any, Optional
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from ..io import atomic_write_json, atomic_write_text
-from ..run_files import read_metrics
-from .trial_hooks import EpochReporter, Heartbeat
+from ..io import atomic_write_text
 from ..trainer import NonFiniteLossError, Trainer
 from .config import SearchConfig
 from .ledger import ATTR_FAIL, ATTR_KEY, ATTR_REJECTED, Ledger, is_retry, retry_history, root_of
+from .locks import admission_lock
 from .space import FrozenTargetError, SearchError
-from .storage import admission_lock, open_storage
+from .storage import open_storage
 from .study import BUDGET_ATTR, load_search_study
 from .teachers import TeacherPretrainError, ensure_teachers, existing_clauses
+from .trial_files import describe_graph, finish_trial_dir, resume_from, start_trial_dir, trial_dir
+from .trial_hooks import EpochReporter, Heartbeat
 
 __all__ = ["Worker", "trial_dir"]
 
 log = logging.getLogger("ktg_fast.search")
-
-
-def trial_dir(out: str | os.PathLike, number: int) -> Path:
-    """``<out>/trials/<number, 5 digits>``."""
-    return Path(out) / "trials" / f"{number:05d}"
 
 
 class _Abort(SearchError):
@@ -227,21 +220,16 @@ class Worker:
         root = root_of(me)
         seed = int(me.user_attrs.get("seed", cfg.seed + root))
         out = trial_dir(cfg.out, trial.number)
-        resumed = self._resume_from(me, out) if is_retry(me) else False
-        if not resumed and out.exists():  # left by an earlier study in the same --out: keep it, out of the way
-            aside = out.with_name(f"{out.name}.old-{int(time.time())}")
-            out.rename(aside)
-            log.warning("trial folder %s already existed (an earlier study in this --out?); moved to %s", out, aside)
+        resumed = resume_from(cfg.out, cfg.epochs, me, out) if is_retry(me) else False
         info = {"number": trial.number, "retry_of": (retry_history(me) or [None])[-1],
                 "seed": seed, "graph": graph.to_dict(), "host": self.host, "pid": os.getpid(),
                 "worker": self.worker_id, "dir": str(out.resolve()), "device": self.device, "resumed": resumed}
         for k in ("graph", "seed", "host", "pid", "dir"):
             trial.set_user_attr(k, info[k])
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "trial.json", {**info, "state": "RUNNING"})
+        start_trial_dir(out, info, resumed=resumed)
         what = f"trial {trial.number}" + (f" (retry of {info['retry_of']}{', resumed' if resumed else ''})"
                                           if info["retry_of"] is not None else "")
-        log.info("%s: %s", what, _describe(graph))
+        log.info("%s: %s", what, describe_graph(graph))
         t0 = time.monotonic()
         target = graph.target
         trainer: Optional[Trainer] = None
@@ -255,7 +243,7 @@ class Worker:
             final = trainer.run(resume=resumed)
             value = float(final["val_acc"][target - 1])
             trial.set_user_attr("val_acc", [float(a) for a in final["val_acc"]])
-            self._finish(trial, out, info, "COMPLETE", t0, value=value, epochs=int(final["epoch"]))
+            finish_trial_dir(trial, out, info, "COMPLETE", t0, value=value, epochs=int(final["epoch"]))
             before = self.ledger().best()
             self.study.tell(trial, value)
             epochs = int(final["epoch"])
@@ -267,19 +255,19 @@ class Worker:
             rec = reporter.record or {}
             if rec:
                 trial.set_user_attr("val_acc", [float(a) for a in rec["val_acc"]])
-            self._finish(trial, out, info, "PRUNED", t0, epochs=int(rec.get("epoch", 0)))
+            finish_trial_dir(trial, out, info, "PRUNED", t0, epochs=int(rec.get("epoch", 0)))
             self.study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d %s (%.0f s)", trial.number, e, time.monotonic() - t0)
         except TeacherPretrainError as e:
             # Not the graph's fault: the trial does not count, and the search stops with the teacher's story.
-            self._finish(trial, out, info, "REJECTED", t0, reason=str(e))
+            finish_trial_dir(trial, out, info, "REJECTED", t0, reason=str(e))
             self._reject(trial, f"teacher: {e}")
             raise _Abort(f"trial {trial.number}: {e}") from None
         except NonFiniteLossError as e:
             # The trainer's message names the node by its index in this trial's graph.
             reason = existing_clauses(str(e).strip())
             reason = reason if reason.startswith("non-finite") else f"non-finite loss: {reason}"
-            self._finish(trial, out, info, "FAIL", t0, reason=reason)
+            finish_trial_dir(trial, out, info, "FAIL", t0, reason=reason)
             self._fail(trial, reason)
         except KeyboardInterrupt:
             raise
@@ -287,7 +275,7 @@ class Worker:
             if _is_oom(e):
                 del trainer
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                self._finish(trial, out, info, "FAIL", t0, reason=f"out of memory: {e}")
+                finish_trial_dir(trial, out, info, "FAIL", t0, reason=f"out of memory: {e}")
                 return self._fail(trial, f"out of memory on {self.device}: {str(e).splitlines()[0]}")
             # Not the graph's fault: give the trial back (not counted) and stop this worker.
             atomic_write_text(out / "error.txt", traceback.format_exc())
@@ -296,40 +284,3 @@ class Worker:
                          f"(details in {out / 'error.txt'}): {e}") from e
         finally:
             self.trained += 1
-
-    def _resume_from(self, me: FrozenTrial, out: Path) -> bool:
-        """Copy the newest checkpoint of the dead trials of this lineage (on this machine) into ``out``."""
-        for number in reversed(retry_history(me)):
-            src = trial_dir(self.cfg.out, int(number))
-            if not (src / "checkpoint.pt").is_file() or (src / "final.json").is_file():
-                continue
-            done = [r["epoch"] for r in read_metrics(src / "metrics.jsonl")]
-            if done and max(done) >= self.cfg.epochs:
-                continue  # killed while finishing: its last epoch may lack final.json; train afresh
-            if out.exists():
-                shutil.rmtree(out)
-            shutil.copytree(src, out, ignore=shutil.ignore_patterns("trial.json", "error.txt", "*.tmp"))
-            records = read_metrics(out / "metrics.jsonl")  # drop a line the kill may have cut short
-            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-            log.info("trial %d resumes from the checkpoint of trial %d", me.number, number)
-            return True
-        return False
-
-    def _finish(self, trial: optuna.Trial, out: Path, info: dict, state: str, t0: float, *,
-                value: Optional[float] = None, epochs: int = 0, reason: Optional[str] = None) -> None:
-        elapsed = time.monotonic() - t0
-        trial.set_user_attr("time_s", round(elapsed, 3))
-        trial.set_user_attr("epochs", epochs)
-        atomic_write_json(out / "trial.json", {**info, "state": state, "value": value, "epochs": epochs,
-                                                "time_s": elapsed, "fail_reason": reason})
-        ckpt = out / "checkpoint.pt"
-        if state != "FAIL" and ckpt.exists():
-            ckpt.unlink()  # the target's weights are in nodes/; the full checkpoint is only for resuming
-
-
-def _describe(graph: Any) -> str:
-    nodes = ", ".join(f"{i}:{n.model}{' (frozen)' if graph.is_frozen(i) else ''}"
-                      for i, n in enumerate(graph.nodes, start=1))
-    edges = sum(1 for s in range(graph.num_nodes + 1) for t in range(1, graph.num_nodes + 1)
-                if s != t and graph.gates[s][t] != "cutoff")
-    return f"nodes {nodes}; {edges} edge{'' if edges == 1 else 's'}"

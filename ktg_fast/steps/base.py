@@ -85,6 +85,15 @@ class TrainStep(ABC):
     def load_momentum_buffers(self, bufs: Sequence[Optional[dict[str, torch.Tensor]]]) -> None:
         """Restore what :meth:`momentum_buffers` returned (from either step path)."""
 
+    def loss_scale_state(self) -> Optional[dict[str, torch.Tensor]]:
+        """fp16: every network node's loss scale and growth tracker, ``{"scale": (M,) float32,
+        "growth_tracker": (M,) int32}`` on the CPU (the same on every path); None without loss scaling."""
+        return None
+
+    def load_loss_scale_state(self, state: Optional[dict[str, torch.Tensor]]) -> None:
+        """Restore what :meth:`loss_scale_state` returned (from either step path); None, or a path without
+        loss scaling, keeps the scales as they are."""
+
     def adopt_nets(self) -> None:
         """Take over any parameter or buffer a caller replaced in ``nets`` (paths that keep them stacked)."""
 

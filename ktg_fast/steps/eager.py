@@ -10,7 +10,7 @@ from ..graph import Graph
 from ..loss import GraphLoss
 from ..recipe import TrainConfig, make_optimizer
 from .base import TrainStep, eval_mode_logits, node_lrs
-from .precision import check_precision, forward_autocast
+from .precision import NodeLossScale, check_loss_scale_state, check_precision, forward_autocast
 
 __all__ = ["EagerStep"]
 
@@ -131,3 +131,25 @@ class EagerStep(TrainStep):
             for name, p in self.nets[t - 1].named_parameters():
                 if name in named:
                     opt.state[p]["momentum_buffer"] = named[name].to(p.device, p.dtype).clone()
+
+    def loss_scale_state(self) -> Optional[dict[str, torch.Tensor]]:
+        if self.scalers is None:
+            return None
+        # The fused step's layout: one entry per network node (frozen ones keep the initial values).
+        state = NodeLossScale(len(self.nets), torch.device("cpu")).state_dict()
+        for sc, t in zip(self.scalers, self.trainable):
+            sd = sc.state_dict()  # empty for a disabled scaler
+            if sd:
+                state["scale"][t - 1] = sd["scale"]
+                state["growth_tracker"][t - 1] = sd["_growth_tracker"]
+        return state
+
+    def load_loss_scale_state(self, state: Optional[dict[str, torch.Tensor]]) -> None:
+        if self.scalers is None or state is None:
+            return
+        check_loss_scale_state(state, len(self.nets))
+        for sc, t in zip(self.scalers, self.trainable):
+            sd = sc.state_dict()
+            if sd:
+                sc.load_state_dict({**sd, "scale": float(state["scale"][t - 1]),
+                                    "_growth_tracker": int(state["growth_tracker"][t - 1])})

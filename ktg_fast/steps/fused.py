@@ -227,3 +227,10 @@ class FusedStep(TrainStep):
         if len(bufs) != len(self.nets):
             raise ValueError(f"momentum buffers for {len(bufs)} nodes, the graph has {len(self.nets)}")
         self.optimizer.load_momentum([(*self.slot[t], bufs[t - 1]) for t in self.trainable])
+
+    def loss_scale_state(self) -> Optional[dict[str, torch.Tensor]]:
+        return None if self.scaler is None else self.scaler.state_dict()
+
+    def load_loss_scale_state(self, state: Optional[dict[str, torch.Tensor]]) -> None:
+        if self.scaler is not None and state is not None:
+            self.scaler.load_state_dict(state)

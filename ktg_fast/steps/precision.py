@@ -20,7 +20,7 @@ from typing import ContextManager, Optional, Sequence
 import torch
 
 __all__ = ["PRECISIONS", "autocast_dtype", "check_precision", "default_precision", "forward_autocast",
-           "NodeLossScale"]
+           "NodeLossScale", "check_loss_scale_state"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,8 +115,30 @@ class NodeLossScale:
         self.growth_tracker.index_copy_(0, node_index, tracker)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{"scale": (M,) float32, "growth_tracker": (M,) int32}``, copied to the CPU."""
         return {"scale": self.scale.detach().cpu().clone(), "growth_tracker": self.growth_tracker.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`'s output in place (captured CUDA graphs keep reading these tensors).
+
+        Raises:
+            ValueError: ``state`` does not hold one scale and one growth tracker per node.
+        """
+        check_loss_scale_state(state, self.scale.shape[0])
         self.scale.copy_(state["scale"])
         self.growth_tracker.copy_(state["growth_tracker"])
+
+
+def check_loss_scale_state(state: object, num_nodes: int) -> None:
+    """Check that ``state`` is a loss-scale state of ``num_nodes`` nodes (see :meth:`NodeLossScale.state_dict`).
+
+    Raises:
+        ValueError: anything else (the message says what is off).
+    """
+    if not isinstance(state, dict) or any(k not in state for k in ("scale", "growth_tracker")):
+        raise ValueError("the loss-scale state lacks 'scale' or 'growth_tracker'")
+    for key in ("scale", "growth_tracker"):
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (num_nodes,):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"the loss-scale {key} is {shape}, not one value for each of {num_nodes} nodes")

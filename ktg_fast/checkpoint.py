@@ -1,0 +1,99 @@
+"""A run's ``checkpoint.pt``: what it holds, writing it, reading and checking it, restoring a step from it.
+
+A checkpoint holds plain types and tensors only (it is read back with ``weights_only=True``):
+
+- ``epoch``, ``step``: the epochs and optimizer steps done;
+- ``fingerprint``: the settings that must match for a resume (:func:`run_fingerprint`);
+- ``nets``, ``momentum``: each node's ``state_dict`` and SGD momentum buffers by parameter name;
+- ``torch_rng``: the CPU generator's state;
+- ``loss_scale`` (fp16 runs; absent from older checkpoints): each node's loss scale and growth
+  tracker (:meth:`~ktg_fast.steps.TrainStep.loss_scale_state`).
+
+Checkpoints of earlier versions still resume: recipe fields added since take their defaults
+(:func:`upgrade_fingerprint`), and one without ``loss_scale`` starts its scales afresh.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data.spec import DataSpec
+from .graph import Graph
+from .io import CheckpointError, atomic_torch_save, check_state_dict, load_checkpoint
+from .recipe import TrainConfig
+from .run_files import fingerprint_diff
+from .steps import TrainStep
+
+__all__ = ["REQUIRED_KEYS", "run_fingerprint", "upgrade_fingerprint", "save_checkpoint", "read_checkpoint",
+           "restore_checkpoint"]
+
+# What every training checkpoint holds ("loss_scale" is optional: fp16 runs since it was added).
+REQUIRED_KEYS = ("epoch", "step", "fingerprint", "nets", "momentum", "torch_rng")
+
+
+def run_fingerprint(graph: Graph, data: DataSpec, cfg: TrainConfig) -> dict:
+    """What must match for a checkpoint to be resumed."""
+    return {"graph": graph.to_dict(), "dataset": data.dataset, "val_size": data.val_size,
+            "train_subset": data.train_subset, "config": cfg.to_dict()}
+
+
+def upgrade_fingerprint(old: Any) -> Any:
+    """A checkpoint's settings as this version names them: recipe fields added since take their
+    defaults, fields since removed are dropped (checkpoints of earlier versions still resume)."""
+    if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
+        return old
+    defaults = TrainConfig().to_dict()
+    cfg = {k: v for k, v in old["config"].items() if k in defaults}
+    return {**old, "config": {**{k: v for k, v in defaults.items() if k not in cfg}, **cfg}}
+
+
+def save_checkpoint(path: Path, *, epoch: int, step: int, fingerprint: dict, train_step: TrainStep) -> None:
+    """Write ``train_step``'s state after ``epoch`` epochs and ``step`` steps to ``path``, atomically."""
+    atomic_torch_save({
+        "epoch": epoch, "step": step, "fingerprint": fingerprint,
+        "nets": train_step.node_state_dicts(), "momentum": train_step.momentum_buffers(),
+        "torch_rng": torch.get_rng_state(), "loss_scale": train_step.loss_scale_state(),
+    }, path)
+
+
+def read_checkpoint(path: Path, fingerprint: dict) -> dict:
+    """Load ``path`` (tensors and plain types only) and check it was written with ``fingerprint``'s settings.
+
+    Raises:
+        CheckpointError: not a readable training checkpoint of ktg_fast.
+        ValueError: written with other settings (the message lists the differences).
+    """
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise CheckpointError(f"{path} is not a training checkpoint of ktg_fast (it lacks "
+                              f"{[k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]}); "
+                              "move it away or choose another --out folder")
+    diffs = fingerprint_diff(upgrade_fingerprint(ckpt["fingerprint"]), fingerprint)
+    if diffs:
+        raise ValueError(f"{path} was written with other settings: {'; '.join(diffs)}. Resume with the "
+                         "same settings, or use another --out folder for a new run")
+    return ckpt
+
+
+def restore_checkpoint(ckpt: dict, path: Path, train_step: TrainStep, graph: Graph) -> tuple[int, int]:
+    """Load a checked checkpoint's weights, momentum, loss scales and RNG into ``train_step``;
+    return its (epoch, step).
+
+    Raises:
+        CheckpointError: its networks, buffers or loss scales do not fit ``graph``'s nodes.
+    """
+    if len(ckpt["nets"]) != len(train_step.nets):
+        raise CheckpointError(f"{path} holds {len(ckpt['nets'])} networks, the graph has {len(train_step.nets)}")
+    for t, (net, state, node) in enumerate(zip(train_step.nets, ckpt["nets"], graph.nodes), start=1):
+        check_state_dict(net, state, path, what=f"node {t} ({node.model})")
+    try:
+        train_step.load_node_state_dicts(ckpt["nets"])
+        train_step.load_momentum_buffers(ckpt["momentum"])
+        train_step.load_loss_scale_state(ckpt.get("loss_scale"))
+        torch.set_rng_state(ckpt["torch_rng"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} does not fit this run: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return ckpt["epoch"], ckpt["step"]

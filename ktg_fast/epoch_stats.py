@@ -1,0 +1,64 @@
+"""What a run measures: one epoch's running losses, accuracies and first non-finite step (kept on the
+device, read once per check), and every node's accuracy on an evaluation split."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from .steps import TrainStep
+
+__all__ = ["EpochStats", "evaluate_nodes"]
+
+
+class EpochStats:
+    """Sums over one epoch's training batches, accumulated on ``device`` without a host synchronisation.
+
+    Args:
+        num_nodes: M network nodes.
+        device: where the batches' losses and logits are.
+    """
+
+    def __init__(self, num_nodes: int, device: torch.device):
+        self.loss_sum = torch.zeros(num_nodes, dtype=torch.float64, device=device)
+        self.correct = torch.zeros(num_nodes, dtype=torch.long, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, -1: none
+        self.bad_nodes = torch.zeros(num_nodes, dtype=torch.bool, device=device)  # its non-finite nodes
+        self.seen = 0
+
+    def add(self, step: int, node_loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Count one batch: node losses (M,), logits (M, B, C), labels (B,) of optimizer step ``step``."""
+        finite = torch.isfinite(node_loss)
+        first = (self.bad_step < 0) & ~finite.all()
+        self.bad_step = torch.where(first, torch.full_like(self.bad_step, step), self.bad_step)
+        self.bad_nodes = torch.where(first, ~finite, self.bad_nodes)
+        self.loss_sum += node_loss.double()
+        self.correct += (logits.argmax(-1) == y.unsqueeze(0)).sum(-1)
+        self.seen += y.shape[0]
+
+    def first_non_finite(self) -> Optional[tuple[int, list[int]]]:
+        """(step, 1-based nodes) of the first step with a non-finite node loss, or None (reads the device)."""
+        k = int(self.bad_step)
+        if k < 0:
+            return None
+        return k, [t + 1 for t in self.bad_nodes.nonzero().flatten().tolist()]
+
+    def mean_loss(self, batches: int) -> list[float]:
+        """Each node's mean training loss over ``batches`` batches."""
+        return (self.loss_sum / max(batches, 1)).tolist()
+
+    def accuracy(self) -> list[float]:
+        """Each node's top-1 training accuracy (%) over the batches counted."""
+        return (self.correct.double() * 100.0 / max(self.seen, 1)).tolist()
+
+
+@torch.no_grad()
+def evaluate_nodes(train_step: TrainStep, loader: Iterable, num_nodes: int, device: torch.device) -> list[float]:
+    """Top-1 accuracy (%) of every node on ``loader``'s batches, in eval mode."""
+    correct = torch.zeros(num_nodes, dtype=torch.long, device=device)
+    total = 0
+    for x, y in loader:
+        logits = train_step.eval_logits(x)
+        correct += (logits.argmax(-1) == y.unsqueeze(0)).sum(-1)
+        total += y.shape[0]
+    return (correct.double() * 100.0 / max(total, 1)).tolist()
