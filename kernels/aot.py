@@ -101,28 +101,30 @@ def _kernel_sets(dtype: torch.dtype, m: int, b: int, c: int, temperature: float,
     if cfg.num_splits == 1:
         sig = dict(logits_ptr=f"*{z}", labels_ptr="*i64", gates_ptr="*i32", progress_ptr="*fp32", count_ptr="*i64",
                    grad_ptr=f"*{g}", edge_ptr="*fp32", node_ptr="*fp32", B="i32", C="i32", s_m=i64, s_b="i32",
-                   s_y="i32", ignore_index="i32")
+                   s_y="i32", s_p="i32", ignore_index="i32")
         const = dict(M=m, MP=mp, MP1=mp1, ROWS=cfg.rows_per_program, BLOCK_C=cfg.block_c,
                      SINGLE_BLOCK=c <= cfg.block_c, WRITE_GRAD=write_grad, **cc, **tc)
         out.append((K._fused_kernel, sig, const, cfg.num_warps))
     else:
         nsp = triton.next_power_of_2(cfg.num_splits)
         out.append((K._split_stats_kernel,
-                    dict(logits_ptr=f"*{z}", gates_ptr="*i32", progress_ptr="*fp32", stats_ptr="*fp32",
+                    dict(logits_ptr=f"*{z}", gates_ptr="*i32", stats_ptr="*fp32",
                          amax_ptr="*i32", C="i32", s_m=i64, s_b="i32", CHUNK="i32"),
                     dict(M=m, MP=mp, NSPLIT=cfg.num_splits, BLOCK_C=cfg.block_c, K_T=tc["K_T"], SAME_T=tc["SAME_T"]),
                     cfg.num_warps))
         out.append((K._split_grad_kernel,
                     dict(logits_ptr=f"*{z}", labels_ptr="*i64", gates_ptr="*i32", progress_ptr="*fp32",
                          count_ptr="*i64", stats_ptr="*fp32", amax_ptr="*i32", grad_ptr=f"*{g}", xbuf_ptr="*fp32",
-                         B="i32", C="i32", s_m=i64, s_b="i32", s_y="i32", ignore_index="i32", CHUNK="i32"),
+                         B="i32", C="i32", s_m=i64, s_b="i32", s_y="i32", s_p="i32", ignore_index="i32",
+                         CHUNK="i32"),
                     dict(M=m, MP=mp, NSPLIT=cfg.num_splits, NSP=nsp, BLOCK_C=cfg.block_c, WRITE_GRAD=write_grad,
                          **cc, **tc),
                     cfg.num_warps))
         out.append((K._split_loss_kernel,
                     dict(logits_ptr=f"*{z}", labels_ptr="*i64", gates_ptr="*i32", progress_ptr="*fp32",
                          count_ptr="*i64", stats_ptr="*fp32", amax_ptr="*i32", xbuf_ptr="*fp32", edge_ptr="*fp32",
-                         node_ptr="*fp32", B="i32", C="i32", s_m=i64, s_b="i32", s_y="i32", ignore_index="i32"),
+                         node_ptr="*fp32", B="i32", C="i32", s_m=i64, s_b="i32", s_y="i32", s_p="i32",
+                         ignore_index="i32"),
                     dict(M=m, MP=mp, MP1=mp1, ROWS=cfg.rows_per_program, NSPLIT=cfg.num_splits, NSP=nsp,
                          **cc, **tc),
                     1))

@@ -15,7 +15,7 @@ Checkpoints of earlier versions still resume: recipe fields added since take the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -26,7 +26,7 @@ from .recipe import TrainConfig
 from .run_files import fingerprint_diff
 from .steps import TrainStep
 
-__all__ = ["REQUIRED_KEYS", "run_fingerprint", "upgrade_fingerprint", "save_checkpoint", "read_checkpoint",
+__all__ = ["REQUIRED_KEYS", "checkpoint_payload", "run_fingerprint", "upgrade_fingerprint", "save_checkpoint", "read_checkpoint",
            "restore_checkpoint"]
 
 # What every training checkpoint holds ("loss_scale" is optional: fp16 runs since it was added).
@@ -49,13 +49,18 @@ def upgrade_fingerprint(old: Any) -> Any:
     return {**old, "config": {**{k: v for k, v in defaults.items() if k not in cfg}, **cfg}}
 
 
+def checkpoint_payload(*, epoch: int, step: int, fingerprint: dict, nets: list, momentum: list,
+                       loss_scale: Optional[dict]) -> dict:
+    """What ``checkpoint.pt`` holds (see the module's docstring); the CPU generator's state is taken now."""
+    return {"epoch": epoch, "step": step, "fingerprint": fingerprint, "nets": nets, "momentum": momentum,
+            "torch_rng": torch.get_rng_state(), "loss_scale": loss_scale}
+
+
 def save_checkpoint(path: Path, *, epoch: int, step: int, fingerprint: dict, train_step: TrainStep) -> None:
     """Write ``train_step``'s state after ``epoch`` epochs and ``step`` steps to ``path``, atomically."""
-    atomic_torch_save({
-        "epoch": epoch, "step": step, "fingerprint": fingerprint,
-        "nets": train_step.node_state_dicts(), "momentum": train_step.momentum_buffers(),
-        "torch_rng": torch.get_rng_state(), "loss_scale": train_step.loss_scale_state(),
-    }, path)
+    atomic_torch_save(checkpoint_payload(epoch=epoch, step=step, fingerprint=fingerprint,
+                                         nets=train_step.node_state_dicts(), momentum=train_step.momentum_buffers(),
+                                         loss_scale=train_step.loss_scale_state()), path)
 
 
 def read_checkpoint(path: Path, fingerprint: dict) -> dict:

@@ -34,16 +34,22 @@ class GateContext:
     Attributes:
         source_logits: (M, B, C) detached logits of the network nodes 1..M.
         labels: (B,) int64 labels (ignored rows hold ``ignore_index``).
-        progress: 0-dim float tensor, k / k_end of the current step.
+        progress: 0-dim float tensor, k / k_end of the current step.  A custom gate always sees
+            one value: when the loss is given one progress per destination node (an (M,) tensor),
+            the weight function is called once per destination t with ``progress[t-1]`` and
+            ``destination = t``, and its weights apply to the edges into t only.
         correct: (M+1, B) bool, whether each source's argmax equals the label
             (row 0, the label itself, is always True); None unless a gate
             other than cutoff, through and linear is in use.
+        destination: None when the weights apply to every destination (one progress for all);
+            the 1-based destination node t of a per-destination call (see ``progress``).
     """
 
     source_logits: torch.Tensor
     labels: torch.Tensor
     progress: torch.Tensor
     correct: Optional[torch.Tensor]
+    destination: Optional[int] = None
 
 
 # A weight function returns per-sample weights for every source s in 0..M:
@@ -87,7 +93,8 @@ def register_gate(name: str, weight: WeightFn, *, code: int | None = None) -> Ga
     Args:
         name: the name graph files use (lower case, no spaces).
         weight: ``weight(ctx: GateContext)`` returning per-sample weights
-            broadcastable to (M+1, B): row s weighs every edge leaving source s.
+            broadcastable to (M+1, B): row s weighs every edge leaving source s
+            (every edge into ``ctx.destination`` only, in a per-destination call).
         code: integer code; by default the next free one from 16 up.
 
     Returns:
@@ -152,7 +159,7 @@ def gate_codes(gates: Union[torch.Tensor, Sequence[Sequence[Union[str, int]]]]) 
             raise ValueError(f"a gate-code tensor must have an integer dtype, got {gates.dtype}: "
                              "codes are 0 cutoff, 1 through, 2 linear, 3 correct")
         codes = gates.detach().to("cpu", torch.int64)
-        for c in codes.unique().tolist():
+        for c in set(codes.flatten().tolist()):  # a handful of entries: cheaper than unique()
             get_gate(c)
         return codes
     rows = [list(r) for r in gates]

@@ -179,7 +179,8 @@ class GraphLinearLoss(nn.Module):
         weights: M output matrices (V, D_m) (``nn.Linear.weight``), or one (M, V, D).
         labels: (N,) or (*) int64 / int32.
         bias: None, or M biases (V,) (None entries allowed), or one (M, V).
-        progress: k / k_end of linear gates, a float or a 0-dim tensor.
+        progress: k / k_end of linear gates, a float or a 0-dim tensor, or an (M,) tensor with one
+            value per destination node (edges s -> t weigh progress[t-1]), as in ``graph_loss``.
 
     Memory: one chunk's logits (M, chunk, V) and their gradient, plus the gradients
     returned (hidden-sized and weight-sized, in the inputs' dtype, float32 for

@@ -76,7 +76,7 @@ def _kernel_loss(z: torch.Tensor, labels: torch.Tensor, plan: "EdgePlan", temper
 
     node, edge = kernels.graph_loss_triton(
         z, labels.to(z.device), cached_codes(plan.key, str(z.device)), temperature,
-        progress_tensor(progress, z.device), int(ignore_index),
+        progress_tensor(progress, z.shape[0], z.device), int(ignore_index),
     )
     return GraphLossResult(node_loss=node, edge_loss=edge)
 
@@ -131,10 +131,13 @@ class GraphLoss(torch.nn.Module):
                 ``ignore_index`` are left out of every edge and of the batch
                 count.  A row whose label class has logit -inf gets an infinite
                 cross-entropy.
-            progress: k / k_end for linear gates in [0, 1], a float or a 0-dim
-                tensor (a device tensor keeps CUDA-graph replays correct; its
-                value is checked on the CPU only, never at the cost of a
-                synchronisation).
+            progress: k / k_end for linear gates in [0, 1]: a float or a 0-dim
+                tensor (every linear edge), or an (M,) tensor, one value per
+                destination node (edges s -> t weigh progress[t-1]; trials packed
+                into one graph, each at its own step).  A device tensor keeps
+                CUDA-graph replays correct and new values cause no recompile;
+                values are checked on the CPU only, never at the cost of a
+                synchronisation.
             check_finite: raise ``FloatingPointError`` naming the node (and a
                 masked label class, if that is the cause) when a node loss is
                 not finite.  Costs one synchronisation; off by default.
@@ -146,7 +149,8 @@ class GraphLoss(torch.nn.Module):
         Raises:
             ValueError / TypeError naming the argument: logits that do not match
             the gate matrix or are not floating point, labels of the wrong
-            shape, dtype or (on the CPU) range, progress outside [0, 1].
+            shape, dtype or (on the CPU) range, progress outside [0, 1] or of a
+            shape other than () or (M,).
         """
         z = stack_logits(logits)
         if z.shape[0] != self.num_nodes:
@@ -201,7 +205,7 @@ class GraphLoss(torch.nn.Module):
             def run():
                 node, edge, grad = kernels.graph_loss_triton_with_grad(
                     z, labels.to(z.device), cached_codes(plan.key, str(z.device)), t,
-                    progress_tensor(progress, z.device), ii)
+                    progress_tensor(progress, z.shape[0], z.device), ii)
                 return GraphLossResult(node, edge), grad
 
             if self.impl == "triton" or torch.compiler.is_compiling():

@@ -1,10 +1,12 @@
 """The graph loss's front door: what a call must hand over, checked once, with errors that name it.
 
-Shapes and dtypes of logits and labels, the temperature, the linear gate's progress, the gate
-matrix's size and structure (the structure rule itself lives in :mod:`ktg_fast.graph`).
+Shapes and dtypes of logits and labels, the temperature, the linear gate's progress (one value, or one
+per destination node), the gate matrix's size and structure (the structure rule itself lives in
+:mod:`ktg_fast.graph`).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Sequence, Union
 
@@ -109,26 +111,46 @@ def prepare_gates(gates: GatesLike, num_nodes: int) -> torch.Tensor:
             f"gate matrix is {codes.shape[0]}x{codes.shape[0]} but logits hold {num_nodes} nodes: "
             f"it must be {num_nodes + 1}x{num_nodes + 1} (label node 0 plus one row per network)"
         )
-    check_gate_structure(codes)
+    _check_structure(tuple(map(tuple, codes.tolist())))
     return codes
 
 
-def progress_tensor(
-    progress: Union[float, torch.Tensor], device: torch.device, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """progress as a 0-dim tensor; values outside [0, 1] (or NaN) are refused where it costs no sync.
+@functools.lru_cache(maxsize=256)
+def _check_structure(key: tuple[tuple[int, ...], ...]) -> None:
+    """check_gate_structure once per distinct matrix (a failure raises and is not cached)."""
+    check_gate_structure(torch.tensor(key, dtype=torch.int64))
 
-    A float is always checked; a CPU tensor too; a CUDA tensor is not (it would synchronise every step).
+
+def progress_tensor(
+    progress: Union[float, torch.Tensor], num_nodes: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """progress on ``device``: a 0-dim tensor (one k / k_end for every linear edge) or an (M,) one.
+
+    An (M,) tensor gives each destination network node its own progress: edges s -> t read
+    ``progress[t-1]`` (trials packed into one graph, each at its own step).  A one-element tensor of any
+    shape is the 0-dim form.  Values outside [0, 1] (or NaN) are refused where it costs no sync: a float
+    always, a CPU tensor too, a CUDA tensor not (it would synchronise every step).
     """
     if isinstance(progress, torch.Tensor):
-        if progress.numel() != 1 or not progress.dtype.is_floating_point:
-            raise ValueError(f"progress must be a float or a 0-dim floating-point tensor, got "
-                             f"{progress.dtype} of shape {tuple(progress.shape)}")
+        if not progress.dtype.is_floating_point or not (progress.numel() == 1
+                                                        or tuple(progress.shape) == (num_nodes,)):
+            raise ValueError(f"progress must be a float, a 0-dim floating-point tensor or a ({num_nodes},) one "
+                             f"(k / k_end per destination node 1..{num_nodes}), got {progress.dtype} of shape "
+                             f"{tuple(progress.shape)}")
+        if progress.numel() == 1:
+            if progress.device.type == "cpu" and not torch.compiler.is_compiling():
+                _check_progress_value(float(progress))
+            return progress.reshape(()).to(device=device, dtype=dtype)
         if progress.device.type == "cpu" and not torch.compiler.is_compiling():
-            _check_progress_value(float(progress))
-        return progress.reshape(()).to(device=device, dtype=dtype)
+            bad = ~((progress >= 0) & (progress <= 1))  # NaN too
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"progress[{i}] (k / k_end of the linear gates into node {i + 1}) must lie in "
+                                 f"[0, 1], got {float(progress[i])!r}")
+        return progress.to(device=device, dtype=dtype)
     if isinstance(progress, bool) or not isinstance(progress, (int, float)):
-        raise TypeError(f"progress must be a number in [0, 1] or a 0-dim tensor, got {progress!r}")
+        raise TypeError(f"progress must be a number in [0, 1], a 0-dim tensor or a ({num_nodes},) tensor, "
+                        f"got {progress!r}")
     _check_progress_value(float(progress))
     return torch.tensor(float(progress), device=device, dtype=dtype)
 

@@ -44,7 +44,11 @@ class TrainConfig:
     milestones: Optional[list[int]] = None
     gamma: float = 0.1
     node_lr: Optional[list[float]] = None
-    seed: int = 0
+    seed: int = 0  # seeds the nodes' initialisation, and the batches unless data_seed is set
+    # The batches of epoch e are those of (data_seed, e + data_offset): a trial packed with others
+    # (ktg_fast.pack) sees the pack's batches; the same numbers here make a lone run see them too.
+    data_seed: Optional[int] = None
+    data_offset: int = 0
     augment: bool = True
     check_every: int = 50  # steps between host reads of the non-finite-loss flag
     # Arithmetic of the forward passes: "fp32", "bf16" or "fp16"; None: fp32 on the CPU, bf16 on a CUDA
@@ -64,6 +68,8 @@ class TrainConfig:
             raise ValueError("weight decay must be >= 0 and momentum in [0, 1)")
         if self.nesterov and self.momentum == 0:
             raise ValueError("Nesterov momentum needs momentum > 0")
+        if self.data_offset < 0:
+            raise ValueError(f"data_offset must be >= 0, got {self.data_offset}")
         if self.precision not in (None, "fp32", "bf16", "fp16"):
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
@@ -77,6 +83,11 @@ class TrainConfig:
         if len(self.node_lr) != num_nodes:
             raise ValueError(f"node_lr has {len(self.node_lr)} entries but the graph has {num_nodes} network nodes")
         return [float(x) for x in self.node_lr]
+
+    @property
+    def batch_seed(self) -> int:
+        """The seed of the batch order and augmentation: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def resolved_milestones(self, dataset: str) -> list[int]:
         return list(self.milestones) if self.milestones is not None else default_milestones(dataset, self.epochs)

@@ -2,7 +2,8 @@
 metrics, atomic per-epoch checkpoints and exact resume.
 
 Exact resume: model initialisation is seeded by ``seed``; each epoch's batch
-order and augmentation are seeded by (seed, epoch); the checkpoint holds every
+order and augmentation are seeded by (seed, epoch) (``data_seed`` and
+``data_offset`` of the recipe replace them: a packed trial's batches); the checkpoint holds every
 node's weights, momentum buffers and (fp16) loss scales.  A run killed anywhere
 and resumed ends with the same weights as an uninterrupted one.
 
@@ -88,7 +89,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _load_data(self) -> None:
-        run_data = load_run_data(self.data, batch_size=self.cfg.batch_size, seed=self.cfg.seed,
+        run_data = load_run_data(self.data, batch_size=self.cfg.batch_size, seed=self.cfg.batch_seed,
                                  augment=self.cfg.augment, device=self.device)
         self.train_loader, self.eval_loaders = run_data.train_loader, run_data.eval_loaders
         self.loader_kind = run_data.loader_kind
@@ -180,7 +181,7 @@ class Trainer:
             base = self.cfg.node_rates(m)
             self.node_lrs = {t: base[t - 1] * lr_scale for t in self.graph.trainable}
             self.train_step.set_lrs([self.node_lrs[t] for t in self.graph.trainable])
-            self.train_loader.set_epoch(epoch)
+            self.train_loader.set_epoch(epoch + self.cfg.data_offset)
             stats = EpochStats(m, self.device)
             t0 = time.perf_counter()
             first_epoch = epoch == start_epoch

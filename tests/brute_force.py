@@ -8,10 +8,21 @@ import torch
 CUTOFF, THROUGH, LINEAR, CORRECT = "cutoff", "through", "linear", "correct"
 
 
+def progress_of(progress, t):
+    """The linear gate's weight on edges into node t (1-based): one number for every edge, or
+    ``progress[t-1]`` of a per-destination sequence / (M,) tensor (SEMANTICS.md)."""
+    if isinstance(progress, (int, float)):
+        return float(progress)
+    if isinstance(progress, torch.Tensor) and progress.numel() == 1:
+        return float(progress)
+    return float(progress[t - 1])
+
+
 def brute_force_graph_loss(logits, labels, gates, temperature, progress, ignore_index=-100):
     """Return (node_loss (M,), edge_loss (M+1, M+1)) as float64 tensors with autograd to ``logits``.
 
-    ``logits`` is a list of M (B, C) float64 tensors; ``gates`` a nested list of names.
+    ``logits`` is a list of M (B, C) float64 tensors; ``gates`` a nested list of names; ``progress``
+    a number, or one per destination node (a list or an (M,) tensor: edges s -> t weigh progress[t-1]).
     """
     m = len(logits)
     b = logits[0].shape[0]
@@ -29,14 +40,14 @@ def brute_force_graph_loss(logits, labels, gates, temperature, progress, ignore_
             for n in rows:
                 y = int(labels[n])
                 if s == 0:
-                    w = progress if g == LINEAR else 1.0  # correct acts as through on the label edge
+                    w = progress_of(progress, t) if g == LINEAR else 1.0  # correct acts as through on the label edge
                     l = -torch.log_softmax(zt[n], dim=0)[y]
                 else:
                     zs = logits[s - 1][n].detach()
                     if g == THROUGH:
                         w = 1.0
                     elif g == LINEAR:
-                        w = progress
+                        w = progress_of(progress, t)
                     elif g == CORRECT:
                         w = 1.0 if int(torch.argmax(zs)) == y else 0.0
                     else:
@@ -72,13 +83,13 @@ def analytic_grad(logits, labels, gates, temperature, progress, ignore_index=-10
                 if s == t or g == CUTOFF:
                     continue
                 if s == 0:
-                    w = progress if g == LINEAR else 1.0
+                    w = progress_of(progress, t) if g == LINEAR else 1.0
                     onehot = torch.zeros(c, dtype=torch.float64)
                     onehot[y] = 1
                     g_t[n] += w * (torch.softmax(zt[n], 0) - onehot)
                 else:
                     zs = logits[s - 1][n].detach()
-                    w = {THROUGH: 1.0, LINEAR: progress}.get(g, None)
+                    w = {THROUGH: 1.0, LINEAR: progress_of(progress, t)}.get(g, None)
                     if w is None:
                         w = 1.0 if int(torch.argmax(zs)) == y else 0.0
                     g_t[n] += w * T * (pt - torch.softmax(zs / T, 0))

@@ -26,9 +26,11 @@ import ktg_fast.kernels as kernels  # noqa: E402  (installed by pip install -e .
 
 from ktg_fast.kernels import graph_loss as kgl  # noqa: E402
 from ktg_fast.kernels import launch as klaunch  # noqa: E402
+from ktg_fast.kernels import ops as kops  # noqa: E402
 from ktg_fast.loss import graph_loss_reference  # noqa: E402
 
 from ktg_fast.gates import CORRECT, CUTOFF, LINEAR, THROUGH  # noqa: E402
+from brute_force import analytic_grad, brute_force_graph_loss  # noqa: E402  (tests/, on pytest's path)
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 pytestmark = pytest.mark.skipif(not kernels.is_available(DEV), reason="Triton kernels unavailable on this device")
@@ -63,14 +65,21 @@ def reference(z, labels, codes, temperature, progress, ignore_index=-100):
 
 
 def check(z, labels, codes, temperature=1.0, progress=0.6, ignore_index=-100, **launch):
-    """Run the kernel (forward + backward) and compare losses and every gradient with the reference."""
+    """Run the kernel (forward + backward) and compare losses and every gradient with the reference.
+
+    ``progress``: a float (a 0-dim tensor for the kernel) or one value per destination node (a list).
+    """
     z = z.to(DEV)
     labels = labels.to(DEV)
     leaf = z.detach().clone().requires_grad_()
-    node_ref, edge_ref, grad_ref = reference(leaf, labels, codes, temperature, progress, ignore_index)
+    if isinstance(progress, float):
+        prog_ref, prog = progress, torch.tensor(progress, device=DEV)
+    else:  # the reference sees the float32 values the kernel reads
+        prog = torch.as_tensor(progress, dtype=torch.float32).to(DEV)
+        prog_ref = prog.double().cpu()
+    node_ref, edge_ref, grad_ref = reference(leaf, labels, codes, temperature, prog_ref, ignore_index)
     node, edge = kernels.graph_loss_triton(
-        leaf, labels, codes.to(DEV, torch.int32), float(temperature),
-        torch.tensor(float(progress), device=DEV), ignore_index, **launch)
+        leaf, labels, codes.to(DEV, torch.int32), float(temperature), prog, ignore_index, **launch)
     assert node.shape == (z.shape[0],) and edge.shape == (z.shape[0] + 1,) * 2
     assert node.dtype == edge.dtype == torch.float32
     assert torch.isfinite(node).all() and torch.isfinite(edge).all()
@@ -299,6 +308,101 @@ def test_progress_is_read_on_device():
     torch.testing.assert_close(a * 4, b)
 
 
+# ---------------------------------------------------------------------------
+# Progress per destination node: an (M,) tensor, edges s -> t read progress[t-1].
+# ---------------------------------------------------------------------------
+def node_progress(m: int, seed: int) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.rand(m, generator=gen)
+    p[0] = 0.0 if seed % 2 else 1.0
+    return p.tolist()
+
+
+def linear_heavy_gates(m: int, seed: int) -> torch.Tensor:
+    """mixed_gates with linear label and KL edges into every node (so each progress entry bites)."""
+    codes = mixed_gates(m, seed)
+    codes[0, 1:] = LINEAR
+    for t in range(2, m + 1):
+        codes[t - 1, t] = LINEAR
+    return codes
+
+
+PER_NODE_CASES = [
+    (1, 5, 3, 1.0, {}),
+    (2, 9, 11, 2.0, {}),
+    (3, 7, 11, 4.0, {"rows_per_program": 3}),
+    (7, 6, 13, 1.0, {}),
+    (3, 3, 1001, 2.0, {"block_c": 128}),  # online softmax over blocks
+    (2, 3, 999, 1.0, {"num_splits": 3, "block_c": 64}),  # C split across programs
+    (3, 5, 777, 2.0, {"num_splits": 4, "block_c": 32, "rows_per_program": 2}),
+]
+
+
+@pytest.mark.parametrize("m, b, c, temperature, launch", PER_NODE_CASES)
+def test_per_node_progress_matches_reference(m, b, c, temperature, launch):
+    z, labels = make_case(m, b, c, seed=m * 100 + c)
+    check(z, labels, linear_heavy_gates(m, seed=c), temperature, progress=node_progress(m, c), **launch)
+
+
+@pytest.mark.parametrize("m, c, launch", [(3, 7, {}), (2, 9, {"block_c": 16}), (3, 33, {"num_splits": 2, "block_c": 16})])
+def test_per_node_progress_matches_brute_force(m, c, launch):
+    """The kernel against the float64 brute force of SEMANTICS.md, losses and gradients."""
+    z, labels = make_case(m, 6, c, seed=c)
+    codes = linear_heavy_gates(m, seed=c)
+    names = ["cutoff", "through", "linear", "correct"]
+    gates = [[names[int(k)] for k in row] for row in codes]
+    prog = torch.tensor(node_progress(m, c))
+    leaf = z.to(DEV).requires_grad_()
+    node, edge = kernels.graph_loss_triton(leaf, labels.to(DEV), codes.to(DEV), 2.0, prog.to(DEV), **launch)
+    node.sum().backward()
+    zs = [x.double() for x in z.unbind(0)]
+    node_bf, edge_bf = brute_force_graph_loss(zs, labels, gates, 2.0, prog.double().tolist())
+    torch.testing.assert_close(edge.double().cpu(), edge_bf, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(node.double().cpu(), node_bf, rtol=1e-5, atol=1e-5)
+    grad_bf = torch.stack(analytic_grad(zs, labels, gates, 2.0, prog.double().tolist()))
+    torch.testing.assert_close(leaf.grad.double().cpu(), grad_bf, rtol=1e-5, atol=1e-5 * grad_bf.abs().max().item())
+
+
+@pytest.mark.parametrize("launch", [{}, {"num_splits": 3, "block_c": 16}])
+def test_scalar_progress_equals_a_constant_vector(launch):
+    """A 0-dim progress (read with stride 0) and torch.full((M,), p) give bit-identical results."""
+    z, labels = dev_case(3, 5, 41, seed=8)
+    codes = linear_heavy_gates(3, seed=8).to(DEV)
+    out = []
+    for prog in (torch.tensor(0.35, device=DEV), torch.full((3,), 0.35, device=DEV)):
+        leaf = z.clone().requires_grad_()
+        node, edge = kernels.graph_loss_triton(leaf, labels, codes, 2.0, prog, **launch)
+        node.sum().backward()
+        out.append((node, edge, leaf.grad))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+def test_per_node_progress_any_stride_and_dtype_read_on_device():
+    """A strided (M,) view and a float64 one; new values in the same tensor are read on the next call."""
+    z, labels = dev_case(3, 4, 10, seed=3, ignore_frac=0.0)
+    codes = torch.tensor([[0, LINEAR, LINEAR, LINEAR], [0, 0, LINEAR, 0], [0, LINEAR, 0, LINEAR],
+                          [0, 0, LINEAR, 0]], device=DEV)
+    base = torch.zeros(3, 2, device=DEV)
+    prog = base[:, 1]  # stride 2
+    prog.copy_(torch.tensor([0.25, 0.5, 1.0]))
+    a, edge_a = kernels.graph_loss_triton(z, labels, codes, 1.0, prog)
+    b, _ = kernels.graph_loss_triton(z, labels, codes, 1.0, prog.double().contiguous())
+    assert torch.equal(a, b)
+    prog.copy_(torch.tensor([0.5, 0.5, 0.5]))
+    c, edge_c = kernels.graph_loss_triton(z, labels, codes, 1.0, prog)
+    torch.testing.assert_close(c, a * torch.tensor([2.0, 1.0, 0.5], device=DEV))
+    torch.testing.assert_close(edge_c, edge_a * torch.tensor([1.0, 2.0, 1.0, 0.5], device=DEV))
+
+
+def test_bad_progress_shapes_name_the_expected_one():
+    z, labels = dev_case(3, 4, 10, seed=0)
+    codes = mixed_gates(3, seed=0).to(DEV)
+    for bad in (torch.full((4,), 0.5), torch.full((3, 1), 0.5), torch.full((2,), 0.5), torch.ones(3, dtype=torch.int64)):
+        with pytest.raises(ValueError, match=r"0-dim \(every edge\) or \(3,\) \(one per destination node 1..3\)"):
+            kernels.graph_loss_triton(z, labels, codes, 1.0, bad.to(DEV))
+
+
 def test_plan_heuristics():
     p = kgl.plan(7, 64, 100, torch.device("cpu"))
     assert p.block_c == 128 and p.num_splits == 1 and p.count_in_kernel
@@ -353,6 +457,8 @@ def test_registered_op_passes_opcheck():
     if DEV.type == "cuda":  # interpreted kernels cannot be traced
         utils.append("test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.ktg_fast.graph_loss_fwd.default, args, test_utils=utils)
+    per_node = args[:3] + (torch.tensor([0.5, 0.25], device=DEV),) + args[4:]
+    torch.library.opcheck(torch.ops.ktg_fast.graph_loss_fwd.default, per_node, test_utils=utils)
 
 
 def test_dynamo_traces_the_wrapper_without_graph_breaks():
@@ -469,17 +575,17 @@ def test_cutoff_edges_ignore_a_diverged_source(bad, c, launch):
 def test_backward_scale_uses_a_small_fixed_grid(monkeypatch):
     """The scale kernel's grid is (P, M) with P <= SCALE_GRID / M whatever B * C is; each program
     loops over blocks, so every element is still scaled."""
-    monkeypatch.setattr(kgl, "SCALE_BLOCK", 16)
-    monkeypatch.setattr(kgl, "SCALE_GRID", 6)
+    monkeypatch.setattr(kops, "SCALE_BLOCK", 16)
+    monkeypatch.setattr(kops, "SCALE_GRID", 6)
     grids = []
-    real = kgl._launch
+    real = kops._launch
 
     def spy(kernel, grid, probe, *a, **k):
-        if kernel is kgl.K._scale_kernel:
+        if kernel is kops.K._scale_kernel:
             grids.append(grid)
         return real(kernel, grid, probe, *a, **k)
 
-    monkeypatch.setattr(kgl, "_launch", spy)
+    monkeypatch.setattr(kops, "_launch", spy)
     z, labels = dev_case(3, 8, 50, seed=1)
     codes = mixed_gates(3, seed=3, p_cut=0.0)
     weights = torch.tensor([2.0, 1.0, -0.5], device=DEV)
@@ -496,13 +602,13 @@ def test_every_launch_enters_the_logits_device(monkeypatch):
     """Triton launches on the current CUDA device: each launch (forward and backward) goes through
     _device_guard with a tensor on the logits' device."""
     seen = []
-    real = kgl._device_guard
+    real = kops._device_guard
 
     def spy(probe):
         seen.append(probe.device)
         return real(probe)
 
-    monkeypatch.setattr(kgl, "_device_guard", spy)
+    monkeypatch.setattr(kops, "_device_guard", spy)
     z, labels = dev_case(2, 4, 10, seed=2)
     leaf = z.requires_grad_()
     node, _ = kernels.graph_loss_triton(leaf, labels, mixed_gates(2, seed=2, p_cut=0.0).to(DEV), 1.0,
@@ -527,13 +633,13 @@ def test_device_guard_selects_the_tensor_device(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", FakeDeviceCtx)
     cuda1 = torch.empty(0, device="meta")
-    monkeypatch.setattr(kgl, "_is_real_cuda", lambda t: True)
-    with kgl._device_guard(cuda1):
+    monkeypatch.setattr(kops, "_is_real_cuda", lambda t: True)
+    with kops._device_guard(cuda1):
         pass
     assert entered == [torch.device("meta")]
     monkeypatch.undo()
     import contextlib
-    assert isinstance(kgl._device_guard(torch.empty(0)), contextlib.nullcontext)
+    assert isinstance(kops._device_guard(torch.empty(0)), contextlib.nullcontext)
 
 
 requires_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

@@ -84,6 +84,32 @@ def test_matches_materialized_logits_float64(seed, chunk):
             torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("seed", [2, 5, 11])
+def test_per_node_progress(seed, impl):
+    """progress of shape (M,) (one per destination node) reaches every chunk, on both paths."""
+    gates, hs, ws, bs, labels, T, _ = case(seed)
+    m = len(hs)
+    for t in range(1, m + 1):
+        if any(gates[s][t] != "cutoff" for s in range(m + 1)):
+            gates[0][t] = "linear"
+    prog = torch.linspace(0.2, 0.9, m, dtype=torch.float64)
+    weights = torch.linspace(0.5, 2.0, m, dtype=torch.float64)
+    if impl == "triton":
+        hs, ws = [h.detach().float().requires_grad_(h.requires_grad) for h in hs], \
+            [w.detach().float().requires_grad_(w.requires_grad) for w in ws]
+        bs = [None if b is None else b.detach().float().requires_grad_(b.requires_grad) for b in bs]
+    res = kf.GraphLinearLoss(gates, temperature=T, chunk_size=3, impl=impl)(hs, ws, labels, bias=bs, progress=prog)
+    ref, ref_grads = materialized(gates, hs, ws, bs, labels, T, prog, weights)
+    tol = dict(rtol=0, atol=1e-10) if impl == "reference" else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(res.edge_loss.double(), ref.edge_loss.detach(), **tol)
+    params = leaves(hs, ws, bs)
+    if params and res.node_loss.requires_grad:
+        grads = torch.autograd.grad((res.node_loss * weights.to(res.node_loss.dtype)).sum(), params)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double(), r.double(), **tol)
+
+
 def test_frozen_teachers_get_no_gradient_work():
     """A teacher's hidden state and weight without grad: no gradient buffer, the students' grads right."""
     gates = kf.preset("kd", model="resnet8", teacher="resnet8", checkpoint="t.pt").gates

@@ -2,6 +2,8 @@
 frequencies, static buffers, and the ``--loader`` choice."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -107,6 +109,23 @@ def test_set_epoch_reproduces_epoch_and_resumes_mid_epoch(kind):
     assert b.epoch == 2  # iteration moves on to the next epoch
     with pytest.raises(ValueError, match="batch must be"):
         b.set_epoch(0, batch=9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_unread_iterator_takes_no_epoch(kind):
+    """tqdm.auto's bar calls iter() twice (tqdm.asyncio's __init__ and __iter__): set_epoch(e) must still
+    run epoch e, not e + 1 (the trainer's bars once shifted every epoch's batches by one)."""
+    from tqdm.auto import tqdm
+
+    ds = tagged(64)
+    ref = build(kind, ds, 8, train=True, seed=3)
+    epochs = [collect(ref) for _ in range(2)]
+    a = build(kind, ds, 8, train=True, seed=3)
+    a.set_epoch(0)
+    iter(a)  # made and dropped unread
+    assert batches_equal(collect(tqdm(a, disable=True)), epochs[0])
+    a.set_epoch(1)
+    assert batches_equal(collect(tqdm(a, disable=False, file=open(os.devnull, "w"))), epochs[1])
 
 
 # ------------------------------------------------------------------ identical batches

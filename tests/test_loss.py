@@ -438,3 +438,154 @@ def test_graph_loss_compiles_without_graph_breaks_and_floats_do_not_recompile(im
         res = compiled(z, y, p)
     assert counter.frame_count <= 2
     torch.testing.assert_close(res.edge_loss, loss(z, y, 0.5).edge_loss)
+
+
+# --------------------------------------------------------------- progress per destination node
+def per_node_case(seed, m, c=None):
+    """A random case with M nodes, an odd C, ignored rows, every gate kind and one progress per node."""
+    rng = random.Random(seed)
+    b = rng.choice([3, 8, 13])
+    c = c or rng.choice([3, 7, 11, 33])
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(m, b, c, generator=gen, dtype=torch.float64) * rng.choice([0.5, 3.0])
+    labels = torch.randint(0, c, (b,), generator=gen)
+    labels[0] = int(z[0, 0].argmax())  # a row where a correct gate passes
+    labels[1] = -100
+    gates = random_gates(m, rng, p_cut=0.2)
+    gates[0][1] = "linear"  # a linear label edge and a linear KL edge whatever the draw
+    if m > 1:
+        gates[1][2] = "linear"
+    prog = torch.rand(m, generator=gen, dtype=torch.float64)
+    prog[0] = 0.0 if seed % 2 else 1.0  # the ends of the range
+    return z, labels, gates, rng.choice([1.0, 2.0]), prog
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 7])
+@pytest.mark.parametrize("seed", range(3))
+def test_per_node_progress_matches_brute_force(m, seed):
+    """progress of shape (M,): edges s -> t weigh progress[t-1] (SEMANTICS.md), losses and gradients,
+    the autograd reference and the closed-form one, against the float64 brute force."""
+    from ktg_fast.loss_inputs import prepare_gates
+    from ktg_fast.reference import edge_plan, reference_with_grad
+
+    z, labels, gates, T, prog = per_node_case(seed * 10 + m, m)
+    leaves = [x.clone().requires_grad_() for x in z.unbind(0)]
+    node_bf, edge_bf = brute_force_graph_loss(leaves, labels, gates, T, prog.tolist())
+    grads_bf = torch.autograd.grad(node_bf.sum(), leaves, allow_unused=True)
+    grad_bf = torch.stack([torch.zeros_like(x) if g is None else g for g, x in zip(grads_bf, leaves)])
+    torch.testing.assert_close(grad_bf, torch.stack(analytic_grad(list(z.unbind(0)), labels, gates, T, prog)),
+                               rtol=0, atol=1e-10)
+
+    leaf = z.clone().requires_grad_()
+    res = kf.graph_loss(leaf, labels, gates, temperature=T, progress=prog)
+    torch.testing.assert_close(res.edge_loss, edge_bf, rtol=0, atol=1e-10)
+    torch.testing.assert_close(res.node_loss, node_bf, rtol=0, atol=1e-10)
+    (grad,) = torch.autograd.grad(res.node_loss.sum(), leaf)
+    torch.testing.assert_close(grad, grad_bf, rtol=0, atol=1e-10)
+    res2, grad2 = reference_with_grad(z, labels, edge_plan(prepare_gates(gates, m)), T, prog, -100)
+    torch.testing.assert_close(res2.edge_loss, edge_bf, rtol=0, atol=1e-10)
+    torch.testing.assert_close(grad2, grad_bf, rtol=0, atol=1e-10)
+    # float32 logits and a float32 progress: the same within float32 rounding.
+    res32 = kf.graph_loss(z.float(), labels, gates, temperature=T, progress=prog.float())
+    torch.testing.assert_close(res32.edge_loss.double(), edge_bf, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_scalar_progress_equals_a_constant_vector(m):
+    """A float, a 0-dim tensor and torch.full((M,), p) give bit-identical losses and gradients."""
+    z, labels, gates, T, _ = per_node_case(4, m, c=7)
+    out = []
+    for prog in (0.3, torch.tensor(0.3, dtype=torch.float64), torch.full((m,), 0.3, dtype=torch.float64)):
+        leaf = z.clone().requires_grad_()
+        res = kf.graph_loss(leaf, labels, gates, temperature=T, progress=prog)
+        out.append((res.edge_loss.detach(), torch.autograd.grad(res.node_loss.sum(), leaf)[0]))
+    for edge, grad in out[1:]:
+        assert torch.equal(edge, out[0][0]) and torch.equal(grad, out[0][1])
+
+
+def test_per_node_progress_reaches_only_its_destination():
+    """Raising node 2's progress changes the linear edges into node 2 only."""
+    z, labels, gates, T, _ = per_node_case(5, 3, c=9)
+    gates = [["cutoff", "linear", "linear", "through"], ["cutoff", "cutoff", "linear", "linear"],
+             ["cutoff", "linear", "cutoff", "correct"], ["cutoff", "through", "linear", "cutoff"]]
+    a = kf.graph_loss(z, labels, gates, temperature=T, progress=torch.tensor([0.2, 0.4, 0.6], dtype=torch.float64))
+    b = kf.graph_loss(z, labels, gates, temperature=T, progress=torch.tensor([0.2, 0.8, 0.6], dtype=torch.float64))
+    torch.testing.assert_close(b.edge_loss[:, 2], 2 * a.edge_loss[:, 2], rtol=1e-12, atol=0)  # all linear
+    keep = [0, 1, 3]
+    assert torch.equal(a.edge_loss[:, keep], b.edge_loss[:, keep])
+
+
+def test_custom_gates_see_one_progress_per_destination():
+    """A custom gate always sees a 0-dim ctx.progress; with an (M,) progress it is called once per
+    destination t (ctx.destination = t) and its (M+1, B) per-source weights apply to edges into t."""
+    seen = []
+
+    def weight(ctx):
+        seen.append((ctx.destination, tuple(ctx.progress.shape)))
+        return ctx.progress * ctx.correct.to(ctx.source_logits.dtype)  # per source, times this t's progress
+
+    kf.register_gate("progcorrect", weight)
+    try:
+        z, labels, _, T, prog = per_node_case(6, 3, c=7)
+        gates = [["cutoff", "progcorrect", "through", "progcorrect"], ["cutoff", "cutoff", "progcorrect", "correct"],
+                 ["cutoff", "progcorrect", "cutoff", "progcorrect"], ["cutoff", "linear", "progcorrect", "cutoff"]]
+        res = kf.graph_loss(z, labels, gates, temperature=T, progress=prog)
+        assert sorted(seen) == [(1, ()), (2, ()), (3, ())]
+        as_correct = [[("correct" if g == "progcorrect" else g) for g in row] for row in gates]
+        ref = kf.graph_loss(z, labels, as_correct, temperature=T, progress=prog)
+        custom = torch.tensor([[g == "progcorrect" for g in row] for row in gates])
+        expected = torch.where(custom, ref.edge_loss * torch.cat([torch.ones(1, dtype=prog.dtype), prog]), ref.edge_loss)
+        torch.testing.assert_close(res.edge_loss, expected, rtol=1e-12, atol=1e-14)
+        seen.clear()
+        kf.graph_loss(z, labels, gates, temperature=T, progress=0.5)  # one progress: one call, for all
+        assert seen == [(None, ())]
+    finally:
+        G.unregister_gate("progcorrect")
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+@pytest.mark.parametrize("prog, match", [
+    (torch.full((4,), 0.5), r"progress must be a float, a 0-dim floating-point tensor or a \(3,\) one"),
+    (torch.full((3, 1), 0.5), r"a \(3,\) one .*got torch.float32 of shape \(3, 1\)"),
+    (torch.full((2,), 0.5), r"\(3,\)"),
+    (torch.tensor([1, 0, 1]), r"\(3,\).*torch.int64"),
+    (torch.tensor([0.5, 1.5, 0.2]), r"progress\[1\] \(k / k_end of the linear gates into node 2\) must lie in "
+                                    r"\[0, 1\], got 1.5"),
+    (torch.tensor([0.5, 0.2, float("nan")]), r"progress\[2\].*got nan"),
+])
+def test_bad_per_node_progress_is_refused(impl, prog, match):
+    z, labels, gates, _, _ = per_node_case(1, 3, c=5)
+    with pytest.raises(ValueError, match=match):
+        kf.graph_loss(z.float(), labels, gates, progress=prog, impl=impl)
+    with pytest.raises(ValueError, match=match):
+        kf.GraphLoss(gates).loss_and_grad(z.float(), labels, prog)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_per_node_progress_compiles_once_without_graph_breaks(impl):
+    """An (M,) progress tensor is a graph input: no graph break, and new values do not recompile."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    import ktg_fast.kernels as kernels
+
+    if impl == "triton" and not kernels.is_available("cuda" if torch.cuda.is_available() else "cpu"):
+        pytest.skip("Triton kernels unavailable here")
+    dev = torch.device("cuda" if torch.cuda.is_available() and impl == "triton" else "cpu")
+    gates = kf.preset("dml", nodes=3).gates
+    gates[1][2], gates[2][3], gates[0][3] = "linear", "correct", "linear"
+    z = torch.randn(3, 8, 11, device=dev)
+    y = torch.randint(0, 11, (8,), device=dev)
+    loss = kf.GraphLoss(gates, temperature=2.0, impl=impl)
+    prog = torch.tensor([0.1, 0.2, 0.3], device=dev)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(loss)(z, y, prog)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(loss, backend=counter)
+    for k in range(1, 6):
+        prog = torch.tensor([0.1 * k, 0.15 * k, 0.2 * k], device=dev)
+        res = compiled(z, y, prog)
+        torch.testing.assert_close(res.edge_loss, loss(z, y, prog).edge_loss)
+    assert counter.frame_count == 1

@@ -163,9 +163,11 @@ class EpochLoader(ABC):
                                crop_flip=self.crop_flip)
 
     def __iter__(self) -> Iterator[Batch]:
+        # Lazy: the epoch is taken when the first batch is drawn, not when iter() is called, so an
+        # iterator made and dropped unread (tqdm.asyncio's __init__ calls iter() once more) takes none.
         epoch, start = self._next
         self._next = (epoch + 1, 0)
-        return self._iter_plan(self.plan(epoch), start, self.out)
+        yield from self._iter_plan(self.plan(epoch), start, self.out)
 
     def fill_(self, x_buf: Tensor, y_buf: Tensor) -> int:
         """Write the next batch into preallocated ``x_buf`` (B, C, H, W) and ``y_buf`` (B,).

@@ -170,9 +170,11 @@ class CompiledStep(FusedStep):
         return self._compile_failed is None
 
     def _progress_tensor(self, progress: Union[float, torch.Tensor]) -> torch.Tensor:
-        # A Python float would be specialised on: a recompile per value.  A 0-dim tensor is a graph input.
+        # A Python float would be specialised on: a recompile per value.  A tensor is a graph input
+        # (0-dim, or one value per network node: a pack's per-trial progress).
         if isinstance(progress, torch.Tensor):
-            return progress.reshape(()).to(self.device, torch.float32)
+            shape = progress.shape if progress.dim() == 1 else ()
+            return progress.reshape(shape).to(self.device, torch.float32)
         if self._progress is None:
             self._progress = torch.zeros((), dtype=torch.float32, device=self.device)
         return self._progress.fill_(float(progress))

@@ -62,7 +62,7 @@ class CudaGraphStep(FusedStep):
             self._sx.copy_(x)
             self._sy.copy_(y)
             if isinstance(progress, torch.Tensor):
-                self._sp.copy_(progress.reshape(()))
+                self._sp.copy_(progress.reshape(self._sp.shape) if progress.numel() == self._sp.numel() else progress)
             else:
                 self._sp.fill_(float(progress))
             self._cuda_graph.replay()
@@ -96,9 +96,11 @@ class CudaGraphStep(FusedStep):
     def _capture(self, x, y, progress) -> None:
         self._sx = x.detach().clone()
         self._sy = y.detach().clone()
-        self._sp = torch.zeros((), dtype=torch.float32, device=self.device)
+        # Progress: 0-dim, or one value per network node (a pack's per-trial progress).
+        shape = progress.shape if isinstance(progress, torch.Tensor) and progress.dim() == 1 else ()
+        self._sp = torch.zeros(shape, dtype=torch.float32, device=self.device)
         if isinstance(progress, torch.Tensor):
-            self._sp.copy_(progress.reshape(()))
+            self._sp.copy_(progress.reshape(shape))
         else:
             self._sp.fill_(float(progress))
         graph = torch.cuda.CUDAGraph()

@@ -1,0 +1,194 @@
+"""Trial packing: the block-diagonal super-graph, and packed members equal to lone runs (issue 15)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ktg_fast as kf
+from ktg_fast.data.plan import EpochLoader
+from ktg_fast.graph import Graph, GraphError, Node
+from ktg_fast.nodes import save_model_checkpoint
+from ktg_fast.models import get_model
+from ktg_fast.pack import pack_graphs
+from ktg_fast.pack_trainer import PackTrainer
+from ktg_fast.trainer import Trainer
+
+from helpers import exploding_model, small_config, synthetic_data
+
+PACK_SEED = 7
+
+
+def _graphs(teacher: Path) -> list[Graph]:
+    """Three members of different shapes: a DML pair with a linear gate, a mixed pair with a correct gate,
+    and a student taught by a frozen teacher."""
+    a = Graph([Node("resnet8"), Node("resnet8")],
+              [["cutoff", "through", "linear"], ["cutoff", "cutoff", "through"], ["cutoff", "linear", "cutoff"]])
+    b = Graph([Node("resnet8"), Node("wrn10_1")],
+              [["cutoff", "through", "through"], ["cutoff", "cutoff", "correct"], ["cutoff", "through", "cutoff"]])
+    c = Graph([Node("resnet8"), Node("resnet8", checkpoint=str(teacher))],
+              [["cutoff", "through", "cutoff"], ["cutoff", "cutoff", "cutoff"], ["cutoff", "linear", "cutoff"]])
+    return [a, b, c]
+
+
+@pytest.fixture
+def teacher(tmp_path: Path) -> Path:
+    torch.manual_seed(123)
+    path = tmp_path / "teacher.pt"
+    save_model_checkpoint(path, get_model("resnet8", num_classes=10), name="resnet8", num_classes=10, in_channels=3)
+    return path
+
+
+def _data():
+    return synthetic_data(val_size=32, train_subset=64, eval_subset=32, test=False)
+
+
+def _weights(run: Path) -> list[dict[str, torch.Tensor]]:
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    return ckpt["nets"]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(packed: Path, alone: Path, epochs: int) -> None:
+    pw, aw = _weights(packed), _weights(alone)
+    assert len(pw) == len(aw)
+    for p, a in zip(pw, aw):
+        assert p.keys() == a.keys()
+        for k in p:
+            torch.testing.assert_close(p[k], a[k], rtol=1e-5, atol=1e-5, msg=f"{k}")
+    pm, am = _metrics(packed), _metrics(alone)
+    assert [r["epoch"] for r in pm] == [r["epoch"] for r in am] == list(range(1, epochs + 1))
+    for r, s in zip(pm, am):
+        assert r["lr"] == s["lr"]  # None for frozen nodes
+        for key in ("val_acc", "train_acc", "train_loss"):
+            assert r[key] == pytest.approx(s[key], rel=1e-5, abs=1e-5), key
+
+
+def test_pack_graphs_is_block_diagonal(teacher):
+    a, b, c = _graphs(teacher)
+    p = pack_graphs([a, b, c])
+    g = p.graph
+    assert g.num_nodes == 6 and p.offsets == (0, 2, 4)
+    assert [n.model for n in g.nodes] == ["resnet8", "resnet8", "resnet8", "wrn10_1", "resnet8", "resnet8"]
+    assert g.frozen == [6]  # c's teacher stays frozen; nothing else is
+    for k, m in enumerate(p.members):
+        for s in range(m.num_nodes + 1):
+            for t in range(1, m.num_nodes + 1):
+                src = 0 if s == 0 else p.offsets[k] + s
+                assert g.gates[src][p.offsets[k] + t] == m.gates[s][t]
+    # no edge between members
+    for s in range(1, 7):
+        for t in range(1, 7):
+            if (s - 1) // 2 != (t - 1) // 2:
+                assert g.gates[s][t] == "cutoff"
+    assert p.split(list(range(6))) == [[0, 1], [2, 3], [4, 5]]
+    assert p.per_node([0.5, 0.25, 1.0]).tolist() == [0.5, 0.5, 0.25, 0.25, 1.0, 1.0]
+    c.temperature = 2.0
+    with pytest.raises(GraphError, match="temperature"):
+        pack_graphs([a, c])
+    with pytest.raises(GraphError, match="at least one"):
+        pack_graphs([])
+    with pytest.raises(ValueError, match="one per node"):
+        p.split([1, 2])
+
+
+@pytest.fixture
+def float64(monkeypatch):
+    """Nets, batches and progress in float64: a fused pack stacks more nodes per group than a lone run, and
+    oneDNN's grouped convolutions round differently with the group count (1e-6 in float32, grown by training)."""
+    torch.set_default_dtype(torch.float64)
+    plain = EpochLoader.__iter__
+
+    def double(self):
+        for x, y in plain(self):
+            yield x.double(), y
+
+    monkeypatch.setattr(EpochLoader, "__iter__", double)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("step", ["eager", "fused"])
+def test_packed_trials_equal_lone_runs(tmp_path, teacher, step, float64):
+    """Three trials packed for 2 epochs end exactly as each trial alone with the pack's data seed."""
+    graphs, data, seeds = _graphs(teacher), _data(), [3, 4, 5]
+    pack = PackTrainer(data, batch_size=16, data_seed=PACK_SEED, device="cpu", step=step)
+    members = [pack.add(k, g, small_config(seed=s, epochs=2, batch_size=16), tmp_path / f"packed{k}")
+               for k, (g, s) in enumerate(zip(graphs, seeds))]
+    for _ in range(2):
+        outcomes = pack.run_epoch()
+        assert [o.member for o in outcomes] == members and all(o.failure is None for o in outcomes)
+    for mem, o in zip(members, outcomes):
+        final = pack.finish(mem, o.record)
+        assert final["epoch"] == 2 and (mem.out / "final.json").is_file()
+    for k, (g, s) in enumerate(zip(graphs, seeds)):
+        alone = tmp_path / f"alone{k}"
+        Trainer(g, data, small_config(seed=s, epochs=2, batch_size=16, data_seed=PACK_SEED), alone,
+                device="cpu", step=step, progress=False).run()
+        _assert_same_run(tmp_path / f"packed{k}", alone, 2)
+        # the final node files hold the same weights too
+        for node_file in (alone / "nodes").glob("*.pt"):
+            a = torch.load(node_file, weights_only=True)["state_dict"]
+            p = torch.load(tmp_path / f"packed{k}" / "nodes" / node_file.name, weights_only=True)["state_dict"]
+            for key in a:
+                torch.testing.assert_close(p[key], a[key], rtol=1e-5, atol=1e-5)
+
+
+def test_refill_newcomer_equals_its_lone_run(tmp_path, teacher, float64):
+    """A member leaving after epoch 1 is replaced; the newcomer (joining at pack epoch 1) trains as it
+    would alone with the pack's data seed from epoch 1 on, and the member that stays is unaffected."""
+    a, b, c = _graphs(teacher)
+    data = _data()
+    pack = PackTrainer(data, batch_size=16, data_seed=PACK_SEED, device="cpu", step="fused")
+    stay = pack.add("stay", a, small_config(seed=1, epochs=3, batch_size=16), tmp_path / "stay")
+    gone = pack.add("gone", b, small_config(seed=2, epochs=3, batch_size=16), tmp_path / "gone")
+    pack.run_epoch()
+    pack.remove(gone)  # pruned after its first epoch
+    new = pack.add("new", c, small_config(seed=9, epochs=2, batch_size=16), tmp_path / "new")
+    assert new.cfg.data_offset == 1 and new.cfg.data_seed == PACK_SEED
+    for _ in range(2):
+        pack.run_epoch()
+    assert stay.epoch == 3 and new.epoch == 2
+    Trainer(c, data, small_config(seed=9, epochs=2, batch_size=16, data_seed=PACK_SEED, data_offset=1),
+            tmp_path / "new-alone", device="cpu", step="fused", progress=False).run()
+    _assert_same_run(tmp_path / "new", tmp_path / "new-alone", 2)
+    Trainer(a, data, small_config(seed=1, epochs=3, batch_size=16, data_seed=PACK_SEED), tmp_path / "stay-alone",
+            device="cpu", step="eager", progress=False).run()
+    _assert_same_run(tmp_path / "stay", tmp_path / "stay-alone", 3)
+
+
+def test_a_diverging_member_fails_alone(tmp_path, teacher):
+    """A member whose loss turns NaN is reported failed, naming its node; the others train on unharmed."""
+    a, _, _ = _graphs(teacher)
+    data = _data()
+    with exploding_model(from_call=2):
+        bad = Graph([Node("exploding"), Node("resnet8")], [["cutoff", "through", "through"],
+                                                          ["cutoff", "cutoff", "through"],
+                                                          ["cutoff", "through", "cutoff"]])
+        pack = PackTrainer(data, batch_size=16, data_seed=PACK_SEED, device="cpu", step="eager")
+        good = pack.add(0, a, small_config(seed=1, epochs=1, batch_size=16), tmp_path / "good")
+        pack.add(1, bad, small_config(seed=2, epochs=1, batch_size=16), tmp_path / "bad")
+        out = pack.run_epoch()
+    assert out[0].failure is None and out[0].record is not None
+    assert out[1].record is None and "non-finite" in out[1].failure and "node 1 (exploding)" in out[1].failure
+    Trainer(a, data, small_config(seed=1, epochs=1, batch_size=16, data_seed=PACK_SEED), tmp_path / "alone",
+            device="cpu", step="eager", progress=False).run()
+    _assert_same_run(good.out, tmp_path / "alone", 1)
+
+
+def test_member_recipe_must_match_the_pack(tmp_path, teacher):
+    a, _, c = _graphs(teacher)
+    pack = PackTrainer(_data(), batch_size=16, data_seed=0, device="cpu", step="eager")
+    with pytest.raises(ValueError, match="batch size"):
+        pack.add(0, a, small_config(batch_size=32), tmp_path / "x")
+    pack.add(0, a, small_config(batch_size=16), tmp_path / "a")
+    c.temperature = 3.0
+    with pytest.raises(ValueError, match="temperature"):
+        pack.add(1, c, small_config(batch_size=16), tmp_path / "c")
+    with pytest.raises(RuntimeError, match="no member"):
+        PackTrainer(_data(), batch_size=16, device="cpu").run_epoch()
