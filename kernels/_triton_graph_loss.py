@@ -18,8 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_rows import (_LOG2E, _batch_inv, _gate_consts, _label_logits, _pass2_block, _pass2_loop,
-                           _row_loss, _settle_row, _stats_pass, _stats_update, _store_partials)
+from ._triton_rows import (_LOG2E, _label_logits, _node_offsets, _pass2_block, _pass2_loop,
+                           _program_consts, _row_loss, _settle_row, _stats_pass, _stats_update, _store_partials)
 from ._triton_split_c import _split_grad_kernel, _split_loss_kernel, _split_stats_kernel
 
 __all__ = ["_LOG2E", "_fused_kernel", "_split_stats_kernel", "_split_grad_kernel", "_split_loss_kernel",
@@ -42,12 +42,9 @@ def _fused_kernel(
     edge_ptr / node_ptr: this program's (M+1, M+1) / (M,) partial sums.
     """
     pid = tl.program_id(0)
-    nodes = tl.arange(0, MP)
-    nmask = nodes < M
-    node_off = nodes.to(tl.int64) * s_m
-    gnode_off = nodes.to(tl.int64) * B * C
-    w_kl, is_corr, w_lab, need = _gate_consts(gates_ptr, progress_ptr, s_p, M, MP)
-    inv = _batch_inv(labels_ptr, count_ptr, B, s_y, ignore_index, COUNT_IN_KERNEL, LABEL_BLOCK)
+    nodes, nmask, node_off, gnode_off = _node_offsets(B, C, s_m, M, MP)
+    w_kl, is_corr, w_lab, need, inv = _program_consts(gates_ptr, progress_ptr, s_p, labels_ptr, count_ptr, B, s_y,
+                                                      ignore_index, M, MP, COUNT_IN_KERNEL, LABEL_BLOCK)
     acc_kl = tl.zeros([MP, MP], tl.float32)
     acc_lab = tl.zeros([MP], tl.float32)
     for r in range(ROWS):

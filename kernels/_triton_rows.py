@@ -93,6 +93,23 @@ def _batch_inv(labels_ptr, count_ptr, B, s_y, ignore_index,
 
 
 @triton.jit
+def _program_consts(gates_ptr, progress_ptr, s_p, labels_ptr, count_ptr, B, s_y, ignore_index,
+                    M: tl.constexpr, MP: tl.constexpr, COUNT_IN_KERNEL: tl.constexpr, LABEL_BLOCK: tl.constexpr):
+    """What every program of every launch reads first: the gates' constants and 1 / max(B_eff, 1)."""
+    w_kl, is_corr, w_lab, need = _gate_consts(gates_ptr, progress_ptr, s_p, M, MP)
+    inv = _batch_inv(labels_ptr, count_ptr, B, s_y, ignore_index, COUNT_IN_KERNEL, LABEL_BLOCK)
+    return w_kl, is_corr, w_lab, need, inv
+
+
+@triton.jit
+def _node_offsets(B, C, s_m, M: tl.constexpr, MP: tl.constexpr):
+    """Node lanes 0..MP-1, their mask, and each node's offset into the logits (stride s_m) and into the
+    contiguous (M, B, C) gradient."""
+    nodes = tl.arange(0, MP)
+    return nodes, nodes < M, nodes.to(tl.int64) * s_m, nodes.to(tl.int64) * B * C
+
+
+@triton.jit
 def _stats_update(z, c0, m, s_t, s_1, amax, K_T: tl.constexpr, SAME_T: tl.constexpr):
     """Fold one [MP, BLOCK_C] block (masked entries -inf) into the online stats."""
     bmax = tl.max(z, axis=1)

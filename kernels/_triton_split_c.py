@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_rows import (_batch_inv, _gate_codes, _gate_consts, _label_logits, _pass2_loop, _row_loss,
+from ._triton_rows import (_gate_codes, _label_logits, _node_offsets, _pass2_loop, _program_consts, _row_loss,
                            _settle_row, _stats_pass, _store_partials)
 
 
@@ -74,12 +74,9 @@ def _split_grad_kernel(
     """Pass 2 of row pid(0) over chunk pid(1): gradient of the chunk and its part of X."""
     row = tl.program_id(0)
     k = tl.program_id(1)
-    nodes = tl.arange(0, MP)
-    nmask = nodes < M
-    node_off = nodes.to(tl.int64) * s_m
-    gnode_off = nodes.to(tl.int64) * B * C
-    w_kl, is_corr, w_lab, need = _gate_consts(gates_ptr, progress_ptr, s_p, M, MP)
-    inv = _batch_inv(labels_ptr, count_ptr, B, s_y, ignore_index, COUNT_IN_KERNEL, LABEL_BLOCK)
+    nodes, nmask, node_off, gnode_off = _node_offsets(B, C, s_m, M, MP)
+    w_kl, is_corr, w_lab, need, inv = _program_consts(gates_ptr, progress_ptr, s_p, labels_ptr, count_ptr, B, s_y,
+                                                      ignore_index, M, MP, COUNT_IN_KERNEL, LABEL_BLOCK)
     y = tl.load(labels_ptr + row.to(tl.int64) * s_y)
     valid = y != ignore_index
     lm = need & valid
@@ -109,8 +106,8 @@ def _split_loss_kernel(
     nodes = tl.arange(0, MP)
     node_off = nodes.to(tl.int64) * s_m
     ks = tl.arange(0, NSP)
-    w_kl, is_corr, w_lab, need = _gate_consts(gates_ptr, progress_ptr, s_p, M, MP)
-    inv = _batch_inv(labels_ptr, count_ptr, B, s_y, ignore_index, COUNT_IN_KERNEL, LABEL_BLOCK)
+    w_kl, is_corr, w_lab, need, inv = _program_consts(gates_ptr, progress_ptr, s_p, labels_ptr, count_ptr, B, s_y,
+                                                      ignore_index, M, MP, COUNT_IN_KERNEL, LABEL_BLOCK)
     acc_kl = tl.zeros([MP, MP], tl.float32)
     acc_lab = tl.zeros([MP], tl.float32)
     for r in range(ROWS):
