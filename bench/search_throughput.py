@@ -1,6 +1,6 @@
 """How fast a sampled graph trains: seconds per epoch, for the search's cost model (``budget.py``).
 
-    python bench/search_throughput.py --graph-seed 0 --window 20 [--barrier DIR --workers K]
+    python bench/search_throughput.py --graph-seed 0 --window 20 [--pack K] [--barrier DIR --workers W]
 
 Samples a graph from the paper's space (3 nodes, ResNet32 target, auxiliary
 ResNet32 / ResNet110 / WRN-28-2, four gates), builds it on the device with
@@ -9,7 +9,9 @@ static on-device batch (batch 64, 32x32x3, 100 classes: CIFAR-100 sized; the
 loader is left out) for a fixed wall-clock window, then the validation
 forward pass.  One epoch = 40,000 / 64 steps + 10,000 validation images.
 With ``--barrier`` several processes start their windows together (several
-workers per GPU).  Prints one JSON line.
+workers per GPU).  With ``--pack K`` the worker trains K sampled graphs (seeds
+graph-seed .. graph-seed + K - 1) packed into one step (``--pack`` of the
+search): an epoch then advances K trials.  Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from ktg_fast.nodes import build_nodes, save_model_checkpoint
 from ktg_fast.recipe import TrainConfig
 from ktg_fast.steps import make_step
 from ktg_fast.nodes import teacher_path
+from ktg_fast.pack import pack_graphs
 from ktg_fast.search.space import FrozenTargetError, SearchSpace
 
 __all__ = ["sample_graph", "measure_epoch_seconds"]
@@ -122,6 +125,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/search_throughput.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--graph-seed", type=int, default=0)
+    p.add_argument("--pack", type=int, default=1, help="graphs trained at once as one packed step")
     p.add_argument("--device", default="auto")
     p.add_argument("--step", default="auto")
     p.add_argument("--window", type=float, default=20.0, help="seconds of timed training steps")
@@ -135,9 +139,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     barrier = (Path(a.barrier), a.workers, a.index) if a.barrier else None
-    res = measure_epoch_seconds(sample_graph(a.graph_seed), device=a.device, step=a.step, window_s=a.window,
+    graphs = [sample_graph(a.graph_seed + i) for i in range(a.pack)]
+    graph = graphs[0] if a.pack == 1 else pack_graphs(graphs).graph
+    res = measure_epoch_seconds(graph, device=a.device, step=a.step, window_s=a.window,
                                 warmup=a.warmup, barrier=barrier, val_sample=a.val_sample)
-    res["graph_seed"] = a.graph_seed
+    res["graph_seed"], res["pack"] = a.graph_seed, a.pack
     res["pid"] = os.getpid()
     print(json.dumps(res), flush=True)
     return 0

@@ -10,6 +10,6 @@ Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter:
 since Triton decides how to build a kernel when it is defined.
 """
 from .graph_loss import graph_loss_triton, graph_loss_triton_with_grad
-from .launch import Plan, grad_dtype, is_available, plan
+from .launch import MAX_NODES, Plan, grad_dtype, is_available, plan
 
-__all__ = ["Plan", "grad_dtype", "graph_loss_triton", "graph_loss_triton_with_grad", "is_available", "plan"]
+__all__ = ["MAX_NODES", "Plan", "grad_dtype", "graph_loss_triton", "graph_loss_triton_with_grad", "is_available", "plan"]

@@ -10,25 +10,51 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from .data import DaliUnavailableError
+import torch
+
+from .data import DaliUnavailableError, available_datasets, canonical_name
 from .data.factory import LOADER_KINDS
 from .data.spec import DataSpec
+from .distributed import RankLostError, init_from_env
 from .io import CheckpointError
 from .recipe import TrainConfig
 from .steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .trainer import NonFiniteLossError
 
-__all__ = ["add_data_args", "add_recipe_args", "check_out_dir", "error_line", "positive_int", "run_cli",
-           "setup_logging"]
+__all__ = ["add_data_args", "add_recipe_args", "check_out_dir", "dataset_flag", "error_line", "positive_int",
+           "run_cli", "setup_logging", "start_distributed", "stop_distributed"]
 
 
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
+def dataset_flag(name: str) -> str:
+    """The canonical name of ``--dataset``'s value; ``ValueError`` naming the flag and the known datasets."""
+    try:
+        return canonical_name(name)
+    except ValueError:
+        known = available_datasets()
+        raise ValueError(f"--dataset: unknown dataset {name!r}; the known datasets are {', '.join(known[:-1])} "
+                         f"and {known[-1]}") from None
+
+
+class _DatasetAction(argparse.Action):
+    """Checks ``--dataset`` while the flags are parsed, before a command creates or reads anything.
+
+    An unknown name raises :func:`dataset_flag`'s ``ValueError`` out of ``parse_args`` (not argparse's usage
+    dump), so :func:`run_cli` prints it as one ``error:`` line. The value is stored as given.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        dataset_flag(values)  # type: ignore[arg-type]
+        setattr(namespace, self.dest, values)
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, help="cifar10, cifar100, fashion-mnist, tiny-imagenet or synthetic")
+    g.add_argument("--dataset", required=True, action=_DatasetAction,
+                   help="cifar10, cifar100, fashion-mnist, tiny-imagenet or synthetic")
     g.add_argument("--data-root", default=None, help="dataset folder (default $KTG_DATA_ROOT or ./data)")
     g.add_argument("--download", action="store_true", help="download CIFAR when missing (needs internet)")
     g.add_argument("--val-size", type=int, default=0,
@@ -46,7 +72,8 @@ def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int | None = None) ->
     d = TrainConfig()
     g = p.add_argument_group("recipe (defaults: the paper's)")
     g.add_argument("--epochs", type=int, default=d.epochs if epochs is None else epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="the global batch")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="the global batch: under torchrun each of the N processes trains on its 1/N slice of it")
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
@@ -67,6 +94,26 @@ def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int | None = None) ->
     g.add_argument("--step", default="auto", choices=(*STEP_KINDS, *DEPRECATED_STEP_KINDS),
                    help="training-step path (auto: the fastest available here)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm of trainable nodes normalises with the global batch's statistics "
+                        "(the update then equals one process's; default: each process's own slice, as DDP)")
+
+
+def start_distributed(args: argparse.Namespace):
+    """Join torchrun's process group when started by it (None for one process); quiet logs on ranks > 0."""
+    ctx = init_from_env(args.device, sync_bn=args.sync_bn)
+    if ctx is not None and not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    return ctx
+
+
+def stop_distributed(ctx, *, finished: bool = True) -> None:
+    """Leave the process group; after a run that ``finished``, together (a rank leaving alone may abort
+    gloo's peers)."""
+    if ctx is not None and torch.distributed.is_initialized():
+        if finished:
+            ctx.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def recipe_from_args(args: argparse.Namespace, seed: int = 0):
@@ -147,7 +194,8 @@ def positive_int(text: str) -> int:
 
 def _expected(e: BaseException) -> bool:
     """Failures a user can fix (bad input, files, storage, diverging training): one line, exit 2."""
-    if isinstance(e, (OSError, ValueError, KeyError, CheckpointError, NonFiniteLossError, DaliUnavailableError)):
+    if isinstance(e, (OSError, ValueError, KeyError, CheckpointError, NonFiniteLossError, DaliUnavailableError,
+                      RankLostError)):
         return True
     # Storage errors (sqlalchemy's, optuna's) without importing those packages here.
     return any(c.__module__.split(".")[0] in ("sqlalchemy", "optuna") for c in type(e).__mro__[:-2])

@@ -2,11 +2,14 @@
 device, read once per check), and every node's accuracy on an evaluation split."""
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import torch
 
 from .steps import TrainStep
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
 
 __all__ = ["EpochStats", "evaluate_nodes"]
 
@@ -36,6 +39,14 @@ class EpochStats:
         self.correct += (logits.argmax(-1) == y.unsqueeze(0)).sum(-1)
         self.seen += y.shape[0]
 
+    def reduce_(self, dist: Optional["DistContext"]) -> None:
+        """Sum the counts over the ranks of a data-parallel run (losses are global already)."""
+        if dist is None:
+            return
+        seen = torch.tensor([self.seen], dtype=torch.long, device=self.correct.device)
+        dist.all_reduce_(self.correct)
+        self.seen = int(dist.all_reduce_(seen))
+
     def first_non_finite(self) -> Optional[tuple[int, list[int]]]:
         """(step, 1-based nodes) of the first step with a non-finite node loss, or None (reads the device)."""
         k = int(self.bad_step)
@@ -53,12 +64,18 @@ class EpochStats:
 
 
 @torch.no_grad()
-def evaluate_nodes(train_step: TrainStep, loader: Iterable, num_nodes: int, device: torch.device) -> list[float]:
-    """Top-1 accuracy (%) of every node on ``loader``'s batches, in eval mode."""
-    correct = torch.zeros(num_nodes, dtype=torch.long, device=device)
-    total = 0
+def evaluate_nodes(train_step: TrainStep, loader: Iterable, num_nodes: int, device: torch.device,
+                   dist: Optional["DistContext"] = None) -> list[float]:
+    """Top-1 accuracy (%) of every node on ``loader``'s batches, in eval mode.
+
+    With ``dist`` each rank evaluates its shard (every image once) and the counts are summed over the ranks.
+    """
+    correct = torch.zeros(num_nodes + 1, dtype=torch.long, device=device)  # the last entry counts the images
     for x, y in loader:
         logits = train_step.eval_logits(x)
-        correct += (logits.argmax(-1) == y.unsqueeze(0)).sum(-1)
-        total += y.shape[0]
-    return (correct.double() * 100.0 / max(total, 1)).tolist()
+        correct[:num_nodes] += (logits.argmax(-1) == y.unsqueeze(0)).sum(-1)
+        correct[num_nodes] += y.shape[0]
+    if dist is not None:
+        dist.all_reduce_(correct)
+    total = int(correct[num_nodes])
+    return (correct[:num_nodes].double() * 100.0 / max(total, 1)).tolist()

@@ -6,6 +6,7 @@ are all cutoff is *frozen*: it is loaded from a checkpoint and never trained.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -256,19 +257,33 @@ class Graph:
                                on_png_skipped=on_png_skipped)
 
 
-def _vanilla(model: str = "resnet32", **_: Any) -> Graph:
+def _vanilla(model: str = "resnet32") -> Graph:
     return Graph([Node(model)], [["cutoff", "through"], ["cutoff", "cutoff"]])
 
 
-def _dml(nodes: int = 2, model: str = "resnet32", models: Optional[Sequence[str]] = None, **_: Any) -> Graph:
-    """Deep mutual learning: every node learns from the label and from every other node."""
-    names = list(models) if models else [model] * nodes
+def _dml(nodes: Optional[int] = None, model: Optional[str] = None, models: Optional[Sequence[str]] = None) -> Graph:
+    """Deep mutual learning: every node learns from the label and from every other node.
+
+    ``models`` names each node's model; without it, ``nodes`` (default 2) nodes of ``model`` (default resnet32).
+    """
+    if models is not None:
+        if isinstance(models, str):
+            raise GraphError(f"preset 'dml': models= takes a list of model names, got the string {models!r}; "
+                             f"write models=[{models!r}, ...], or model={models!r} for every node")
+        if model is not None:
+            raise GraphError("preset 'dml': give models=[...] (one model per node) or model= (the same model for "
+                             "every node), not both")
+        if nodes is not None and nodes != len(models):
+            raise GraphError(f"preset 'dml': nodes={nodes} but models= names {len(models)} models; "
+                             "drop nodes= (models= sets the node count) or make them agree")
+    names = list(models) if models else [model or "resnet32"] * (2 if nodes is None else nodes)
     m = len(names)
     g = [["cutoff"] + ["through"] * m] + [["cutoff"] + ["cutoff" if s == t else "through" for t in range(1, m + 1)] for s in range(1, m + 1)]
     return Graph([Node(n) for n in names], g)
 
 
-def _kd(model: str = "resnet32", teacher: str = "wrn28_2", temperature: float = 2.0, checkpoint: str = PRETRAINED, **_: Any) -> Graph:
+def _kd(model: str = "resnet32", teacher: str = "wrn28_2", temperature: float = 2.0,
+        checkpoint: str = PRETRAINED) -> Graph:
     """Knowledge distillation: a frozen pre-trained teacher (node 2) teaches the student (node 1)."""
     g = [["cutoff", "through", "cutoff"], ["cutoff", "cutoff", "cutoff"], ["cutoff", "through", "cutoff"]]
     return Graph([Node(model), Node(teacher, checkpoint)], g, temperature=temperature)
@@ -280,11 +295,18 @@ PRESETS = {"vanilla": _vanilla, "dml": _dml, "kd": _kd}
 def preset(name: str, **kw: Any) -> Graph:
     """A built-in graph by name: ``vanilla``, ``dml`` (``nodes=N``, ``models=[...]``), ``kd`` (T = 2).
 
-    Keyword arguments: ``model`` (the target's model), ``nodes``, ``models``,
-    ``teacher``, ``temperature``, ``checkpoint``.
+    Keyword arguments: ``vanilla``: ``model``; ``dml``: ``nodes``, ``model`` (every node's) or ``models``
+    (one per node); ``kd``: ``model`` (the student), ``teacher``, ``temperature``, ``checkpoint``.
+    A keyword the preset does not take raises :class:`GraphError` naming it and the accepted ones.
     """
     if name not in PRESETS:
         raise GraphError(f"unknown graph preset {name!r}; presets: {', '.join(PRESETS)} (or a .yaml/.json path)")
+    accepted = list(inspect.signature(PRESETS[name]).parameters)
+    unknown = [k for k in kw if k not in accepted]
+    if unknown:
+        s = "s" if len(unknown) > 1 else ""
+        raise GraphError(f"graph preset {name!r} got unknown keyword{s} {', '.join(map(repr, unknown))}; "
+                         f"it accepts {', '.join(accepted)}")
     return PRESETS[name](**kw)
 
 

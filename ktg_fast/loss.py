@@ -8,13 +8,14 @@ through a fresh one.  Inputs are checked in :mod:`ktg_fast.loss_inputs`.
 from __future__ import annotations
 
 import warnings
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from . import gates as _gates
 from .loss_inputs import (GatesLike, GraphLossResult, LogitsLike, check_labels, check_temperature, flatten_batch,
                           prepare_gates, progress_tensor, stack_logits)
+from .loss_blocks import node_blocks, run_in_blocks
 from .reference import EdgePlan, cached_codes, edge_plan, graph_loss_reference, reference_loss, reference_with_grad
 
 __all__ = ["GraphLoss", "GraphLossResult", "graph_loss", "graph_loss_reference", "prepare_gates"]
@@ -67,17 +68,35 @@ def _use_kernel(z: torch.Tensor, plan: EdgePlan, impl: str) -> bool:
     except ImportError as e:  # e.g. an un-installed checkout: kernels/ is installed as ktg_fast.kernels
         _warn_fallback(z.device, f"cannot import ktg_fast.kernels: {e}; install the package with pip install -e .")
         return False
+    if plan.num_nodes > kernels.MAX_NODES and node_blocks(plan.key, kernels.MAX_NODES) is None:
+        return False  # a connected graph beyond the kernel's limit: the reference has none
     return kernels.is_available(z.device)
+
+
+def _blocks(plan: EdgePlan, kernels) -> Optional[tuple[tuple[int, int], ...]]:
+    """None: one launch; else the node ranges launched one by one (see :mod:`ktg_fast.loss_blocks`)."""
+    if plan.num_nodes <= kernels.MAX_NODES:
+        return None
+    blocks = node_blocks(plan.key, kernels.MAX_NODES)
+    if blocks is None:
+        raise ValueError(f"the Triton kernel takes at most {kernels.MAX_NODES} connected network nodes, and this "
+                         f"{plan.num_nodes}-node graph has a larger set of nodes joined by edges; use "
+                         "impl='reference' (or 'auto', which does)")
+    return blocks
 
 
 def _kernel_loss(z: torch.Tensor, labels: torch.Tensor, plan: "EdgePlan", temperature: float,
                  progress: Union[float, torch.Tensor], ignore_index: int) -> GraphLossResult:
     from . import kernels  # local: optional Triton kernels (see _use_kernel)
 
-    node, edge = kernels.graph_loss_triton(
-        z, labels.to(z.device), cached_codes(plan.key, str(z.device)), temperature,
-        progress_tensor(progress, z.shape[0], z.device), int(ignore_index),
-    )
+    labels, codes = labels.to(z.device), cached_codes(plan.key, str(z.device))
+    p = progress_tensor(progress, z.shape[0], z.device)
+    blocks = _blocks(plan, kernels)
+    if blocks is None:
+        node, edge = kernels.graph_loss_triton(z, labels, codes, temperature, p, int(ignore_index))
+    else:
+        node, edge = run_in_blocks(z, codes, p, blocks, lambda zb, cb, pb: kernels.graph_loss_triton(
+            zb, labels, cb, temperature, pb, int(ignore_index)))
     return GraphLossResult(node_loss=node, edge_loss=edge)
 
 
@@ -203,9 +222,13 @@ class GraphLoss(torch.nn.Module):
             from . import kernels  # local: optional Triton kernels (see _use_kernel)
 
             def run():
-                node, edge, grad = kernels.graph_loss_triton_with_grad(
-                    z, labels.to(z.device), cached_codes(plan.key, str(z.device)), t,
-                    progress_tensor(progress, z.shape[0], z.device), ii)
+                y, codes = labels.to(z.device), cached_codes(plan.key, str(z.device))
+                p, blocks = progress_tensor(progress, z.shape[0], z.device), _blocks(plan, kernels)
+                if blocks is None:
+                    node, edge, grad = kernels.graph_loss_triton_with_grad(z, y, codes, t, p, ii)
+                else:
+                    node, edge, grad = run_in_blocks(z, codes, p, blocks, lambda zb, cb, pb: (
+                        kernels.graph_loss_triton_with_grad(zb, y, cb, t, pb, ii)))
                 return GraphLossResult(node, edge), grad
 
             if self.impl == "triton" or torch.compiler.is_compiling():

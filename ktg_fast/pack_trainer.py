@@ -246,6 +246,19 @@ class PackTrainer:
             nets=self._member_slice(k, ts.node_state_dicts()), momentum=self._member_slice(k, ts.momentum_buffers()),
             loss_scale=scale), mem.out / "checkpoint.pt")
 
+    def save_node(self, member: Member, t: int, **meta: Any) -> Path:
+        """Write the member's network node ``t`` (1-based, in its own graph) as a model checkpoint,
+        ``<out>/nodes/node<t>_<model>.pt`` with ``meta`` (epochs, val_acc, pruned...), as a lone run's
+        :meth:`~ktg_fast.trainer.Trainer.save_node` does; call it after an epoch, before the layout changes."""
+        k = self.layout.index(member)
+        self.train_step.adopt_nets()
+        net = self._member_slice(k, self.train_step.nets)[t - 1]
+        node, rd = member.graph.nodes[t - 1], self.run_data
+        path = member.out / "nodes" / f"node{t}_{node.model}.pt"
+        save_model_checkpoint(path, net, name=node.model, num_classes=rd.num_classes, in_channels=rd.in_channels,
+                              dataset=self.data.dataset, **{"epochs": member.cfg.epochs, **meta})
+        return path
+
     def finish(self, member: Member, record: dict) -> dict:
         """Write the member's ``nodes/`` and ``final.json`` as its lone run would; return the final record."""
         k = self.layout.index(member)  # its place in the step of the epoch just run

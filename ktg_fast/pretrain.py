@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from .cli_common import (add_data_args, add_recipe_args, check_out_dir, data_from_args, recipe_from_args, run_cli,
-                         setup_logging)
+                         setup_logging, start_distributed, stop_distributed)
 from .data import canonical_name
 from .models import canonical_model_name
 from .nodes import default_teacher_dir, teacher_path
@@ -45,10 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     if dest.is_dir():
         raise ValueError(f"{dest} is a folder, not a teacher checkpoint: move it away or choose other --teachers")
     work = check_out_dir(args.out if args.out else dest.with_suffix(".run"))  # before any data is loaded
-    dest = pretrain_teacher(model, data, recipe_from_args(args, args.seed), teacher_dir=teachers,
-                            device=args.device, step=args.step, progress=not args.no_progress, work_dir=work,
-                            compile_cache=args.compile_cache or work / "inductor-cache")
-    print(f"teacher {model} for {data.dataset} written to {dest}")
+    dist = start_distributed(args)  # several processes under torchrun: data-parallel, rank 0 writes
+    finished = False
+    try:
+        dest = pretrain_teacher(model, data, recipe_from_args(args, args.seed), teacher_dir=teachers,
+                                device=args.device, step=args.step, progress=not args.no_progress, work_dir=work,
+                                compile_cache=args.compile_cache or work / "inductor-cache", dist=dist)
+        finished = True
+    finally:
+        stop_distributed(dist, finished=finished)
+    if dist is None or dist.is_main:
+        print(f"teacher {model} for {data.dataset} written to {dest}")
     return 0
 
 

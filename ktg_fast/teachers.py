@@ -16,6 +16,7 @@ from .data.spec import DataSpec
 from .graph import preset
 from .nodes import default_teacher_dir, teacher_path
 from .recipe import TrainConfig
+from .distributed import DistContext
 from .trainer import Trainer
 
 __all__ = ["pretrain_teacher"]
@@ -24,18 +25,21 @@ __all__ = ["pretrain_teacher"]
 def pretrain_teacher(model: str, data: DataSpec, cfg: TrainConfig, *, teacher_dir: Optional[str | os.PathLike] = None,
                      device: str = "auto", step: str = "auto", progress: bool = True,
                      work_dir: Optional[str | os.PathLike] = None,
-                     compile_cache: Optional[str | os.PathLike] = None) -> Path:
+                     compile_cache: Optional[str | os.PathLike] = None, dist: Optional[DistContext] = None) -> Path:
     """Train ``model`` on the labels alone and write it to the teacher folder; return its path.
 
     The run itself (resumable) lives in ``work_dir`` (default: beside the
-    checkpoint, ``<model>.run/``); the checkpoint is written atomically at the end.
+    checkpoint, ``<model>.run/``); the checkpoint is written atomically at the end
+    (by rank 0 of a data-parallel run, ``dist``).
     """
     teacher_dir = default_teacher_dir() if teacher_dir is None else Path(teacher_dir)
     dest = teacher_path(teacher_dir, canonical_name(data.dataset), model, data.val_size)
     run_dir = Path(work_dir) if work_dir else dest.with_suffix(".run")
     trainer = Trainer(preset("vanilla", model=model), data, cfg, run_dir, device=device, step=step,
-                      progress=progress, compile_cache=compile_cache)
+                      progress=progress, compile_cache=compile_cache, dist=dist)
     trainer.run(resume=True)
+    if dist is not None and not dist.is_main:
+        return dest
     src = next((run_dir / "nodes").glob("node1_*.pt"))
     tmp = dest.with_name(dest.name + ".tmp")
     dest.parent.mkdir(parents=True, exist_ok=True)

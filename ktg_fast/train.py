@@ -15,7 +15,7 @@ import argparse
 import logging
 
 from .cli_common import (add_data_args, add_recipe_args, check_out_dir, data_from_args, recipe_from_args, run_cli,
-                         setup_logging)
+                         setup_logging, start_distributed, stop_distributed)
 from .graph import PRESETS, load_graph
 from .io import atomic_write_json, atomic_write_text
 from .report import seeds_table
@@ -62,17 +62,27 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds repeats a seed: {args.seeds}")
     out = check_out_dir(args.out, seeds=len(args.seeds))  # before any data is loaded
-    finals = []
-    for seed in args.seeds:
-        run_dir = out / f"seed{seed}" if len(args.seeds) > 1 else out
-        trainer = Trainer(graph, data_from_args(args), recipe_from_args(args, seed), run_dir, device=args.device,
-                          step=args.step, teacher_dir=args.teachers, progress=not args.no_progress,
-                          compile_cache=args.compile_cache or out / "inductor-cache")
-        final = trainer.run(resume=args.resume)
-        finals.append(final)
-        metric = "test_acc" if "test_acc" in final else "val_acc"
-        accs = ", ".join(f"node {t} {a:.2f}%" for t, a in enumerate(final[metric], start=1))
-        print(f"seed {seed}: {metric} {accs}  ({run_dir})")
+    dist = start_distributed(args)  # several processes under torchrun: data-parallel, rank 0 writes
+    main_rank = dist is None or dist.is_main
+    finished = False
+    try:
+        finals = []
+        for seed in args.seeds:
+            run_dir = out / f"seed{seed}" if len(args.seeds) > 1 else out
+            trainer = Trainer(graph, data_from_args(args), recipe_from_args(args, seed), run_dir, device=args.device,
+                              step=args.step, teacher_dir=args.teachers, progress=not args.no_progress,
+                              compile_cache=args.compile_cache or out / "inductor-cache", dist=dist)
+            final = trainer.run(resume=args.resume)
+            finals.append(final)
+            metric = "test_acc" if "test_acc" in final else "val_acc"
+            accs = ", ".join(f"node {t} {a:.2f}%" for t, a in enumerate(final[metric], start=1))
+            if main_rank:
+                print(f"seed {seed}: {metric} {accs}  ({run_dir})")
+        finished = True
+    finally:
+        stop_distributed(dist, finished=finished)
+    if not main_rank:
+        return 0
     metric = "test_acc" if "test_acc" in finals[0] else "val_acc"
     table = seeds_table(finals, metric=metric)
     atomic_write_text(out / "results.md", table)

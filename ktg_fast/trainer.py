@@ -27,6 +27,7 @@ from .checkpoint import read_checkpoint, restore_checkpoint, run_fingerprint, sa
 from .data import canonical_name
 from .data.spec import DataSpec
 from .device import resolve_device, use_device
+from .distributed import DistContext, distributed_step_kind
 from .epoch_stats import EpochStats, evaluate_nodes
 from .graph import Graph
 from .io import CheckpointError, append_jsonl, atomic_write_json
@@ -36,6 +37,7 @@ from .run_data import load_run_data
 from .run_files import (early_estimate_line, epoch_line, estimate_line, fingerprint_diff, format_duration, is_tty,
                         read_json, read_metrics, short_record, truncate_metrics)
 from .steps import TrainStep, default_precision, make_step
+from .sync_bn import convert_sync_batchnorm
 
 __all__ = ["Trainer", "CheckpointError", "NonFiniteLossError", "RunExistsError", "fingerprint_diff", "read_metrics"]
 
@@ -65,18 +67,24 @@ class Trainer:
         on_epoch_end: called with each epoch's metrics record; a search
             reports to its pruner here (and may raise to stop the run).
         progress: show tqdm bars.
+        dist: this process's place in a data-parallel run (torchrun; :mod:`.distributed`): the loaders
+            shard every global batch and evaluation set, gradients are summed over the ranks, rank 0
+            alone writes files; ``device`` is then the rank's own.  None: one process.
     """
 
     def __init__(self, graph: Graph, data: DataSpec, cfg: TrainConfig, out_dir: str | os.PathLike, *,
                  device: str | torch.device = "auto", step: str = "auto", loss_impl: str = "auto",
                  teacher_dir: Optional[str | os.PathLike] = None,
                  on_epoch_end: Optional[Callable[[dict], None]] = None, progress: bool = True,
-                 save_checkpoints: bool = True, compile_cache: Optional[str | os.PathLike] = None):
+                 save_checkpoints: bool = True, compile_cache: Optional[str | os.PathLike] = None,
+                 dist: Optional[DistContext] = None):
         cfg.validate()
         data.validate()
         self.graph, self.data, self.cfg = graph, data, cfg
         self.out = Path(out_dir)
-        self.device = use_device(resolve_device(device))
+        self.dist = dist
+        self.writes = dist is None or dist.is_main  # rank 0 alone writes the run's files
+        self.device = use_device(dist.device if dist is not None else resolve_device(device))
         self.step_kind, self.loss_impl = step, loss_impl
         self.compile_cache = compile_cache
         self.teacher_dir = teacher_dir
@@ -92,6 +100,9 @@ class Trainer:
         run_data = load_run_data(self.data, batch_size=self.cfg.batch_size, seed=self.cfg.batch_seed,
                                  augment=self.cfg.augment, device=self.device)
         self.train_loader, self.eval_loaders = run_data.train_loader, run_data.eval_loaders
+        if self.dist is not None:  # each rank its slice of every global batch, its part of each eval set
+            for loader in (self.train_loader, *self.eval_loaders.values()):
+                loader.set_shard(self.dist.rank, self.dist.world)
         self.loader_kind = run_data.loader_kind
         self.num_classes, self.in_channels = run_data.num_classes, run_data.in_channels
 
@@ -104,10 +115,19 @@ class Trainer:
         self.iters_per_epoch = len(self.train_loader)
         self.k_end = self.cfg.epochs * self.iters_per_epoch
         self.precision = self.cfg.precision or default_precision(self.device)
+        kind = self.step_kind
+        if self.dist is not None:
+            kind = distributed_step_kind(kind)
+            if self.dist.sync_bn:
+                for t in self.graph.trainable:
+                    convert_sync_batchnorm(nets[t - 1])
         self.train_step: TrainStep = make_step(
-            self.step_kind, self.graph, nets, self.cfg, loss_impl=self.loss_impl, total_steps=self.k_end,
+            kind, self.graph, nets, self.cfg, loss_impl=self.loss_impl, total_steps=self.k_end,
             precision=self.precision, channels_last=self.cfg.channels_last, compile_cache=self.compile_cache)
-        log.info("step path: %s (%s)", self.train_step.kind, self.precision)
+        self.train_step.dist = self.dist
+        log.info("step path: %s (%s)%s", self.train_step.kind, self.precision,
+                 "" if self.dist is None else f", {self.dist.world} processes"
+                 + (", BatchNorm over the global batch" if self.dist.sync_bn else ""))
 
     # ----------------------------------------------------------- checkpoints
     @property
@@ -115,6 +135,8 @@ class Trainer:
         return self.out / "checkpoint.pt"
 
     def _save_checkpoint(self, epoch: int, step: int) -> None:
+        if not self.writes:
+            return
         save_checkpoint(self.checkpoint_path, epoch=epoch, step=step, train_step=self.train_step,
                         fingerprint=run_fingerprint(self.graph, self.data, self.cfg))
 
@@ -128,9 +150,35 @@ class Trainer:
         log.info("resumed %s after epoch %d", self.out, ckpt["epoch"])
         return done
 
+    def _checkpoint_to_resume(self, resume: bool) -> Optional[dict]:
+        """The checked checkpoint to resume, or None for a fresh run.  With several processes rank 0 reads
+        it (the others need not see the file) and hands it, or its error, to every rank."""
+        ckpt, err = None, None
+        if self.writes:
+            try:
+                if self.out.exists() and not self.out.is_dir():
+                    raise ValueError(f"--out {self.out} is a file, not a folder: choose a folder path for the run")
+                if self.checkpoint_path.exists():
+                    if not resume:
+                        raise RunExistsError(f"{self.out} already holds a run: pass --resume to continue it, "
+                                             "or choose another --out")
+                    ckpt = self._read_checkpoint()
+                elif resume:
+                    log.info("no checkpoint in %s to resume: starting a fresh run", self.out)
+            except Exception as e:  # every rank raises it, so none waits for the others
+                if self.dist is None:
+                    raise
+                err = e
+        if self.dist is not None:
+            ckpt, err = self.dist.broadcast_object((ckpt, err))
+        if err is not None:
+            raise err
+        return ckpt
+
     def evaluate(self, split: str) -> list[float]:
         """Top-1 accuracy (%) of every node on ``split`` (``val`` or ``test``)."""
-        return evaluate_nodes(self.train_step, self.eval_loaders[split], self.graph.num_nodes, self.device)
+        return evaluate_nodes(self.train_step, self.eval_loaders[split], self.graph.num_nodes, self.device,
+                              self.dist)
 
     # ------------------------------------------------------------------ run
     def run(self, resume: bool = False) -> dict:
@@ -139,39 +187,23 @@ class Trainer:
         Everything that can refuse the run (an existing run without ``resume``, a checkpoint that
         cannot be read or was written with other settings) is checked before any file is written.
         """
-        if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"--out {self.out} is a file, not a folder: choose a folder path for the run")
-        ckpt = None
-        if self.checkpoint_path.exists():
-            if not resume:
-                raise RunExistsError(f"{self.out} already holds a run: pass --resume to continue it, "
-                                     "or choose another --out")
-            ckpt = self._read_checkpoint()
-        elif resume:
-            log.info("no checkpoint in %s to resume: starting a fresh run", self.out)
+        ckpt = self._checkpoint_to_resume(resume)
         self._load_data()
         self._build()
         start_epoch, step = self._restore(ckpt) if ckpt is not None else (0, 0)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.graph.save(self.out / "graph.yaml")
-        # Records after the checkpoint (or any, with none) are redone: one record per epoch.
-        truncate_metrics(self.out / "metrics.jsonl", start_epoch)
+        if self.writes:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.graph.save(self.out / "graph.yaml")
+            # Records after the checkpoint (or any, with none) are redone: one record per epoch.
+            truncate_metrics(self.out / "metrics.jsonl", start_epoch)
         if start_epoch >= self.cfg.epochs:
-            log.info("%s is already complete", self.out)
-            final = self.out / "final.json"
-            # A kill after the last checkpoint but before final.json: finish from the last record.
-            if final.exists():
-                return read_json(final)
-            records = read_metrics(self.out / "metrics.jsonl")
-            last = records[-1] if records else {
-                "epoch": start_epoch, "step": step, **{f"{sp}_acc": self.evaluate(sp) for sp in self.eval_loaders}}
-            return self._finish(last)
+            return self._already_complete(start_epoch, step)
 
         m = self.graph.num_nodes
         progress_t = torch.zeros((), device=self.device)
         epochs = range(start_epoch, self.cfg.epochs)
         # Bars only on a terminal: in a log file their cursor moves would leave escape codes.
-        bars = self.show_progress and is_tty(sys.stderr)
+        bars = self.show_progress and is_tty(sys.stderr) and self.writes
         bar = tqdm(epochs, desc=f"train {self.out.name}", unit="epoch", disable=not bars,
                    initial=start_epoch, total=self.cfg.epochs)
         record: dict = {}
@@ -200,6 +232,7 @@ class Trainer:
                         self._early_estimate(i + 1, time.perf_counter() - t0, epoch)
             batches.close()
             self._check_finite(stats, epoch)
+            stats.reduce_(self.dist)
             elapsed = time.perf_counter() - t0
             record = {
                 # One rate per network node (None for frozen ones): per-node rates are the recipe's too.
@@ -209,7 +242,8 @@ class Trainer:
             }
             for split in self.eval_loaders:
                 record[f"{split}_acc"] = self.evaluate(split)
-            append_jsonl(self.out / "metrics.jsonl", record)
+            if self.writes:
+                append_jsonl(self.out / "metrics.jsonl", record)
             if self.save_checkpoints:
                 self._save_checkpoint(epoch + 1, step)
             if first_epoch:
@@ -219,10 +253,28 @@ class Trainer:
             else:
                 log.info("epoch %d/%d: %s (%s)", epoch + 1, self.cfg.epochs, epoch_line(record, self.graph.target),
                          format_duration(time.perf_counter() - t0))
-            if self.on_epoch_end is not None:
+            if self.on_epoch_end is not None and self.writes:
                 self.on_epoch_end(record)
         bar.close()
         return self._finish(record)
+
+    def _already_complete(self, epoch: int, step: int) -> dict:
+        """The final record of a run whose checkpoint holds every epoch (rank 0's files decide, for all ranks)."""
+        log.info("%s is already complete", self.out)
+        final, last = None, None
+        if self.writes:
+            path = self.out / "final.json"
+            # A kill after the last checkpoint but before final.json: finish from the last record.
+            final = read_json(path) if path.exists() else None
+            records = read_metrics(self.out / "metrics.jsonl")
+            last = records[-1] if records else None
+        if self.dist is not None:
+            final, last = self.dist.broadcast_object((final, last))
+        if final is not None:
+            return final
+        if last is None:  # (every rank evaluates: the counts are summed over the ranks)
+            last = {"epoch": epoch, "step": step, **{f"{sp}_acc": self.evaluate(sp) for sp in self.eval_loaders}}
+        return self._finish(last)
 
     def _early_estimate(self, done: int, seconds: float, epoch: int) -> None:
         """During the first epoch (after at least 10 s and 10 batches): the run's time from the speed so far."""
@@ -271,12 +323,15 @@ class Trainer:
 
     def _finish(self, record: dict) -> dict:
         m = len(self.graph.nodes)
+        final = {"graph": self.graph.to_dict(), "dataset": self.data.dataset, "seed": self.cfg.seed,
+                 "epochs": self.cfg.epochs, "step_path": self.train_step.kind, "precision": self.precision,
+                 "loader": self.loader_kind, **({} if self.dist is None else {"processes": self.dist.world}),
+                 **record}
+        if not self.writes:
+            return final
         for t in range(1, m + 1):
             self.save_node(t, test_acc=record.get("test_acc", [None] * m)[t - 1],
                            val_acc=record.get("val_acc", [None] * m)[t - 1])
-        final = {"graph": self.graph.to_dict(), "dataset": self.data.dataset, "seed": self.cfg.seed,
-                 "epochs": self.cfg.epochs, "step_path": self.train_step.kind, "precision": self.precision,
-                 "loader": self.loader_kind, **record}
         atomic_write_json(self.out / "final.json", final)
         return final
 

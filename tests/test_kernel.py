@@ -771,3 +771,66 @@ def test_gpu_offsets_past_2_31_elements():
     # bf16 gradients: one bf16 rounding of values of order p / B_eff (2^-7 relative to the largest).
     torch.testing.assert_close(z.grad[:, rows].double().cpu(), grad_ref, rtol=2 ** -7, atol=2 ** -7 * gmax)
     assert z.grad[:, b - 3].abs().max() == 0  # an ignored row
+
+
+# ----------------------------------------------------------------- beyond the kernel's node limit
+def block_diagonal(sizes, seed):
+    """Gate codes of graphs of ``sizes`` nodes side by side (packed trials): no edge between blocks."""
+    m = sum(sizes)
+    codes = torch.zeros(m + 1, m + 1, dtype=torch.int64)
+    a = 0
+    for i, n in enumerate(sizes):
+        sub = mixed_gates(n, seed=seed + i)
+        codes[0, a + 1:a + n + 1] = sub[0, 1:]
+        codes[a + 1:a + n + 1, a + 1:a + n + 1] = sub[1:, 1:]
+        a += n
+    return codes
+
+
+def test_node_blocks_group_components_within_the_limit():
+    from ktg_fast.loss_blocks import node_blocks
+    key = tuple(map(tuple, block_diagonal([3, 4, 5, 3, 6], seed=1).tolist()))
+    assert node_blocks(key, 16) == ((0, 15), (15, 21))
+    assert node_blocks(key, 8) == ((0, 7), (7, 15), (15, 21))
+    assert node_blocks(key, 5) is None  # a 6-node component
+    codes = block_diagonal([3, 3], seed=2)
+    codes[1, 6] = THROUGH  # an edge from the first block's node 1 to the second's last node joins them
+    assert node_blocks(tuple(map(tuple, codes.tolist())), 5) is None
+    assert node_blocks(tuple(map(tuple, codes.tolist())), 6) == ((0, 6),)
+
+
+@pytest.mark.parametrize("progress", ["scalar", "per-node"])
+def test_graphs_beyond_the_node_limit_run_in_blocks(progress):
+    """A 21-node packed graph (limit 16): the kernel in blocks equals the float64 reference, losses,
+    edges and gradients, through GraphLoss's forward and its loss_and_grad."""
+    sizes = [3, 4, 5, 3, 6]
+    m = sum(sizes)
+    assert m > kernels.MAX_NODES
+    codes = block_diagonal(sizes, seed=5)
+    z, labels = make_case(m, 6, 11, seed=9)
+    prog = 0.4 if progress == "scalar" else torch.linspace(0.05, 0.95, m)
+    prog_ref = prog if progress == "scalar" else prog.double()
+    node_ref, edge_ref, grad_ref = reference(z, labels, codes, 2.0, prog_ref)
+    loss = ktg_fast.GraphLoss(codes, 2.0, impl="triton")
+    leaf = z.to(DEV).requires_grad_()
+    res = loss(leaf, labels.to(DEV), prog if progress == "scalar" else prog.to(DEV))
+    res.node_loss.sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5 * max(1.0, edge_ref.abs().max().item()))
+    torch.testing.assert_close(res.edge_loss.double().cpu(), edge_ref, **tol)
+    torch.testing.assert_close(res.node_loss.double().cpu(), node_ref, **tol)
+    gmax = grad_ref.abs().max().item()
+    torch.testing.assert_close(leaf.grad.double().cpu(), grad_ref, rtol=1e-5, atol=1e-5 * gmax)
+    res2, grad = loss.loss_and_grad(z.to(DEV), labels.to(DEV), prog if progress == "scalar" else prog.to(DEV))
+    torch.testing.assert_close(res2.node_loss.double().cpu(), node_ref, **tol)
+    torch.testing.assert_close(grad.double().cpu(), grad_ref, rtol=1e-5, atol=1e-5 * gmax)
+
+
+def test_a_connected_graph_beyond_the_limit_names_the_reference():
+    m = kernels.MAX_NODES + 1
+    codes = mixed_gates(m, seed=3, p_cut=0.0)
+    z, labels = make_case(m, 4, 5, seed=3)
+    with pytest.raises(ValueError, match="at most 16 connected.*impl='reference'"):
+        ktg_fast.GraphLoss(codes, 1.0, impl="triton")(z.to(DEV), labels.to(DEV))
+    # The reference has no limit.
+    ref = ktg_fast.GraphLoss(codes, 1.0, impl="reference")(z, labels)
+    assert ref.node_loss.shape == (m,) and torch.isfinite(ref.node_loss).all()

@@ -137,7 +137,7 @@ class DaliLoader(EpochLoader):
         gpu = self.device_id is not None
         aug = plan.offsets is not None
         c, h, w = self.image_shape
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
+        pipe = Pipeline(batch_size=plan.batch_size, num_threads=self.num_threads,
                         device_id=self.device_id, seed=self.seed,
                         prefetch_queue_depth=self.prefetch)
         with pipe:
@@ -175,7 +175,7 @@ class DaliLoader(EpochLoader):
     def _iter_plan(self, plan: EpochPlan, start: int, out: Batch | list[Tensor] | None) -> Iterator[Batch]:
         from nvidia.dali.plugin.pytorch import feed_ndarray  # local: optional dependency (pip install 'ktg_fast[dali]')
 
-        self._check_out(out, self.batch_size, self.image_shape, self.device)
+        self._check_out(out, self.local_batch_size, self.image_shape, self.device)
         if start >= plan.num_batches:
             return
         dev = self.device

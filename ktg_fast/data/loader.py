@@ -104,7 +104,7 @@ class BatchLoader(EpochLoader):
             self.std = torch.tensor(norm[1], device=self.device).view(1, c, 1, 1)
 
     def _iter_plan(self, plan: EpochPlan, start: int, out: Batch | list[Tensor] | None) -> Iterator[Batch]:
-        self._check_out(out, self.batch_size, self.image_shape, self.device)
+        self._check_out(out, self.local_batch_size, self.image_shape, self.device)
         dev = self.device
         on_device = self.images.device == dev
         pinned = dev.type == "cuda"

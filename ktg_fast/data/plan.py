@@ -68,6 +68,36 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank ``rank``'s part of ``n`` items split into ``world`` contiguous parts
+    (sizes differ by at most one; the first ones are the smaller)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def shard_plan(plan: EpochPlan, rank: int, world: int, *, train: bool) -> EpochPlan:
+    """Rank ``rank``'s part of ``plan`` (data-parallel training over ``world`` processes).
+
+    Training: each global batch is split into ``world`` contiguous slices and the rank keeps its
+    own (same slice size in every batch, since the last incomplete batch is dropped), with the
+    global plan's crops and flips, so the ranks together see exactly the batches and augmentation
+    of one process.  Evaluation: the rank keeps one contiguous part of the samples, every sample
+    counted once over the ranks (no padding, unlike ``DistributedSampler``).
+    """
+    if world == 1:
+        return plan
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    if train:  # full batches only (the last incomplete one is dropped)
+        lo, hi = shard_bounds(plan.batch_size, rank, world)
+        pos = (torch.arange(plan.num_batches)[:, None] * plan.batch_size + torch.arange(lo, hi)[None, :]).flatten()
+        pick = (lambda t: None if t is None else t[pos])
+        return EpochPlan(plan.epoch, plan.order[pos], pick(plan.offsets), pick(plan.flips), hi - lo,
+                         plan.num_batches)
+    lo, hi = shard_bounds(len(plan.order), rank, world)
+    return EpochPlan(plan.epoch, plan.order[lo:hi], None, None, plan.batch_size,
+                     num_batches(hi - lo, plan.batch_size, False))
+
+
 def make_epoch_plan(n: int, batch_size: int, *, train: bool, seed: int, epoch: int,
                     augment: bool, pad: int = 4, crop_flip: CropFlip | None = None) -> EpochPlan:
     """The plan of one epoch: training shuffles and drops the last incomplete batch; evaluation
@@ -133,6 +163,7 @@ class EpochLoader(ABC):
         self.crop_flip = crop_flip
         self.out = out
         self._next = (0, 0)
+        self.shard = (0, 1)  # (rank, world): see set_shard
         self._fill_iter: Iterator[Batch] | None = None
         self._fill_out: list[Tensor] = []
         # set by subclasses: what a batch looks like, for checking static buffers
@@ -140,8 +171,31 @@ class EpochLoader(ABC):
         self.device = torch.device("cpu")
 
     def __len__(self) -> int:
-        """Batches per epoch."""
-        return num_batches(self.n, self.batch_size, self.train)
+        """Batches per epoch (of this rank's shard: the same count on every rank for training)."""
+        if self.train or self.shard[1] == 1:
+            return num_batches(self.n, self.batch_size, self.train)
+        lo, hi = shard_bounds(self.n, *self.shard)
+        return num_batches(hi - lo, self.batch_size, False)
+
+    def set_shard(self, rank: int, world: int) -> None:
+        """Deliver only rank ``rank``'s part of every epoch, of ``world`` data-parallel processes
+        (:func:`shard_plan`): ``batch_size`` stays the global batch; :attr:`local_batch_size` is this
+        rank's slice of it."""
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"need 0 <= rank < world, got rank {rank} of {world}")
+        if self.train and self.batch_size < world:
+            raise ValueError(f"the global batch of {self.batch_size} cannot be split over {world} processes: "
+                             f"raise --batch-size to at least {world}")
+        self.shard = (rank, world)
+        self._fill_iter = None
+
+    @property
+    def local_batch_size(self) -> int:
+        """Samples per batch this rank delivers (training: its slice of the global batch)."""
+        if not self.train:
+            return self.batch_size
+        lo, hi = shard_bounds(self.batch_size, *self.shard)
+        return hi - lo
 
     @property
     def epoch(self) -> int:
@@ -158,9 +212,10 @@ class EpochLoader(ABC):
 
     def plan(self, epoch: int) -> EpochPlan:
         """The sample order and augmentation of ``epoch`` (same for every loader kind)."""
-        return make_epoch_plan(self.n, self.batch_size, train=self.train, seed=self.seed,
+        plan = make_epoch_plan(self.n, self.batch_size, train=self.train, seed=self.seed,
                                epoch=epoch, augment=self.augment, pad=self.pad,
                                crop_flip=self.crop_flip)
+        return shard_plan(plan, *self.shard, train=self.train)
 
     def __iter__(self) -> Iterator[Batch]:
         # Lazy: the epoch is taken when the first batch is drawn, not when iter() is called, so an
@@ -175,7 +230,7 @@ class EpochLoader(ABC):
         Returns the number of samples written (fewer than B only for evaluation's last batch),
         or 0 once the epoch is over; the call after that starts the next epoch.
         """
-        self._check_out((x_buf, y_buf), self.batch_size, self.image_shape, self.device)
+        self._check_out((x_buf, y_buf), self.local_batch_size, self.image_shape, self.device)
         # The running epoch reads its buffers from this list at every batch, so a call may
         # pass different buffers than the previous one.
         self._fill_out[:] = [x_buf, y_buf]

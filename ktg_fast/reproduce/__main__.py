@@ -23,9 +23,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..cli_common import add_data_args, add_recipe_args, run_cli, setup_logging
-from ..data import canonical_name
-from ..models import canonical_model_name
+from ..cli_common import add_data_args, add_recipe_args, dataset_flag, run_cli, setup_logging
+from ..models import UnknownModelError, available_models, canonical_model_name
 from ..run_files import format_duration
 from ..search.config import SearchConfig
 from .paper import ROLE_NAMES, ROLES, TABLE2, model_label
@@ -47,13 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ktg_fast.reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder of the reproduction (rerun the command to resume it)")
-    p.add_argument("--models", nargs="+", default=list(ROLES), metavar="MODEL",
+    p.add_argument("--models", nargs="*", default=list(ROLES), metavar="MODEL",
                    help="stand-ins of ResNet32, ResNet110 and WRN-28-2, in that order (default: those)")
     p.add_argument("--nodes", type=int, nargs="+", default=list(NODE_COUNTS),
                    help="node counts of Table 2 to run (DML, KD, search; default 2 3 4); Table 1 always runs")
     p.add_argument("--rows", nargs="+", default=None, metavar="ROW",
                    help=f"run only these rows (default all): {', '.join(row_keys())}")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+    # Read as text and checked by seeds_from_args: an empty or missing value gets a one-line error, not a usage dump.
+    p.add_argument("--seeds", nargs="*", default=[0, 1, 2, 3, 4], metavar="SEED",
                    help="seeds of every reported run (default: the paper's five)")
     p.add_argument("--trials", type=int, default=SearchConfig.trials, help="finished trials of each search "
                                                                           f"(default {SearchConfig.trials})")
@@ -80,19 +80,58 @@ def _flag(action: argparse.Action, value: object) -> list[str]:
     return [opt, str(value)]
 
 
-def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Settings:
-    """Check the flags and turn them into :class:`~.plan.Settings` (flags forwarded where changed)."""
-    if len(args.models) != 3:
-        raise ReproduceError(f"--models takes three models, the stand-ins of ResNet32, ResNet110 and WRN-28-2 in that "
-                             f"order (e.g. --models resnet8 resnet14 wrn10_1); got {len(args.models)}")
-    models = []
-    for name in args.models:
+_MODELS_HINT = "--models takes three: the stand-ins of ResNet32, ResNet110 and WRN-28-2 in that order, " \
+               "e.g. --models resnet8 resnet14 wrn10_1"
+
+
+def seeds_from_args(values: list) -> tuple[int, ...]:
+    """``--seeds``' values as whole numbers (``"0 1 2"`` or ``"0,1,2"`` in one value too); at least one."""
+    words = [w for v in values for w in str(v).replace(",", " ").split()]
+    if not words:
+        raise ReproduceError("--seeds: give at least one seed, e.g. --seeds 0 1 2 (or leave the flag out for the "
+                             "paper's five, 0 1 2 3 4)")
+    seeds, bad = [], []
+    for w in words:
+        try:
+            seeds.append(int(w))
+        except ValueError:
+            bad.append(w)
+    if bad:
+        verb = "is not a whole number" if len(bad) == 1 else "are not whole numbers"
+        raise ReproduceError(f"--seeds: {', '.join(map(repr, bad))} {verb}; give whole numbers, e.g. --seeds 0 1 2")
+    if len(set(seeds)) != len(seeds):
+        raise ReproduceError(f"--seeds repeats a seed: {' '.join(map(str, seeds))}; give distinct seeds")
+    return tuple(seeds)
+
+
+def models_from_args(names: list[str]) -> tuple[str, ...]:
+    """``--models``' canonical names; an unknown or impossible name, or not three, is a one-sentence error."""
+    models, unknown = [], []
+    for name in names:
         try:
             models.append(canonical_model_name(name))
-        except (KeyError, ValueError) as e:
-            text = e.args[0] if e.args else str(e)
-            raise ReproduceError(f"--models: {text}; give the stand-ins of ResNet32, ResNet110 and WRN-28-2 in that "
-                                 "order (e.g. --models resnet8 resnet14 wrn10_1)") from None
+        except UnknownModelError:
+            unknown.append(name)
+        except ValueError as e:  # a pattern with an impossible size (resnet33, wrn27_2): its own reason
+            text = (e.args[0] if e.args else str(e)).rstrip(".")
+            named = "" if repr(name) in text else f"{name!r}: "
+            raise ReproduceError(f"--models: {named}{text} ({_MODELS_HINT})") from None
+    if unknown:
+        known = [m for m in available_models() if "{" not in m]
+        patterns = [m for m in available_models() if "{" in m]
+        s = "s" if len(unknown) > 1 else ""
+        raise ReproduceError(f"--models: unknown model{s} {', '.join(map(repr, unknown))}; the known models are "
+                             f"{', '.join(known)} and any {' or '.join(patterns)} ({_MODELS_HINT})")
+    if len(models) != 3:
+        raise ReproduceError(f"--models takes three models, the stand-ins of ResNet32, ResNet110 and WRN-28-2 in that "
+                             f"order (e.g. --models resnet8 resnet14 wrn10_1); got {len(models)}")
+    return tuple(models)
+
+
+def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Settings:
+    """Check the flags and turn them into :class:`~.plan.Settings` (flags forwarded where changed)."""
+    models = models_from_args(args.models)
+    seeds = seeds_from_args(args.seeds)
     unknown = [r for r in args.rows or () if r not in row_keys()]
     if unknown:
         raise ReproduceError(f"--rows: unknown row {' '.join(unknown)}; the rows are {' '.join(row_keys())} "
@@ -101,15 +140,13 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     if bad:
         raise ReproduceError(f"--nodes takes the node counts of Table 2, {' '.join(map(str, NODE_COUNTS))}; got "
                              f"{' '.join(map(str, bad))} (e.g. --nodes 2 3)")
-    if len(set(args.seeds)) != len(args.seeds):
-        raise ReproduceError(f"--seeds repeats a seed: {' '.join(map(str, args.seeds))}; give distinct seeds")
     for flag, value in (("--epochs", args.epochs), ("--trials", args.trials), ("--batch-size", args.batch_size),
                         ("--workers", args.workers or 1)):
         if value < 1:
             raise ReproduceError(f"{flag} must be at least 1; got {value}")
     if args.val_size < 0:
         raise ReproduceError(f"--val-size must be positive, or 0 for the search's own split; got {args.val_size}")
-    dataset = canonical_name(args.dataset)
+    dataset = dataset_flag(args.dataset)
     shared = argparse.ArgumentParser(add_help=False)
     add_data_args(shared)
     add_recipe_args(shared)
@@ -120,8 +157,8 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
             (local if action.dest in _LOCAL else recipe).extend(_flag(action, getattr(args, action.dest)))
     search_only = (["--val-size", str(args.val_size)] if args.val_size else []) + \
                   (["--workers", str(args.workers)] if args.workers else [])
-    return Settings(dataset=dataset, out=Path(args.out), models=tuple(models), nodes=tuple(sorted(set(args.nodes))),
-                    seeds=tuple(args.seeds), epochs=args.epochs, trials=args.trials, train_subset=args.train_subset,
+    return Settings(dataset=dataset, out=Path(args.out), models=models, nodes=tuple(sorted(set(args.nodes))),
+                    seeds=seeds, epochs=args.epochs, trials=args.trials, train_subset=args.train_subset,
                     eval_subset=args.eval_subset, val_size=args.val_size, batch_size=args.batch_size,
                     recipe=tuple(recipe), local=tuple(local), rows=tuple(args.rows) if args.rows else None,
                     train_only=("--download",) if args.download else (), search_only=tuple(search_only),

@@ -39,11 +39,10 @@ from ..steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .config import CONFIG_FILE, SearchConfig, load_config, spec_differences
 from .export import export_study
 from .progress import format_duration
-from .run import run_search
+from .run import make_worker, run_search
 from .space import DEFAULT_GATES, DEFAULT_MODELS, SearchError
 from .storage import sqlite_path, storage_errors
 from .study import open_for_reading
-from .worker import Worker
 
 __all__ = ["main", "build_parser"]
 
@@ -103,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the --out folder's name)")
     g.add_argument("--workers", type=int, help="local worker processes (default 1; several per GPU are fine; "
                                                "with several GPUs they are spread over them)")
+    g.add_argument("--pack", type=pack_size, metavar="K|auto",
+                   help="trials each worker trains at once as one packed computation (default auto: measured on "
+                        "the device when the search starts; 1 where packing is no faster). A packed trial equals "
+                        "the same trial trained alone on the pack's batches (its data_seed/data_offset)")
     g.add_argument("--heartbeat", type=int, help="seconds between a running trial's heartbeats (default 60)")
     g.add_argument("--grace", type=int, help="seconds without heartbeat before a trial is failed and re-queued "
                                              "(default 2 x --heartbeat)")
@@ -131,6 +134,19 @@ def build_export_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default=None, help="study name (default: the one in <out>/search.json)")
     p.add_argument("--to", default=None, help="write here instead of <out>")
     return p
+
+
+def pack_size(text: str) -> int | str:
+    """``--pack``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"give a positive number of trials per worker, or auto; got {text!r}")
+    return k
 
 
 # -------------------------------------------------------------------- config
@@ -188,13 +204,15 @@ def worker_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m ktg_fast.search worker")
     p.add_argument("--out", required=True)
     p.add_argument("--worker-id", type=int, default=0)
+    p.add_argument("--pack", type=int, default=None, help="trials at once (default: search.json's, auto -> 1)")
     args = p.parse_args(argv)
     cfg = load_config(args.out)
     if cfg is None:
         raise SearchError(f"{args.out} holds no search.json: start the search with `python -m ktg_fast.search ...`")
+    k = args.pack or (cfg.pack if isinstance(cfg.pack, int) else 1)
     try:
         with storage_errors(cfg.storage_url()):
-            n = Worker(cfg, args.worker_id).run()
+            n = make_worker(cfg, args.worker_id, k).run()
     except KeyboardInterrupt:
         return 130
     log.info("worker %d done after %d trials", args.worker_id, n)

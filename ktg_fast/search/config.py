@@ -89,6 +89,7 @@ class SearchConfig:
     max_retry: int = 3
     # execution
     workers: int = 1
+    pack: int | str = "auto"  # trials trained at once per worker, or "auto" (a probe on the device; see pack_probe)
     device: str = "auto"
     step: str = "auto"
     precision: Optional[str] = None  # None: fp32 on the CPU, bf16 on a CUDA device that has it
@@ -145,11 +146,14 @@ class SearchConfig:
         return DataSpec(dataset=self.dataset, root=self.data_root, val_size=self.resolved_val_size(), test=False,
                         train_subset=self.train_subset, eval_subset=self.eval_subset, loader=self.loader)
 
-    def train_config(self, seed: int, epochs: Optional[int] = None):
+    def train_config(self, seed: int, epochs: Optional[int] = None, *, data_seed: Optional[int] = None,
+                     data_offset: int = 0) -> TrainConfig:
+        """A trial's recipe; ``data_seed``/``data_offset``: the batches of a packed trial (see ``pack_trainer``)."""
         return TrainConfig(epochs=epochs or self.epochs, batch_size=self.batch_size, lr=self.lr,
                            momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay,
                            milestones=self.milestones, gamma=self.gamma, seed=seed, augment=self.augment,
-                           precision=self.precision, channels_last=self.channels_last)
+                           precision=self.precision, channels_last=self.channels_last, data_seed=data_seed,
+                           data_offset=data_offset)
 
     def compile_cache_folder(self) -> Path:
         """Inductor's cache folder for every trial's compiled step (``--compile-cache``)."""
@@ -188,6 +192,10 @@ class SearchConfig:
         if self.grace is not None and self.grace <= self.heartbeat:
             raise SearchError(f"--grace ({self.grace} s) must exceed --heartbeat ({self.heartbeat} s), "
                               "or live workers would be taken for dead")
+        if not (self.pack == "auto" or (isinstance(self.pack, int) and not isinstance(self.pack, bool)
+                                        and self.pack >= 1)):
+            raise SearchError(f"--pack must be a positive integer (trials trained at once per worker) or auto; "
+                              f"got {self.pack!r}")
         if self.max_retry < 0:
             raise SearchError(f"--max-retry must be >= 0; got {self.max_retry}")
         if self.sampler not in ("random", "tpe"):

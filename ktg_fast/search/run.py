@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -24,7 +25,10 @@ from .study import BUDGET_ATTR, create_or_join, open_for_reading
 from .teachers import missing_teachers, pretrain_hint, teacher_file
 from .worker import Worker, raise_interrupt
 
-__all__ = ["run_search", "plural"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["run_search", "plural", "make_worker", "resolve_pack"]
 
 log = logging.getLogger("ktg_fast.search")
 
@@ -54,6 +58,39 @@ def _preflight(cfg: SearchConfig) -> None:
                               "or drop --no-pretrain")
 
 
+# ---------------------------------------------------------------------- pack
+def make_worker(cfg: SearchConfig, worker_id: int, pack: int) -> Worker:
+    """The lone-trial worker for ``pack`` 1, else a :class:`~.pack_worker.PackWorker` of ``pack`` slots."""
+    if pack <= 1:
+        return Worker(cfg, worker_id)
+    from .pack_worker import PackWorker  # local: imports the pack trainer only when packing
+
+    return PackWorker(cfg, worker_id, pack=pack)
+
+
+def resolve_pack(cfg: SearchConfig) -> int:
+    """``--pack``: the number given, or for ``auto`` the probe's choice on this machine's device, with the
+    CPU threads one worker gets (printed with its measurements)."""
+    if isinstance(cfg.pack, int):
+        return cfg.pack
+    import torch
+
+    from ..device import resolve_device
+    from .pack_probe import describe_probe, probe_pack
+
+    device = resolve_device(cfg.device)
+    threads = torch.get_num_threads()
+    n = cfg.cpu_threads or (max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers > 1 else None)
+    try:
+        if n and device.type == "cpu":
+            torch.set_num_threads(n)
+        k, rows = probe_pack(cfg, device)
+    finally:
+        torch.set_num_threads(threads)
+    print(describe_probe(k, rows, device), file=sys.stderr)
+    return k
+
+
 # ----------------------------------------------------------------------- run
 def run_search(cfg: SearchConfig, *, trials_given: bool, progress: bool = True) -> int:
     """Create or join the study, run the workers to the end, print the outcome."""
@@ -65,15 +102,17 @@ def run_search(cfg: SearchConfig, *, trials_given: bool, progress: bool = True) 
     cfg.sampler_seeds = [cfg.sampler_seed(k) for k in range(cfg.workers)]
     cfg.save()
     url = cfg.storage_url()
+    pack = resolve_pack(cfg)
     print(f"{'new' if created else 'joined'} study {study.study_name!r} in {mask_url(url)}: "
           f"{cfg.space().describe()}; {plural(cfg.trials, 'trial')} of up to {plural(cfg.epochs, 'epoch')}; "
-          f"{plural(cfg.workers, 'worker')} here", file=sys.stderr)
+          f"{plural(cfg.workers, 'worker')} here" + (f", {pack} trials at once each" if pack > 1 else ""),
+          file=sys.stderr)
     reader = open_for_reading(url, study.study_name)
     # Inline, the worker announces a new best itself, right after the trial's line.
-    prog = Progress(reader, lambda: int(reader.user_attrs.get(BUDGET_ATTR, cfg.trials)), workers=cfg.workers,
+    prog = Progress(reader, lambda: int(reader.user_attrs.get(BUDGET_ATTR, cfg.trials)), workers=cfg.workers * pack,
                     interval_s=min(2.0, cfg.poll_s), announce=cfg.workers > 1) if progress else None
     with storage_errors(url):
-        code = _run_inline(cfg, prog) if cfg.workers == 1 else _run_processes(cfg, prog)
+        code = _run_inline(cfg, prog, pack) if cfg.workers == 1 else _run_processes(cfg, prog, pack)
         book = prog.close() if prog else None
         if book is None:
             book = Ledger(reader.get_trials(deepcopy=False), int(reader.user_attrs.get(BUDGET_ATTR, cfg.trials)))
@@ -97,8 +136,8 @@ def _failure_summary(book: Any) -> str:
     return "; ".join(f"{n} x {r}" for r, n in reasons.most_common(3))
 
 
-def _run_inline(cfg: SearchConfig, prog: Any) -> int:
-    worker = Worker(cfg, 0)
+def _run_inline(cfg: SearchConfig, prog: Any, pack: int = 1) -> int:
+    worker = make_worker(cfg, 0, pack)
     if prog is not None:
         prog.start()
     try:
@@ -118,14 +157,14 @@ def _run_inline(cfg: SearchConfig, prog: Any) -> int:
     return 0
 
 
-def _run_processes(cfg: SearchConfig, prog: Any) -> int:
+def _run_processes(cfg: SearchConfig, prog: Any, pack: int = 1) -> int:
     """Start ``cfg.workers`` worker processes (logs in <out>/logs/) and watch them and the study."""
     logs = cfg.out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for k in range(cfg.workers):
         f = open(logs / f"worker{k}.log", "a")
-        cmd = [sys.executable, "-m", "ktg_fast.search", "worker", "--out", str(cfg.out), "--worker-id", str(k)]
+        cmd = [sys.executable, "-m", "ktg_fast.search", "worker", "--out", str(cfg.out), "--worker-id", str(k), "--pack", str(pack)]
         procs.append((k, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), f))
         time.sleep(0.2)  # staggered starts keep SQLite's first writes apart
     print(f"{cfg.workers} workers started; their logs: {logs}/worker<k>.log", file=sys.stderr)

@@ -31,6 +31,7 @@ import threading
 import time
 import traceback
 import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import optuna
@@ -127,21 +128,29 @@ class Worker:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, raise_interrupt)  # stopped politely: give the trial back, like Ctrl-C
         try:
-            while not self._stop:
-                optuna.storages.fail_stale_trials(self.study)
-                book = self.ledger()
-                if book.complete:
-                    break
-                if book.orphans(2 * self.grace + poll):
-                    self._requeue_orphans()
-                if not book.should_ask():
-                    time.sleep(poll)  # every slot taken: wait for running trials (or for dead ones to go stale)
-                    continue
-                self._one_trial()
+            self._loop(poll)
         finally:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, prev)
         return self.trained
+
+    def _loop(self, poll: float) -> None:
+        while not self._stop:
+            book = self._books(poll)
+            if book.complete:
+                break
+            if not book.should_ask():
+                time.sleep(poll)  # every slot taken: wait for running trials (or for dead ones to go stale)
+                continue
+            self._one_trial()
+
+    def _books(self, poll: float) -> Ledger:
+        """The study's books after failing stale trials and re-queuing orphans."""
+        optuna.storages.fail_stale_trials(self.study)
+        book = self.ledger()
+        if book.orphans(2 * self.grace + poll):
+            self._requeue_orphans()
+        return book
 
     def stop(self) -> None:
         """Finish the current trial, then return from :meth:`run`."""
@@ -215,72 +224,109 @@ class Worker:
                 return self._reject(trial, reason)
         self._train(trial, me, graph)
 
-    def _train(self, trial: optuna.Trial, me: FrozenTrial, graph: Any) -> None:
+    def _start(self, trial: optuna.Trial, me: FrozenTrial, graph: Any, *, resumed: bool,
+               data: Optional[dict] = None) -> tuple[int, Path, dict]:
+        """The trial's seed, folder and ``trial.json`` info; its user attributes recorded.
+
+        ``data``: the batches a packed trial sees (``data_seed``, ``data_offset``), recorded so that a
+        retry trains on the same ones; a retry reads them back from its attributes.
+        """
         cfg = self.cfg
-        root = root_of(me)
-        seed = int(me.user_attrs.get("seed", cfg.seed + root))
+        seed = int(me.user_attrs.get("seed", cfg.seed + root_of(me)))
+        if data is None and "data_seed" in me.user_attrs:
+            data = {"data_seed": int(me.user_attrs["data_seed"]), "data_offset": int(me.user_attrs["data_offset"])}
         out = trial_dir(cfg.out, trial.number)
-        resumed = resume_from(cfg.out, cfg.epochs, me, out) if is_retry(me) else False
         info = {"number": trial.number, "retry_of": (retry_history(me) or [None])[-1],
                 "seed": seed, "graph": graph.to_dict(), "host": self.host, "pid": os.getpid(),
-                "worker": self.worker_id, "dir": str(out.resolve()), "device": self.device, "resumed": resumed}
-        for k in ("graph", "seed", "host", "pid", "dir"):
+                "worker": self.worker_id, "dir": str(out.resolve()), "device": self.device, "resumed": resumed,
+                **(data or {})}
+        for k in ("graph", "seed", "host", "pid", "dir", *(data or {})):
             trial.set_user_attr(k, info[k])
         start_trial_dir(out, info, resumed=resumed)
         what = f"trial {trial.number}" + (f" (retry of {info['retry_of']}{', resumed' if resumed else ''})"
                                           if info["retry_of"] is not None else "")
         log.info("%s: %s", what, describe_graph(graph))
+        return seed, out, info
+
+    def _recipe(self, seed: int, info: dict):
+        """The trial's recipe: the search's, with a packed trial's batches (see :meth:`_start`)."""
+        return self.cfg.train_config(seed, data_seed=info.get("data_seed"), data_offset=info.get("data_offset", 0))
+
+    def _train(self, trial: optuna.Trial, me: FrozenTrial, graph: Any) -> None:
+        cfg = self.cfg
+        out = trial_dir(cfg.out, trial.number)
+        resumed = resume_from(cfg.out, cfg.epochs, me, out) if is_retry(me) else False
+        seed, out, info = self._start(trial, me, graph, resumed=resumed)
         t0 = time.monotonic()
-        target = graph.target
         trainer: Optional[Trainer] = None
-        reporter = EpochReporter(trial, target, cfg.epochs, out)
+        reporter = EpochReporter(trial, graph.target, cfg.epochs, out)
         try:
             ensure_teachers(graph, cfg, device=self.device, step=cfg.step)
-            trainer = Trainer(graph, cfg.data_spec(), cfg.train_config(seed), out, device=self.device,
+            trainer = Trainer(graph, cfg.data_spec(), self._recipe(seed, info), out, device=self.device,
                               step=cfg.step, teacher_dir=cfg.teacher_dir(), on_epoch_end=reporter,
                               progress=False, compile_cache=cfg.compile_cache_folder())
             reporter.trainer = trainer
             final = trainer.run(resume=resumed)
-            value = float(final["val_acc"][target - 1])
-            trial.set_user_attr("val_acc", [float(a) for a in final["val_acc"]])
-            finish_trial_dir(trial, out, info, "COMPLETE", t0, value=value, epochs=int(final["epoch"]))
-            before = self.ledger().best()
-            self.study.tell(trial, value)
-            epochs = int(final["epoch"])
-            log.info("trial %d complete: target val %.2f%% after %d epoch%s (%.0f s)", trial.number, value,
-                     epochs, "" if epochs == 1 else "s", time.monotonic() - t0)
-            if before is None or value > before.value:
-                log.info("new best: trial %d, target val %.2f%%", trial.number, value)
+            self._complete(trial, out, info, t0, final, graph.target)
         except optuna.TrialPruned as e:
-            rec = reporter.record or {}
-            if rec:
-                trial.set_user_attr("val_acc", [float(a) for a in rec["val_acc"]])
-            finish_trial_dir(trial, out, info, "PRUNED", t0, epochs=int(rec.get("epoch", 0)))
-            self.study.tell(trial, state=TrialState.PRUNED)
-            log.info("trial %d %s (%.0f s)", trial.number, e, time.monotonic() - t0)
+            self._pruned(trial, out, info, t0, reporter, e)
         except TeacherPretrainError as e:
-            # Not the graph's fault: the trial does not count, and the search stops with the teacher's story.
-            finish_trial_dir(trial, out, info, "REJECTED", t0, reason=str(e))
-            self._reject(trial, f"teacher: {e}")
-            raise _Abort(f"trial {trial.number}: {e}") from None
+            self._teacher_failed(trial, out, info, t0, e)
         except NonFiniteLossError as e:
-            # The trainer's message names the node by its index in this trial's graph.
-            reason = existing_clauses(str(e).strip())
-            reason = reason if reason.startswith("non-finite") else f"non-finite loss: {reason}"
-            finish_trial_dir(trial, out, info, "FAIL", t0, reason=reason)
-            self._fail(trial, reason)
+            self._non_finite(trial, out, info, t0, str(e))
         except KeyboardInterrupt:
             raise
         except Exception as e:
             if _is_oom(e):
                 del trainer
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
-                finish_trial_dir(trial, out, info, "FAIL", t0, reason=f"out of memory: {e}")
-                return self._fail(trial, f"out of memory on {self.device}: {str(e).splitlines()[0]}")
-            # Not the graph's fault: give the trial back (not counted) and stop this worker.
-            atomic_write_text(out / "error.txt", traceback.format_exc())
-            self._reject(trial, f"aborted: {type(e).__name__}: {e}")
-            raise _Abort(f"trial {trial.number} stopped by an error that is not the graph's fault "
-                         f"(details in {out / 'error.txt'}): {e}") from e
+                return self._out_of_memory(trial, out, info, t0, e)
+            self._aborted(trial, out, e)
         finally:
             self.trained += 1
+
+    # ----------------------------------------------------------- outcomes
+    def _complete(self, trial: optuna.Trial, out: Path, info: dict, t0: float, final: dict, target: int) -> None:
+        value = float(final["val_acc"][target - 1])
+        trial.set_user_attr("val_acc", [float(a) for a in final["val_acc"]])
+        epochs = int(final["epoch"])
+        finish_trial_dir(trial, out, info, "COMPLETE", t0, value=value, epochs=epochs)
+        before = self.ledger().best()
+        self.study.tell(trial, value)
+        log.info("trial %d complete: target val %.2f%% after %d epoch%s (%.0f s)", trial.number, value,
+                 epochs, "" if epochs == 1 else "s", time.monotonic() - t0)
+        if before is None or value > before.value:
+            log.info("new best: trial %d, target val %.2f%%", trial.number, value)
+
+    def _pruned(self, trial: optuna.Trial, out: Path, info: dict, t0: float, reporter: EpochReporter,
+                e: BaseException) -> None:
+        rec = reporter.record or {}
+        if rec:
+            trial.set_user_attr("val_acc", [float(a) for a in rec["val_acc"]])
+        finish_trial_dir(trial, out, info, "PRUNED", t0, epochs=int(rec.get("epoch", 0)))
+        self.study.tell(trial, state=TrialState.PRUNED)
+        log.info("trial %d %s (%.0f s)", trial.number, e, time.monotonic() - t0)
+
+    def _teacher_failed(self, trial: optuna.Trial, out: Path, info: dict, t0: float, e: BaseException) -> None:
+        # Not the graph's fault: the trial does not count, and the search stops with the teacher's story.
+        finish_trial_dir(trial, out, info, "REJECTED", t0, reason=str(e))
+        self._reject(trial, f"teacher: {e}")
+        raise _Abort(f"trial {trial.number}: {e}") from None
+
+    def _non_finite(self, trial: optuna.Trial, out: Path, info: dict, t0: float, message: str) -> None:
+        # The trainer's message names the node by its index in this trial's graph.
+        reason = existing_clauses(message.strip())
+        reason = reason if reason.startswith("non-finite") else f"non-finite loss: {reason}"
+        finish_trial_dir(trial, out, info, "FAIL", t0, reason=reason)
+        self._fail(trial, reason)
+
+    def _out_of_memory(self, trial: optuna.Trial, out: Path, info: dict, t0: float, e: BaseException) -> None:
+        finish_trial_dir(trial, out, info, "FAIL", t0, reason=f"out of memory: {e}")
+        self._fail(trial, f"out of memory on {self.device}: {str(e).splitlines()[0]}")
+
+    def _aborted(self, trial: optuna.Trial, out: Path, e: BaseException) -> None:
+        """Not the graph's fault: give the trial back (not counted) and stop this worker."""
+        atomic_write_text(out / "error.txt", traceback.format_exc())
+        self._reject(trial, f"aborted: {type(e).__name__}: {e}")
+        raise _Abort(f"trial {trial.number} stopped by an error that is not the graph's fault "
+                     f"(details in {out / 'error.txt'}): {e}") from e

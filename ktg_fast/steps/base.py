@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..graph import Graph
 from ..recipe import TrainConfig
+
+if TYPE_CHECKING:
+    from ..distributed import DistContext
 
 __all__ = ["TrainStep", "eval_mode_logits", "node_lrs", "say_once"]
 
@@ -53,6 +56,21 @@ class TrainStep(ABC):
     # Calls after which every call runs the steady-state path (a CUDA-graph step captures on a later
     # call than its warm-up): timings must start after this many calls.
     steady_after: int = 1
+    # Data-parallel runs (torchrun): weighs each node loss by this rank's share of the global batch and
+    # sums gradients over the ranks before the update (:mod:`ktg_fast.distributed`); None: one process.
+    dist: Optional["DistContext"] = None
+
+    def _global_weight(self, node_loss: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Node losses weighted by this rank's share of the global batch's labelled rows (as is, alone)."""
+        if self.dist is None:
+            return node_loss
+        return node_loss * self.dist.batch_weight(y).to(node_loss.dtype)
+
+    def _global_loss(self, weighted: torch.Tensor) -> torch.Tensor:
+        """The global batch's node losses from every rank's weighted ones (detached; as is, alone)."""
+        if self.dist is None:
+            return weighted.detach()
+        return self.dist.all_reduce_(weighted.detach().clone())
 
     @abstractmethod
     def __call__(self, x: torch.Tensor, y: torch.Tensor, progress: Union[float, torch.Tensor]

@@ -85,20 +85,27 @@ class EagerStep(TrainStep):
     def __call__(self, x, y, progress):
         logits = self.forward(x)
         res = self.loss(logits, y, progress=progress)  # outside autocast: float32 whatever the logits
+        node_loss = self._global_weight(res.node_loss, y)
         if self.scalers is None:
             self.optimizer.zero_grad(set_to_none=True)
-            res.node_loss.sum().backward()
+            node_loss.sum().backward()
+            self._sync_grads()
             self.optimizer.step()
         else:
             for opt in self.node_optimizers:
                 opt.zero_grad(set_to_none=True)
             # Node t's loss reaches only node t's parameters: scaling it by node t's factor scales them alone.
-            total = sum(sc.scale(res.node_loss[t - 1]) for sc, t in zip(self.scalers, self.trainable))
+            total = sum(sc.scale(node_loss[t - 1]) for sc, t in zip(self.scalers, self.trainable))
             total.backward()
+            self._sync_grads()  # (an overflow on any rank is an inf in the sum: every rank skips alike)
             for sc, opt in zip(self.scalers, self.node_optimizers):
                 sc.step(opt)  # unscales; skips this node's step if its gradients are not finite
                 sc.update()
-        return res.node_loss.detach(), logits.detach()
+        return self._global_loss(node_loss), logits.detach()
+
+    def _sync_grads(self) -> None:
+        if self.dist is not None:
+            self.dist.sync_grads(p.grad for t in self.trainable for p in self.nets[t - 1].parameters())
 
     def _optimizer_of(self, i: int) -> torch.optim.SGD:
         """The optimizer holding the ``i``-th trainable node's parameters."""

@@ -162,8 +162,10 @@ class FusedStep(TrainStep):
                 g.adopt_first_grads()
             self._first_step_done = True
             self.optimizer.refresh()
+        if self.dist is not None:  # one collective per flat buffer (per group and dtype)
+            self.dist.sync_grads(f.grad for g in self.train_groups for f in g.flats)
         self._update()
-        return node_loss.detach(), logits.detach()
+        return self._global_loss(node_loss), logits.detach()
 
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
@@ -179,8 +181,9 @@ class FusedStep(TrainStep):
         with forward_autocast(self.device, self.precision):
             logits = self.forward(x, True)
         res = self.loss(logits, y, progress=progress)
-        total = res.node_loss.sum() if self.scaler is None else self.scaler.scaled_total(res.node_loss)
-        return total, res.node_loss, logits
+        node_loss = self._global_weight(res.node_loss, y)
+        total = node_loss.sum() if self.scaler is None else self.scaler.scaled_total(node_loss)
+        return total, node_loss, logits
 
     @torch.no_grad()
     def _update(self) -> None:

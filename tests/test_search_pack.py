@@ -1,0 +1,163 @@
+"""``python -m ktg_fast.search --pack K`` (issue 15): packed trials equal their lone runs, pruning refills
+slots with exact study counts, a killed packed worker loses and duplicates nothing, ``--pack auto``."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from ktg_fast.graph import Graph
+from ktg_fast.search import cli
+from ktg_fast.search.config import SearchConfig, load_config
+from ktg_fast.search.ledger import ATTR_REJECTED, Ledger
+from ktg_fast.search.pack_probe import describe_probe, heaviest_graph, probe_pack
+from ktg_fast.trainer import Trainer
+
+from test_search_parallel import check_books, env, load
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["--nodes", "2", "--target", "resnet8", "--models", "resnet8", "wrn10_1", "--dataset", "synthetic",
+        "--train-subset", "64", "--eval-subset", "64", "--batch-size", "16", "--cpu-threads", "1",
+        "--step", "eager", "--poll", "0.5", "--no-progress"]
+
+
+def _trials(out: Path) -> list[optuna.trial.FrozenTrial]:
+    return load(f"sqlite:///{out / 'study.db'}", out.name).get_trials(deepcopy=False)
+
+
+def _node_weights(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.name: torch.load(p, weights_only=False)["state_dict"] for p in sorted(folder.glob("*.pt"))}
+
+
+def _lone_run(cfg: SearchConfig, t: optuna.trial.FrozenTrial, out: Path, epochs: int) -> Path:
+    """The trial trained alone on its recorded batches (its whole recipe); returns the folder of every node's
+    weights after epoch ``epochs`` (where a pruned trial stopped)."""
+    graph = Graph.from_dict(t.user_attrs["graph"])
+    recipe = cfg.train_config(int(t.user_attrs["seed"]), data_seed=int(t.user_attrs["data_seed"]),
+                              data_offset=int(t.user_attrs["data_offset"]))
+    box: list[Trainer] = []
+
+    def at_epoch_end(record: dict) -> None:
+        if record["epoch"] == epochs:
+            for i in range(1, graph.num_nodes + 1):
+                box[0].save_node(i, out / "at_epoch" / f"node{i}_{graph.nodes[i - 1].model}.pt")
+
+    box.append(Trainer(graph, cfg.data_spec(), recipe, out, device="cpu", step="eager",
+                       teacher_dir=cfg.teacher_dir(), on_epoch_end=at_epoch_end, progress=False))
+    box[0].run()
+    return out / "at_epoch"
+
+
+def test_packed_search_equals_lone_trials_and_counts_exactly(tmp_path, keep_threads):
+    """7 trials, 3 at a time, 2 epochs with a rung after epoch 1: pruned trials leave, newcomers join at
+    later pack epochs; the study holds exactly 7 finished trials, and each trial's metrics and weights equal
+    the same trial trained alone on its recorded batches (data_seed, data_offset) to 1e-5."""
+    out = tmp_path / "pk"
+    assert cli.main([*BASE, "--epochs", "2", "--trials", "7", "--pack", "3", "--heartbeat", "2",
+                     "--out", str(out)]) == 0
+    trials = _trials(out)
+    book = check_books(optuna.load_study(study_name="pk", storage=f"sqlite:///{out / 'study.db'}"), 7)
+    assert book.counts["complete"] + book.counts["pruned"] == 7
+    trained = [t for t in trials if ATTR_REJECTED not in t.user_attrs]
+    assert {int(t.user_attrs["data_offset"]) for t in trained} - {0}, "no trial joined a running pack"
+    assert len({t.user_attrs["data_seed"] for t in trained}) == 1  # one pack, one data seed
+    cfg = load_config(out)
+    pruned = [t for t in trained if t.state == TrialState.PRUNED]
+    complete = [t for t in trained if t.state == TrialState.COMPLETE]
+    assert pruned and complete
+    late = max(trained, key=lambda t: (t.state == TrialState.COMPLETE, int(t.user_attrs["data_offset"])))
+    for t in {complete[0].number: complete[0], late.number: late, pruned[0].number: pruned[0]}.values():
+        epochs = len(t.intermediate_values)
+        alone = _lone_run(cfg, t, tmp_path / f"alone{t.number}", epochs)
+        packed_dir = Path(t.user_attrs["dir"])
+        pm = [json.loads(x) for x in (packed_dir / "metrics.jsonl").read_text().splitlines()]
+        am = [json.loads(x) for x in (alone.parent / "metrics.jsonl").read_text().splitlines()][:epochs]
+        assert [r["epoch"] for r in pm] == [r["epoch"] for r in am] == list(range(1, epochs + 1))
+        for r, s in zip(pm, am):
+            for key in ("val_acc", "train_acc", "train_loss"):
+                assert r[key] == pytest.approx(s[key], rel=1e-5, abs=1e-5), (t.number, key)
+        assert [t.intermediate_values[e] for e in sorted(t.intermediate_values)] == pytest.approx(
+            [r["val_acc"][0] for r in am], abs=1e-5)
+        pw, aw = _node_weights(packed_dir / "nodes"), _node_weights(alone)
+        assert pw and set(pw) <= set(aw)  # a pruned trial keeps its target's weights only
+        if t.state == TrialState.COMPLETE:
+            assert set(pw) == set(aw)
+        for name in pw:
+            for k in pw[name]:
+                torch.testing.assert_close(pw[name][k], aw[name][k], rtol=1e-5, atol=1e-5, msg=f"{t.number} {name} {k}")
+
+
+def test_killed_packed_worker_loses_and_duplicates_nothing(tmp_path):
+    """A packed worker SIGKILLed mid-epoch: a rerun fails its 3 trials after the grace period, re-runs each
+    once (resuming its checkpoint alone, on its recorded batches) and finishes the study exactly; a resumed
+    trial ends with the weights of an uninterrupted lone run."""
+    out = tmp_path / "kill"
+    url = f"sqlite:///{out / 'study.db'}"
+    args = [*BASE, "--gates", "through", "linear", "correct", "--epochs", "3", "--train-subset", "256",
+            "--trials", "4", "--pack", "3", "--heartbeat", "1", "--grace", "3", "--min-resource", "3",
+            "--out", str(out)]
+    # SIGKILL in the middle of pack epoch 2 (16 steps an epoch), from outside the library.
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "sigkill_at_step.py"), "24", "ktg_fast.search", *args],
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    victims = [t for t in load(url, "kill").get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    assert [len(t.intermediate_values) for t in victims] == [1, 1, 1]
+    before = {t.number: dict(t.intermediate_values) for t in victims}
+    r = subprocess.run([sys.executable, "-m", "ktg_fast.search", *args], env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    study = load(url, "kill")
+    check_books(study, 4)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for v in victims:
+        dead = trials[v.number]
+        assert dead.state == TrialState.FAIL
+        retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == v.number
+                   and ATTR_REJECTED not in t.user_attrs]
+        assert len(retries) == 1, f"trial {v.number} re-run {len(retries)} times"
+        retry = retries[0]
+        assert retry.state == TrialState.COMPLETE and retry.params == dead.params
+        for key in ("seed", "data_seed", "data_offset"):
+            assert retry.user_attrs[key] == dead.user_attrs[key]
+        info = json.loads((Path(retry.user_attrs["dir"]) / "trial.json").read_text())
+        assert info["retry_of"] == v.number and info["resumed"] is True
+        for e, value in before[v.number].items():
+            assert retry.intermediate_values[e] == pytest.approx(value)
+    # One resumed trial against its uninterrupted lone run.
+    retry = next(t for t in trials.values() if t.system_attrs.get("failed_trial") == victims[0].number
+                 and ATTR_REJECTED not in t.user_attrs)
+    alone = _lone_run(load_config(out), retry, tmp_path / "alone", 3)
+    pw, aw = _node_weights(Path(retry.user_attrs["dir"]) / "nodes"), _node_weights(alone)
+    assert set(pw) == set(aw)
+    for name in pw:
+        for k in pw[name]:
+            torch.testing.assert_close(pw[name][k], aw[name][k], rtol=1e-5, atol=1e-5)
+
+
+def test_pack_auto_measures_and_reports(tmp_path, keep_threads, capsys):
+    cfg = SearchConfig(out=str(tmp_path / "a"), dataset="synthetic", nodes=3, target="resnet8",
+                       models=["resnet8", "wrn10_1"], batch_size=8, step="eager")
+    g = heaviest_graph(cfg, 10, 3)
+    assert [n.model for n in g.nodes] == ["resnet8", "wrn10_1", "wrn10_1"] and not g.frozen
+    k, rows = probe_pack(cfg, torch.device("cpu"), sizes=(1, 2), steps=1)
+    assert k in (1, 2) and [r["pack"] for r in rows][:1] == [1]
+    assert all(r["trial_steps_per_s"] > 0 for r in rows)
+    line = describe_probe(k, rows, torch.device("cpu"))
+    assert line.startswith("--pack auto on cpu: 1: ") and line.endswith(f"-> pack {k}")
+
+
+@pytest.mark.parametrize("flag, message", [("0", "positive number"), ("two", "positive number")])
+def test_bad_pack_flag_is_named(flag, message, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ktg_fast.search", *BASE, "--pack", flag, "--out",
+                        str(tmp_path / "b")], env=env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--pack" in r.stderr and message in r.stderr
+    assert not (tmp_path / "b").exists()
