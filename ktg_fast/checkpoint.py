@@ -14,8 +14,9 @@ Checkpoints of earlier versions still resume: recipe fields added since take the
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -26,8 +27,17 @@ from .recipe import TrainConfig
 from .run_files import fingerprint_diff
 from .steps import TrainStep
 
+if TYPE_CHECKING:
+    from .distributed import DistContext
+
 __all__ = ["REQUIRED_KEYS", "checkpoint_payload", "run_fingerprint", "upgrade_fingerprint", "save_checkpoint", "read_checkpoint",
-           "restore_checkpoint"]
+           "restore_checkpoint", "checkpoint_to_resume", "RunExistsError"]
+
+log = logging.getLogger("ktg_fast")
+
+
+class RunExistsError(FileExistsError):
+    """The output folder already holds a run and ``resume`` was not asked for."""
 
 # What every training checkpoint holds ("loss_scale" is optional: fp16 runs since it was added).
 REQUIRED_KEYS = ("epoch", "step", "fingerprint", "nets", "momentum", "torch_rng")
@@ -102,3 +112,39 @@ def restore_checkpoint(ckpt: dict, path: Path, train_step: TrainStep, graph: Gra
         raise CheckpointError(f"{path} does not fit this run: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return ckpt["epoch"], ckpt["step"]
+
+
+def checkpoint_to_resume(out: Path, fingerprint: dict, *, resume: bool,
+                         dist: Optional["DistContext"] = None) -> Optional[dict]:
+    """The checked ``<out>/checkpoint.pt`` to resume, or None for a fresh run; nothing is written.
+
+    With several processes (``dist``) rank 0 reads it (the others need not see the file) and hands it, or
+    its error, to every rank, so all of them raise or resume alike.
+
+    Raises:
+        ValueError: ``out`` is a file; a checkpoint written with other settings.
+        RunExistsError: a run is there and ``resume`` is False.
+        CheckpointError: an unreadable checkpoint.
+    """
+    path = out / "checkpoint.pt"
+    ckpt, err = None, None
+    if dist is None or dist.is_main:
+        try:
+            if out.exists() and not out.is_dir():
+                raise ValueError(f"--out {out} is a file, not a folder: choose a folder path for the run")
+            if path.exists():
+                if not resume:
+                    raise RunExistsError(f"{out} already holds a run: pass --resume to continue it, "
+                                         "or choose another --out")
+                ckpt = read_checkpoint(path, fingerprint)
+            elif resume:
+                log.info("no checkpoint in %s to resume: starting a fresh run", out)
+        except Exception as e:
+            if dist is None:
+                raise
+            err = e
+    if dist is not None:
+        ckpt, err = dist.broadcast_object((ckpt, err))
+    if err is not None:
+        raise err
+    return ckpt

@@ -19,7 +19,6 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]

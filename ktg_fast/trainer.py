@@ -23,7 +23,8 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import read_checkpoint, restore_checkpoint, run_fingerprint, save_checkpoint
+from .checkpoint import (RunExistsError, checkpoint_to_resume, read_checkpoint, restore_checkpoint,
+                         run_fingerprint, save_checkpoint)
 from .data import canonical_name
 from .data.spec import DataSpec
 from .device import resolve_device, use_device
@@ -46,10 +47,6 @@ log = logging.getLogger("ktg_fast")
 
 class NonFiniteLossError(RuntimeError):
     """A node's loss became NaN or infinite; the message names the node and the step."""
-
-
-class RunExistsError(FileExistsError):
-    """The output folder already holds a run and ``resume`` was not asked for."""
 
 
 class Trainer:
@@ -151,29 +148,8 @@ class Trainer:
         return done
 
     def _checkpoint_to_resume(self, resume: bool) -> Optional[dict]:
-        """The checked checkpoint to resume, or None for a fresh run.  With several processes rank 0 reads
-        it (the others need not see the file) and hands it, or its error, to every rank."""
-        ckpt, err = None, None
-        if self.writes:
-            try:
-                if self.out.exists() and not self.out.is_dir():
-                    raise ValueError(f"--out {self.out} is a file, not a folder: choose a folder path for the run")
-                if self.checkpoint_path.exists():
-                    if not resume:
-                        raise RunExistsError(f"{self.out} already holds a run: pass --resume to continue it, "
-                                             "or choose another --out")
-                    ckpt = self._read_checkpoint()
-                elif resume:
-                    log.info("no checkpoint in %s to resume: starting a fresh run", self.out)
-            except Exception as e:  # every rank raises it, so none waits for the others
-                if self.dist is None:
-                    raise
-                err = e
-        if self.dist is not None:
-            ckpt, err = self.dist.broadcast_object((ckpt, err))
-        if err is not None:
-            raise err
-        return ckpt
+        return checkpoint_to_resume(self.out, run_fingerprint(self.graph, self.data, self.cfg), resume=resume,
+                                    dist=self.dist)
 
     def evaluate(self, split: str) -> list[float]:
         """Top-1 accuracy (%) of every node on ``split`` (``val`` or ``test``)."""

@@ -3,11 +3,9 @@ slots with exact study counts, a killed packed worker loses and duplicates nothi
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -18,7 +16,7 @@ from optuna.trial import TrialState
 from ktg_fast.graph import Graph
 from ktg_fast.search import cli
 from ktg_fast.search.config import SearchConfig, load_config
-from ktg_fast.search.ledger import ATTR_REJECTED, Ledger
+from ktg_fast.search.ledger import ATTR_REJECTED
 from ktg_fast.search.pack_probe import describe_probe, heaviest_graph, probe_pack
 from ktg_fast.trainer import Trainer
 

@@ -36,7 +36,7 @@ from .ledger import is_retry, root_of
 from .teachers import TeacherPretrainError, ensure_teachers
 from .trial_files import resume_from, trial_dir
 from .trial_hooks import EpochReporter, Heartbeat
-from .worker import Worker, _Abort, _is_oom
+from .worker import Worker, _is_oom
 
 __all__ = ["PackWorker"]
 

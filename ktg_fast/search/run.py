@@ -10,7 +10,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -24,9 +24,6 @@ from .storage_url import mask_url, sqlite_path
 from .study import BUDGET_ATTR, create_or_join, open_for_reading
 from .teachers import missing_teachers, pretrain_hint, teacher_file
 from .worker import Worker, raise_interrupt
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["run_search", "plural", "make_worker", "resolve_pack"]
 
