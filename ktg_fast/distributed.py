@@ -100,6 +100,15 @@ class DistContext:
                 t.copy_(flat[off:off + t.numel()].view_as(t))
                 off += t.numel()
 
+    def start_sum(self, t: torch.Tensor) -> Any:
+        """Start summing ``t`` over the ranks in place, without waiting; ``.wait()`` the handle returned."""
+        return self._run("an all-reduce", dist.all_reduce, t, async_op=True)
+
+    def wait(self, handles: list) -> None:
+        """Wait for the sums :meth:`start_sum` started."""
+        for h in handles:
+            self._run("an all-reduce", h.wait)
+
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (checkpoints: only rank 0 needs to read the file)."""
         box = [obj if self.is_main else None]

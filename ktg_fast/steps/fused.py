@@ -83,6 +83,7 @@ class FusedStep(TrainStep):
         self.scaler = NodeLossScale(graph.num_nodes, self.device) if self.precision == "fp16" else None
         self._node_index = {g: torch.tensor([t - 1 for t in g.nodes], device=self.device) for g in self.train_groups}
         self._first_step_done = False
+        self._overlap: Optional[list] = None  # data-parallel gradient sums in flight (see _start_sums_early)
         self.set_lrs(node_lrs(graph, cfg))
 
     # ------------------------------------------------------------ forward
@@ -163,9 +164,37 @@ class FusedStep(TrainStep):
             self._first_step_done = True
             self.optimizer.refresh()
         if self.dist is not None:  # one collective per flat buffer (per group and dtype)
-            self.dist.sync_grads(f.grad for g in self.train_groups for f in g.flats)
+            if self._overlap is None:  # first step: the buffers were only now filled
+                self.dist.sync_grads(f.grad for g in self.train_groups for f in g.flats)
+                self._overlap = self._start_sums_early()
+            else:  # started by each group's last gradient during the backward
+                self.dist.wait(self._overlap)
+                self._overlap.clear()
         self._update()
         return self._global_loss(node_loss), logits.detach()
+
+    def _start_sums_early(self) -> list:
+        """From the second step of a data-parallel run: a group's gradient sum starts as soon as the backward
+        has accumulated its last gradient (a post-accumulate hook on each of its leaves), overlapping the
+        backward of the other groups; returns the list the handles are collected in."""
+        handles: list = []
+        for g in self.train_groups:
+            if g.mode == "vmap":
+                leaves = [leaf for n, leaf in g.leaves.items() if leaf.requires_grad and n not in g.missing]
+            else:
+                leaves = [p for net in g.nets for n, p in net.named_parameters()
+                          if p.requires_grad and n not in g.missing]
+            left = [len(leaves)]
+
+            def last_grad(_t: torch.Tensor, g: NodeGroup = g, left: list = left, n: int = len(leaves)) -> None:
+                left[0] -= 1
+                if left[0] == 0:
+                    left[0] = n
+                    handles.extend(self.dist.start_sum(f.grad) for f in g.flats)
+
+            for leaf in leaves:
+                leaf.register_post_accumulate_grad_hook(last_grad)
+        return handles
 
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
