@@ -347,3 +347,47 @@ def test_cuda_dali_equals_cpu_tensor_loader(tmp_path):
     a = collect(build("dali", folder, 4, train=True, seed=1, device="cuda"))
     b = collect(build("torch", folder, 4, train=True, seed=1))
     assert batches_equal([(x.cpu(), y.cpu()) for x, y in a], b, atol=1e-6)
+
+
+# ------------------------------------------------------------------ data-parallel shards
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_together_deliver_the_single_process_batches(kind, world):
+    """Each rank's loader (set_shard) delivers its contiguous slice of every global batch, with the
+    single-process augmentation; evaluation shards cover the split once, in order."""
+    ds = tagged(100)
+    whole = collect(build(kind, ds, 16, train=True, seed=4))
+    ranks = []
+    for r in range(world):
+        ld = build(kind, ds, 16, train=True, seed=4)
+        ld.set_shard(r, world)
+        assert len(ld) == len(whole) == 6
+        ranks.append(collect(ld))
+    for k, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([ranks[r][k][0] for r in range(world)]), x)
+        assert torch.equal(torch.cat([ranks[r][k][1] for r in range(world)]), y)
+    seen = []
+    for r in range(world):
+        ld = build(kind, ds, 16, train=False, seed=0)
+        ld.set_shard(r, world)
+        got = collect(ld)
+        assert len(ld) == len(got)
+        seen += [i for x, _ in got for i in ids(x)]
+    assert seen == list(range(100))
+
+
+@needs_dali
+def test_dali_file_reader_shards_like_the_tensor_loader(tmp_path):
+    folder = write_png_folder(tmp_path)
+    for r in range(2):
+        dali = build("dali", folder, 4, train=True, seed=3)
+        ref = build("torch", folder, 4, train=True, seed=3)
+        for ld in (dali, ref):
+            ld.set_shard(r, 2)
+        assert batches_equal(collect(dali), collect(ref), atol=1e-6)
+
+
+def test_a_global_batch_smaller_than_the_processes_is_refused():
+    ld = build("torch", tagged(20), 2, train=True, seed=0)
+    with pytest.raises(ValueError, match="raise --batch-size to at least 3"):
+        ld.set_shard(0, 3)
