@@ -3,8 +3,8 @@
     python bench/dist_step.py --models resnet8 resnet8 resnet8 --batch 32 --steps 10
     torchrun --nproc-per-node 2 bench/dist_step.py --models resnet8 resnet8 resnet8 --batch 32 --steps 10
 
-Trains the graph (every edge ``through``) with the fused step at the global batch ``--batch``, each
-process on its slice, and times (medians, after warm-up) the whole step and, separately, the gradient
+Trains the graph (every edge ``through``) with the fused (or ``--step eager``, or eager nets in
+DistributedDataParallel: ``--ddp``) step at the global batch ``--batch``, each process on its slice, and times (medians, after warm-up) the whole step and, separately, the gradient
 sum over the processes alone (the same collectives on the same flat buffers).  Rank 0 prints one JSON line.
 """
 from __future__ import annotations
@@ -31,6 +31,9 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--step", choices=("fused", "eager"), default="fused")
+    p.add_argument("--ddp", action="store_true", help="eager nets wrapped in DistributedDataParallel (its bucketed, "
+                                                      "overlapped all-reduce) instead of the step's gradient sum")
     a = p.parse_args()
     dist = init_from_env("cpu")
     rank, world = (0, 1) if dist is None else (dist.rank, dist.world)
@@ -39,8 +42,10 @@ def main() -> None:
     graph = Graph([Node(m) for m in a.models], gates)
     torch.manual_seed(0)
     nets = [get_model(m, num_classes=a.classes) for m in a.models]
-    step = make_step("fused", graph, nets, TrainConfig(batch_size=a.batch))
-    step.dist = dist
+    if a.ddp and dist is not None:  # (timing only: DDP averages where the step sums; the work is the same)
+        nets = [torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) for net in nets]
+    step = make_step("eager" if a.ddp else a.step, graph, nets, TrainConfig(batch_size=a.batch))
+    step.dist = None if a.ddp else dist
     lo, hi = shard_bounds(a.batch, rank, world)
     x = torch.randn(a.batch, 3, 32, 32)[lo:hi]
     y = torch.randint(0, a.classes, (a.batch,))[lo:hi]
@@ -51,8 +56,11 @@ def main() -> None:
         step(x, y, prog)
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
-    flats = [f.grad for g in step.train_groups for f in g.flats]
-    if dist is not None:
+    if a.step == "fused" and not a.ddp:
+        flats = [f.grad for g in step.train_groups for f in g.flats]
+    else:
+        flats = [p.grad for net in nets for p in net.parameters() if p.grad is not None]
+    if dist is not None and not a.ddp:
         for i in range(a.warmup + a.steps):
             dist.barrier()
             t0 = time.perf_counter()
@@ -60,11 +68,12 @@ def main() -> None:
             if i >= a.warmup:
                 syncs.append(time.perf_counter() - t0)
     if rank == 0:
-        print(json.dumps({"world": world, "models": a.models, "batch": a.batch, "threads": torch.get_num_threads(),
+        print(json.dumps({"world": world, "models": a.models, "step": a.step, "ddp": a.ddp, "batch": a.batch, "threads": torch.get_num_threads(),
                           "step_ms": 1e3 * statistics.median(times),
                           "sync_ms": 1e3 * statistics.median(syncs) if syncs else 0.0,
                           "grad_bytes": sum(f.numel() * f.element_size() for f in flats),
-                          "collectives": len(flats)}), flush=True)
+                          "collectives": None if a.ddp else len(flats) if a.step == "fused" else
+                          len({f.dtype for f in flats})}), flush=True)
     if dist is not None:
         dist.barrier()
         torch.distributed.destroy_process_group()

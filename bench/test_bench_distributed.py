@@ -10,7 +10,8 @@
    time of those collectives is for a multi-GPU run to measure (this project's GPU sessions have one GPU).
 2. On this machine, measured in the same run (gloo, ``bench/dist_step.py``): the fused step of
    3 x ResNet8 at global batch 32 in 1 process and in 2 processes (each its half of the batch, one
-   thread each), the time of the gradient sum alone, and the ratios.
+   thread each), the time of the gradient sum alone, and the ratios; and for eager nodes the step's
+   flat gradient sum against DistributedDataParallel (bucketed, overlapped with the backward).
 A JSON record goes to bench/results/.
 """
 from __future__ import annotations
@@ -50,8 +51,8 @@ def _bytes_table(world: int = 8) -> list[dict]:
     return rows
 
 
-def _run(world: int, threads: int) -> dict:
-    cmd = [sys.executable, str(REPO / "bench" / "dist_step.py"), "--steps", "8"]
+def _run(world: int, threads: int, *extra: str) -> dict:
+    cmd = [sys.executable, str(REPO / "bench" / "dist_step.py"), "--steps", "8", *extra]
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), *cmd[1:]]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
@@ -86,8 +87,14 @@ def _measure() -> None:
               f"{one_thread['step_ms'] / r['step_ms']:.2f}x |")
     print(f"gradient sum: {two['grad_bytes'] / 2**20:.2f} MB in {two['collectives']} collectives, "
           f"{100 * two['sync_ms'] / two['step_ms']:.1f} % of the 2-process step")
+    # Eager nodes: the step's flat gradient sum against DistributedDataParallel's bucketed, overlapped one.
+    half = max(1, cores // 2)
+    flat, ddp = _run(2, half, "--step", "eager"), _run(2, half, "--step", "eager", "--ddp")
+    print(f"eager step, 2 x {half}: flat gradient sum {flat['step_ms']:.1f} ms/step, DistributedDataParallel "
+          f"{ddp['step_ms']:.1f} ms/step: flat / DDP time {flat['step_ms'] / ddp['step_ms']:.2f}x")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     record = {"bench": "distributed", **versions(), "paper_graphs": table,
-              "cpu": {"one_all_cores": one, "one_thread": one_thread, "two": two}}
+              "cpu": {"one_all_cores": one, "one_thread": one_thread, "two": two, "eager_flat": flat,
+                      "eager_ddp": ddp}}
     (RESULTS_DIR / f"distributed_{'cuda' if torch.cuda.is_available() else 'cpu'}.json").write_text(
         json.dumps(record, indent=2) + "\n")
