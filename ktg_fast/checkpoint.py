@@ -7,7 +7,8 @@ A checkpoint holds plain types and tensors only (it is read back with ``weights_
 - ``nets``, ``momentum``: each node's ``state_dict`` and SGD momentum buffers by parameter name;
 - ``torch_rng``: the CPU generator's state;
 - ``loss_scale`` (fp16 runs; absent from older checkpoints): each node's loss scale and growth
-  tracker (:meth:`~ktg_fast.steps.TrainStep.loss_scale_state`).
+  tracker (:meth:`~ktg_fast.steps.TrainStep.loss_scale_state`);
+- ``batchnorm`` (optional): what BatchNorm normalised over (the global batch, or each process's slice).
 
 Checkpoints of earlier versions still resume: recipe fields added since take their defaults
 (:func:`upgrade_fingerprint`), and one without ``loss_scale`` starts its scales afresh.
@@ -66,11 +67,18 @@ def checkpoint_payload(*, epoch: int, step: int, fingerprint: dict, nets: list, 
             "torch_rng": torch.get_rng_state(), "loss_scale": loss_scale}
 
 
-def save_checkpoint(path: Path, *, epoch: int, step: int, fingerprint: dict, train_step: TrainStep) -> None:
-    """Write ``train_step``'s state after ``epoch`` epochs and ``step`` steps to ``path``, atomically."""
-    atomic_torch_save(checkpoint_payload(epoch=epoch, step=step, fingerprint=fingerprint,
-                                         nets=train_step.node_state_dicts(), momentum=train_step.momentum_buffers(),
-                                         loss_scale=train_step.loss_scale_state()), path)
+def save_checkpoint(path: Path, *, epoch: int, step: int, fingerprint: dict, train_step: TrainStep,
+                    batchnorm: Optional[str] = None) -> None:
+    """Write ``train_step``'s state after ``epoch`` epochs and ``step`` steps to ``path``, atomically.
+
+    ``batchnorm``: what the BatchNorm layers normalised over (``"global batch"``, or a data-parallel
+    run's per-process slice), so a resume that changes it can say so.
+    """
+    payload = checkpoint_payload(epoch=epoch, step=step, fingerprint=fingerprint, nets=train_step.node_state_dicts(),
+                                 momentum=train_step.momentum_buffers(), loss_scale=train_step.loss_scale_state())
+    if batchnorm is not None:
+        payload["batchnorm"] = batchnorm
+    atomic_torch_save(payload, path)
 
 
 def read_checkpoint(path: Path, fingerprint: dict) -> dict:

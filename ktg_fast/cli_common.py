@@ -225,16 +225,20 @@ def run_cli(main: Callable[[], int]) -> None:
     its traceback. Ctrl-C exits 130 with a hint to resume.
     """
     verbose = bool(os.environ.get("KTG_DEBUG")) or any(a in ("-v", "--verbose") for a in sys.argv[1:])
+    # Under torchrun, ranks > 0 leave the messages every rank would print alike to rank 0.
+    rank = int(os.environ.get("RANK", "0") or 0) if os.environ.get("WORLD_SIZE", "1") != "1" else 0
     try:
         code = main()
     except KeyboardInterrupt:
-        print("interrupted; rerun with --resume to continue", file=sys.stderr)
+        if rank == 0:
+            print("interrupted; rerun with --resume to continue", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         if not _expected(e):
             raise
         if verbose:
             traceback.print_exc()
-        print(f"error: {error_line(e)}", file=sys.stderr)
+        if rank == 0 or isinstance(e, (RankLostError, OSError)):  # a rank's own trouble: it says so
+            print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code)

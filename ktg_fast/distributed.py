@@ -68,7 +68,7 @@ class DistContext:
             return fn(*args, **kwargs)
         except (RuntimeError, dist.DistBackendError) as e:  # gloo: connection closed; NCCL: a watchdog error
             raise RankLostError(
-                f"rank {self.rank} of {self.world}: {what} failed ({str(e).splitlines()[0][:200]}); another rank "
+                f"rank {self.rank} of {self.world}: {what} failed ({(str(e).strip().splitlines() or [''])[0]}); another rank "
                 "stopped (torchrun's summary names it). Run the same command again with --resume to continue "
                 "from the last checkpoint, with any number of processes") from None
 

@@ -135,7 +135,13 @@ class Trainer:
         if not self.writes:
             return
         save_checkpoint(self.checkpoint_path, epoch=epoch, step=step, train_step=self.train_step,
-                        fingerprint=run_fingerprint(self.graph, self.data, self.cfg))
+                        fingerprint=run_fingerprint(self.graph, self.data, self.cfg), batchnorm=self._batchnorm())
+
+    def _batchnorm(self) -> str:
+        """What BatchNorm normalises over in this run: the global batch, or each process's slice."""
+        if self.dist is None or self.dist.sync_bn:
+            return "the global batch"
+        return f"each of {self.dist.world} processes' own slice (no --sync-bn)"
 
     def _read_checkpoint(self) -> dict:
         """Load ``checkpoint.pt`` and check it was written by this run's settings (before anything is written)."""
@@ -145,6 +151,11 @@ class Trainer:
         """Load the checked checkpoint into the built step; return its (epoch, step)."""
         done = restore_checkpoint(ckpt, self.checkpoint_path, self.train_step, self.graph)
         log.info("resumed %s after epoch %d", self.out, ckpt["epoch"])
+        before = ckpt.get("batchnorm", "the global batch")
+        if before != self._batchnorm() and self.writes:
+            log.warning("the checkpoint's epochs normalised BatchNorm over %s, this run over %s: from here "
+                        "on the updates differ from an uninterrupted run (resume with the same --sync-bn and, "
+                        "without it, the same number of processes)", before, self._batchnorm())
         return done
 
     def _checkpoint_to_resume(self, resume: bool) -> Optional[dict]:

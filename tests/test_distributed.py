@@ -137,6 +137,7 @@ def test_killed_rank_stops_the_run_and_a_rerun_resumes(tmp_path):
     # Resumed with 1 process: the same up to float32 summation order (the float64 test shows the math is exact).
     r = run([sys.executable, "-m", "ktg_fast.train", *TRAIN, "--out", str(again), "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "normalised BatchNorm" not in r.stderr  # --sync-bn's BatchNorm is one process's
     one = _weights(again)
     for k in whole:
         torch.testing.assert_close(one[k].double(), whole[k].double(), rtol=1e-3, atol=1e-3, msg=k)
@@ -149,3 +150,17 @@ def test_batch_smaller_than_the_processes_is_refused(tmp_path):
     r = run([*TORCHRUN, "2", "-m", "ktg_fast.train", *TRAIN[:-3], "--batch-size", "1", "--no-progress",
              "--out", str(tmp_path / "b")])
     assert r.returncode != 0 and "raise --batch-size to at least 2" in r.stderr
+
+
+def test_resuming_with_another_batchnorm_scope_says_so(tmp_path):
+    """Without --sync-bn each process normalises its own slice: a 1-process resume warns that this changes."""
+    out = tmp_path / "nosync"
+    args = ["--graph", "dml", "--model", "resnet8", "--dataset", "synthetic", "--epochs", "1", "--train-subset", "32",
+            "--eval-subset", "16", "--batch-size", "16", "--no-progress", "--out", str(out)]
+    r = run([*TORCHRUN, "2", "-m", "ktg_fast.train", *args])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("seed 0: test_acc") == 1  # printed by rank 0 alone
+    r = run([sys.executable, "-m", "ktg_fast.train", *args, "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "normalised BatchNorm over each of 2 processes' own slice (no --sync-bn), this run over the global" \
+        in r.stderr

@@ -215,7 +215,7 @@ def worker_main(argv: list[str]) -> int:
             n = make_worker(cfg, args.worker_id, k).run()
     except KeyboardInterrupt:
         return 130
-    log.info("worker %d done after %d trials", args.worker_id, n)
+    log.info("worker %d done after %d trial%s", args.worker_id, n, "" if n == 1 else "s")
     return 0
 
 

@@ -76,9 +76,9 @@ class PackWorker(Worker):
         worker_id: index of this worker on its machine.
         pack: K, the most trials trained at once (at least 1).
 
-    A retry whose lost trial left a checkpoint on this machine resumes alone (a lone
-    :class:`~ktg_fast.trainer.Trainer` on the batches recorded in its attributes); other
-    retries start afresh in the pack.
+    A retry of a packed trial runs alone (a lone :class:`~ktg_fast.trainer.Trainer`) on the
+    batches recorded in its attributes, resuming the lost trial's checkpoint when it is on this
+    machine: it ends where its pack would have taken it.
     """
 
     def __init__(self, cfg: SearchConfig, worker_id: int = 0, *, pack: int):
@@ -127,12 +127,13 @@ class PackWorker(Worker):
     def _train(self, trial: optuna.Trial, me: FrozenTrial, graph: Any) -> None:
         cfg = self.cfg
         out = trial_dir(cfg.out, trial.number)
-        if is_retry(me) and resume_from(cfg.out, cfg.epochs, me, out):
-            # The lost trial's checkpoint is here: resume it alone, on the batches recorded in its attributes.
-            return super()._train(trial, me, graph)
+        if is_retry(me) and ("data_seed" in me.user_attrs or resume_from(cfg.out, cfg.epochs, me, out)):
+            # A lost trial whose batches were recorded: alone, on those batches (resuming its checkpoint when it
+            # is on this machine), so that it ends as it would have in its pack.
+            resumed = resume_from(cfg.out, cfg.epochs, me, out)
+            return super()._train(trial, me, graph, resumed=resumed)
         t0 = time.monotonic()
         pack = self._pack(int(me.user_attrs.get("seed", cfg.seed + root_of(me))))
-        # (A retry that starts afresh joins on this pack's batches; its attributes are overwritten.)
         data = {"data_seed": pack.data_seed, "data_offset": pack.epoch}
         seed, out, info = self._start(trial, me, graph, resumed=False, data=data)
         slot = _Slot(trial, graph, out, info, t0, EpochReporter(trial, graph.target, cfg.epochs, out),

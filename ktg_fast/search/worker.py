@@ -237,10 +237,13 @@ class Worker(TrialOutcomes):
         """The trial's recipe: the search's, with a packed trial's batches (see :meth:`_start`)."""
         return self.cfg.train_config(seed, data_seed=info.get("data_seed"), data_offset=info.get("data_offset", 0))
 
-    def _train(self, trial: optuna.Trial, me: FrozenTrial, graph: Any) -> None:
+    def _train(self, trial: optuna.Trial, me: FrozenTrial, graph: Any, resumed: Optional[bool] = None) -> None:
+        """Train the admitted trial alone; ``resumed``: whether a lost trial's checkpoint was already taken
+        over (None: look for one now)."""
         cfg = self.cfg
         out = trial_dir(cfg.out, trial.number)
-        resumed = resume_from(cfg.out, cfg.epochs, me, out) if is_retry(me) else False
+        if resumed is None:
+            resumed = resume_from(cfg.out, cfg.epochs, me, out) if is_retry(me) else False
         seed, out, info = self._start(trial, me, graph, resumed=resumed)
         t0 = time.monotonic()
         trainer: Optional[Trainer] = None
