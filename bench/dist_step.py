@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--step", choices=("fused", "eager"), default="fused")
+    p.add_argument("--sum-mb", type=float, nargs="*", default=[],
+                   help="also time the gradient sum of buffers of these sizes (MB; the paper's graphs)")
     p.add_argument("--ddp", action="store_true", help="eager nets wrapped in DistributedDataParallel (its bucketed, "
                                                       "overlapped all-reduce) instead of the step's gradient sum")
     a = p.parse_args()
@@ -67,8 +69,19 @@ def main() -> None:
             dist.sync_grads(flats)
             if i >= a.warmup:
                 syncs.append(time.perf_counter() - t0)
+    sums = {}
+    for mb in a.sum_mb if dist is not None else []:
+        buf = torch.zeros(int(mb * 2**20) // 4)
+        ts = []
+        for i in range(a.warmup + a.steps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.sync_grads([buf])
+            if i >= a.warmup:
+                ts.append(time.perf_counter() - t0)
+        sums[str(mb)] = 1e3 * statistics.median(ts)
     if rank == 0:
-        print(json.dumps({"world": world, "models": a.models, "step": a.step, "ddp": a.ddp, "batch": a.batch, "threads": torch.get_num_threads(),
+        print(json.dumps({"sum_ms_by_mb": sums, "world": world, "models": a.models, "step": a.step, "ddp": a.ddp, "batch": a.batch, "threads": torch.get_num_threads(),
                           "step_ms": 1e3 * statistics.median(times),
                           "sync_ms": 1e3 * statistics.median(syncs) if syncs else 0.0,
                           "grad_bytes": sum(f.numel() * f.element_size() for f in flats),

@@ -77,7 +77,7 @@ def _measure() -> None:
     cores = os.cpu_count() or 1
     one = _run(1, cores)
     one_thread = _run(1, 1) if cores > 1 else one
-    two = _run(2, max(1, cores // 2))
+    two = _run(2, max(1, cores // 2), "--sum-mb", *[f"{r['grad_mb']:.3f}" for r in table])
     assert one["grad_bytes"] == two["grad_bytes"] > 0
     print(f"\nthis machine ({cores} cores), 3 x ResNet8, global batch 32, fused step, medians of 8 steps:")
     print("| processes x threads | step ms | gradient sum ms | vs 1 x all cores | vs 1 x 1 thread |")
@@ -87,6 +87,10 @@ def _measure() -> None:
               f"{one_thread['step_ms'] / r['step_ms']:.2f}x |")
     print(f"gradient sum: {two['grad_bytes'] / 2**20:.2f} MB in {two['collectives']} collectives, "
           f"{100 * two['sync_ms'] / two['step_ms']:.1f} % of the 2-process step")
+    for r in table:
+        r["cpu_gloo_2proc_sum_ms"] = two["sum_ms_by_mb"][f"{r['grad_mb']:.3f}"]
+        print(f"graph {r['graph']}: summing its {r['grad_mb']:.2f} MB over 2 gloo processes here took "
+              f"{r['cpu_gloo_2proc_sum_ms']:.1f} ms (NCCL on GPUs: unmeasured)")
     # Eager nodes: the step's flat gradient sum against DistributedDataParallel's bucketed, overlapped one.
     half = max(1, cores // 2)
     flat, ddp = _run(2, half, "--step", "eager"), _run(2, half, "--step", "eager", "--ddp")
