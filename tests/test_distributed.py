@@ -164,3 +164,13 @@ def test_resuming_with_another_batchnorm_scope_says_so(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "normalised BatchNorm over each of 2 processes' own slice (no --sync-bn), this run over the global" \
         in r.stderr
+
+
+def test_pretrain_under_torchrun_writes_the_teacher_once(tmp_path):
+    r = run([*TORCHRUN, "2", "-m", "ktg_fast.pretrain", "--model", "resnet8", "--dataset", "synthetic", "--epochs", "1",
+             "--train-subset", "32", "--eval-subset", "16", "--batch-size", "16", "--no-progress", "--sync-bn",
+             "--teachers", str(tmp_path / "teachers")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("written to") == 1
+    (teacher,) = (tmp_path / "teachers").rglob("resnet8.pt")
+    assert torch.load(teacher, weights_only=True)["model"] == "resnet8"
