@@ -145,6 +145,10 @@ def init_from_env(device: str = "auto", *, sync_bn: bool = False,
     use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     if device == "cuda" and not use_cuda:
         raise ValueError("--device cuda, but CUDA is not available on this machine")
+    if use_cuda and local >= torch.cuda.device_count():
+        raise ValueError(f"local rank {local} has no GPU of its own: this machine shows {torch.cuda.device_count()} "
+                         f"CUDA device(s); start at most that many processes per machine (--nproc-per-node), or "
+                         "train on the CPU with --device cpu")
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

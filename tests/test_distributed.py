@@ -102,8 +102,9 @@ def test_sharded_evaluation_counts_every_image_once(float64_runs):
 
 
 # --------------------------------------------------------------------------- a rank dies
+# On the CPU everywhere (gloo): a GPU machine's single GPU cannot hold two ranks' cuda:<LOCAL_RANK>.
 TRAIN = ["--graph", "dml", "--model", "resnet8", "--dataset", "synthetic", "--epochs", "3", "--train-subset", "128",
-         "--eval-subset", "37", "--batch-size", "16", "--no-progress"]
+         "--eval-subset", "37", "--batch-size", "16", "--no-progress", "--device", "cpu"]
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -147,8 +148,7 @@ def test_killed_rank_stops_the_run_and_a_rerun_resumes(tmp_path):
 
 
 def test_batch_smaller_than_the_processes_is_refused(tmp_path):
-    r = run([*TORCHRUN, "2", "-m", "ktg_fast.train", *TRAIN[:-3], "--batch-size", "1", "--no-progress",
-             "--out", str(tmp_path / "b")])
+    r = run([*TORCHRUN, "2", "-m", "ktg_fast.train", *TRAIN, "--batch-size", "1", "--out", str(tmp_path / "b")])
     assert r.returncode != 0 and "raise --batch-size to at least 2" in r.stderr
 
 
@@ -156,7 +156,7 @@ def test_resuming_with_another_batchnorm_scope_says_so(tmp_path):
     """Without --sync-bn each process normalises its own slice: a 1-process resume warns that this changes."""
     out = tmp_path / "nosync"
     args = ["--graph", "dml", "--model", "resnet8", "--dataset", "synthetic", "--epochs", "1", "--train-subset", "32",
-            "--eval-subset", "16", "--batch-size", "16", "--no-progress", "--out", str(out)]
+            "--eval-subset", "16", "--batch-size", "16", "--no-progress", "--device", "cpu", "--out", str(out)]
     r = run([*TORCHRUN, "2", "-m", "ktg_fast.train", *args])
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("seed 0: test_acc") == 1  # printed by rank 0 alone
@@ -169,6 +169,7 @@ def test_resuming_with_another_batchnorm_scope_says_so(tmp_path):
 def test_pretrain_under_torchrun_writes_the_teacher_once(tmp_path):
     r = run([*TORCHRUN, "2", "-m", "ktg_fast.pretrain", "--model", "resnet8", "--dataset", "synthetic", "--epochs", "1",
              "--train-subset", "32", "--eval-subset", "16", "--batch-size", "16", "--no-progress", "--sync-bn",
+             "--device", "cpu",
              "--teachers", str(tmp_path / "teachers")])
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("written to") == 1

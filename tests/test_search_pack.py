@@ -25,7 +25,7 @@ from test_search_parallel import check_books, env, load
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["--nodes", "2", "--target", "resnet8", "--models", "resnet8", "wrn10_1", "--dataset", "synthetic",
         "--train-subset", "64", "--eval-subset", "64", "--batch-size", "16", "--cpu-threads", "1",
-        "--step", "eager", "--poll", "0.5", "--no-progress"]
+        "--step", "eager", "--poll", "0.5", "--no-progress", "--device", "cpu"]
 
 
 def _trials(out: Path) -> list[optuna.trial.FrozenTrial]:
