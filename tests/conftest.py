@@ -58,3 +58,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def keep_logging():
+    """The commands' main() set the ktg_fast loggers' levels; put them back."""
+    levels = {n: logging.getLogger(n).level for n in ("ktg_fast", "ktg_fast.reproduce")}
+    yield
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)

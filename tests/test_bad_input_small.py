@@ -1,7 +1,6 @@
 """Bad input a new user types: each is refused with one line naming the problem and the fix."""
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 
@@ -12,15 +11,6 @@ from ktg_fast.graph import GraphError, load_graph
 from ktg_fast.reproduce.__main__ import main as reproduce_main
 from ktg_fast.reproduce.runner import ReproduceError
 from ktg_fast.train import main as train_main
-
-
-@pytest.fixture
-def keep_logging():
-    """The commands' main() set the ktg_fast loggers' levels; put them back."""
-    levels = {n: logging.getLogger(n).level for n in ("ktg_fast", "ktg_fast.reproduce")}
-    yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
 
 
 def _cli(module: str, *argv: str) -> subprocess.CompletedProcess:

@@ -1,7 +1,6 @@
 """``python -m ktg_fast.reproduce``: the plan, the table against the paper's figures, errors, a dry run, and a tiny
 real reproduction killed, resumed and run again."""
 import json
-import logging
 import re
 import signal
 import subprocess
@@ -28,15 +27,6 @@ ACC = r"\d+\.\d\d ± \d+\.\d\d"
 def settings(*argv: str):
     parser = build_parser()
     return settings_from_args(parser, parser.parse_args(list(argv)))
-
-
-@pytest.fixture
-def keep_logging():
-    """main() quiets the ktg_fast logger; put it back."""
-    levels = {n: logging.getLogger(n).level for n in ("ktg_fast", "ktg_fast.reproduce")}
-    yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------- plan
