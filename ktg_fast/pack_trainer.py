@@ -11,7 +11,8 @@ packed member ends with the weights it would reach alone, and its
 of a lone run, which resumes it if the pack dies.
 
 Members join and leave only between epochs; the step (its node groups) is
-rebuilt then, carrying the weights and momentum of the members that stay.
+rebuilt then, carrying the weights and momentum of the members that stay (on CUDA
+the rebuilt step is re-captured as a CUDA graph, not recompiled).
 """
 from __future__ import annotations
 
@@ -113,6 +114,7 @@ class PackTrainer:
         self.packed: Optional[PackedGraph] = None
         self.layout: list[Member] = []  # the members of the current step, in its node order
         self.train_step: Optional[TrainStep] = None
+        self.rebuilds = 0  # steps built (one per change of members)
         self._dirty = True
 
     # ------------------------------------------------------------ members
@@ -160,9 +162,14 @@ class PackTrainer:
         k_end = max(m.cfg.epochs for m in self.layout) * self.iters_per_epoch
         # The shared recipe (momentum, weight decay); each member's rates are set per epoch.
         base = dataclasses.replace(self.layout[0].cfg, node_lr=None)
+        # A pack's layout changes at most refills (a search prunes after nearly every epoch): on CUDA the
+        # CUDA-graph step captures the fused step (a capture per rebuild) rather than compiling (a compile per
+        # rebuild), unless --step compiled asks for it.
         self.train_step = make_step(self.step_kind, self.packed.graph, nets, base, loss_impl=self.loss_impl,
                                     total_steps=k_end, precision=self.precision, channels_last=base.channels_last,
-                                    compile_cache=self.compile_cache)
+                                    compile_cache=self.compile_cache, compile=False if self.step_kind != "compiled"
+                                    else None)
+        self.rebuilds += 1
         self.train_step.load_momentum_buffers([momentum.get(id(net)) for net in nets])
         self._dirty = False
 

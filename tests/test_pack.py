@@ -192,3 +192,15 @@ def test_member_recipe_must_match_the_pack(tmp_path, teacher):
         pack.add(1, c, small_config(batch_size=16), tmp_path / "c")
     with pytest.raises(RuntimeError, match="no member"):
         PackTrainer(_data(), batch_size=16, device="cpu").run_epoch()
+
+
+def test_a_pack_never_compiles_unasked(teacher, tmp_path, monkeypatch):
+    """Refills rebuild the step: a long pack on `auto` must not pick the compiled step (a compile per rebuild)."""
+    import ktg_fast.steps as steps
+
+    monkeypatch.setattr(steps, "CPU_COMPILE_MIN_STEPS", 1)
+    pack = PackTrainer(_data(), batch_size=16, augment=False, data_seed=PACK_SEED, device="cpu", step="auto")
+    a, _, _ = _graphs(teacher)
+    pack.add(0, a, small_config(epochs=1, batch_size=16, augment=False), tmp_path / "m0")
+    pack.run_epoch()
+    assert pack.train_step.kind != "compiled" and pack.rebuilds == 1

@@ -91,7 +91,8 @@ def make_step(kind: str, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConf
         channels_last: channels-last input (and nets, for the eager step).
         compile_cache: Inductor's on-disk cache folder (:func:`~.compiled.compile_cache_dir`); used when a
             compiled step is built.
-        compile: force (True) or forbid (False) compiling for ``cudagraph`` on CUDA; None decides.
+        compile: force (True) or forbid (False) compiling for ``cudagraph`` on CUDA (False also keeps ``auto``
+            from picking the compiled step on the CPU); None decides.
 
     Raises:
         ValueError: an unknown ``kind`` (the message lists :data:`STEP_KINDS`) or precision.
@@ -111,7 +112,7 @@ def make_step(kind: str, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConf
     if kind == "auto":
         if on_cuda:
             kind, why = "cudagraph", "CUDA: fused groups, streams, whole-step CUDA graph"
-        elif total_steps is not None and total_steps >= CPU_COMPILE_MIN_STEPS:
+        elif total_steps is not None and total_steps >= CPU_COMPILE_MIN_STEPS and compile is not False:
             est = _COLD_COMPILE_S_PER_NODE * len(nets)
             kind, why = "compiled", (f"{device.type}: {total_steps} steps; compiling costs about {est:.0f} s "
                                      f"with a cold cache, repaid after about {CPU_COMPILE_MIN_STEPS // 3} steps")
