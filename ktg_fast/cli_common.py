@@ -67,6 +67,17 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="input pipeline (auto: tensor on GPU for in-memory data, DALI for image folders)")
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
 def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int | None = None) -> None:
     """The recipe's flags; every default is read from :class:`~ktg_fast.recipe.TrainConfig` (its one home)."""
     d = TrainConfig()
@@ -82,6 +93,11 @@ def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int | None = None) ->
                    help="epochs of the x0.1 learning-rate steps (default: the recipe's, scaled to --epochs)")
     g.add_argument("--gamma", type=float, default=d.gamma)
     g.add_argument("--no-augment", action="store_true")
+    g.add_argument("--data-seed", type=int, default=d.data_seed, metavar="S",
+                   help="seed of the batch order and augmentation (default: the run's seed); with --data-offset, "
+                        "a packed search trial's batches (its trial.json's data_seed, data_offset) to retrain it alone")
+    g.add_argument("--data-offset", type=non_negative_int, default=d.data_offset, metavar="P",
+                   help="epoch e trains on the batches of epoch e + P of --data-seed (default 0)")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="forward arithmetic (default: fp32 on the CPU, bf16 on a CUDA device that has it); the "
                         "graph loss, weights and checkpoints stay fp32")
@@ -120,7 +136,8 @@ def recipe_from_args(args: argparse.Namespace, seed: int = 0):
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                        nesterov=not args.no_nesterov, weight_decay=args.weight_decay,
                        milestones=args.milestones, gamma=args.gamma, seed=seed, augment=not args.no_augment,
-                       precision=args.precision, channels_last=args.channels_last)
+                       precision=args.precision, channels_last=args.channels_last,
+                       data_seed=getattr(args, "data_seed", None), data_offset=getattr(args, "data_offset", 0))
 
 
 def data_from_args(args: argparse.Namespace, *, test: bool = True):

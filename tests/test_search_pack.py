@@ -159,3 +159,29 @@ def test_bad_pack_flag_is_named(flag, message, tmp_path):
                         str(tmp_path / "b")], env=env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--pack" in r.stderr and message in r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_a_packed_trial_retrains_alone_from_the_command_line(tmp_path, keep_threads):
+    """README: a packed trial equals the same trial trained alone with the pack's batches; `train --data-seed
+    --data-offset` is that lone run."""
+    out = tmp_path / "pk"
+    assert cli.main([*BASE, "--gates", "through", "linear", "--epochs", "2", "--min-resource", "2", "--trials", "4",
+                     "--pack", "3", "--heartbeat", "2", "--out", str(out)]) == 0
+    cfg = load_config(out)
+    t = max(_trials(out), key=lambda t: t.number)  # joined at pack epoch 2, when the first three finished
+    folder = Path(t.user_attrs["dir"])
+    info = json.loads((folder / "trial.json").read_text())
+    assert info["data_offset"] == 2 and info["data_seed"] != info["seed"]
+    alone = tmp_path / "alone"
+    r = subprocess.run([sys.executable, "-m", "ktg_fast.train", "--graph", str(folder / "graph.yaml"),
+                        "--dataset", "synthetic", "--val-size", str(cfg.resolved_val_size()), "--train-subset", "64",
+                        "--eval-subset", "64", "--batch-size", "16", "--epochs", "2", "--step", "eager",
+                        "--device", "cpu", "--seeds", str(info["seed"]), "--data-seed", str(info["data_seed"]),
+                        "--data-offset", str(info["data_offset"]), "--no-progress", "--out", str(alone)],
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pw, aw = _node_weights(folder / "nodes"), _node_weights(alone / "nodes")
+    assert pw.keys() == aw.keys()
+    for name in pw:
+        for k in pw[name]:
+            torch.testing.assert_close(pw[name][k], aw[name][k], rtol=1e-5, atol=1e-5, msg=f"{name} {k}")
