@@ -22,7 +22,7 @@ from .steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .trainer import NonFiniteLossError
 
 __all__ = ["add_data_args", "add_recipe_args", "check_out_dir", "dataset_flag", "error_line", "positive_int",
-           "run_cli", "setup_logging", "start_distributed", "stop_distributed"]
+           "run_cli", "setup_logging", "start_distributed", "stop_distributed", "remove_if_empty"]
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -157,6 +157,14 @@ SEARCH_FILES = ("study.db", "search.json", "trials")
 def _describe_entries(names: list[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def remove_if_empty(out: Path) -> None:
+    """Remove ``out`` if it holds nothing (a run refused after :func:`check_out_dir` made the folder)."""
+    try:
+        out.rmdir()  # fails on a folder with anything in it, which is what we want
+    except OSError:
+        pass
 
 
 def check_out_dir(out: str | Path, *, seeds: int = 1) -> Path:

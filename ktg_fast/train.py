@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
-from .cli_common import (add_data_args, add_recipe_args, check_out_dir, data_from_args, recipe_from_args, run_cli,
-                         setup_logging, start_distributed, stop_distributed)
+from .cli_common import (add_data_args, add_recipe_args, check_out_dir, data_from_args, recipe_from_args,
+                         remove_if_empty, run_cli, setup_logging, start_distributed, stop_distributed)
 from .graph import PRESETS, load_graph
 from .io import atomic_write_json, atomic_write_text
 from .report import seeds_table
@@ -61,10 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     graph = load_graph_arg(args)
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds repeats a seed: {args.seeds}")
+    created = not Path(args.out).exists()
     out = check_out_dir(args.out, seeds=len(args.seeds))  # before any data is loaded
-    dist = start_distributed(args)  # several processes under torchrun: data-parallel, rank 0 writes
-    main_rank = dist is None or dist.is_main
     finished = False
+    try:
+        dist = start_distributed(args)  # several processes under torchrun: data-parallel, rank 0 writes
+    except BaseException:
+        if created:
+            remove_if_empty(out)
+        raise
+    main_rank = dist is None or dist.is_main
     try:
         finals = []
         for seed in args.seeds:
@@ -79,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             if main_rank:
                 print(f"seed {seed}: {metric} {accs}  ({run_dir})")
         finished = True
+    except BaseException:
+        if created:  # refused before anything was written (a batch too small to split, a bad device...)
+            remove_if_empty(out)
+        raise
     finally:
         stop_distributed(dist, finished=finished)
     if not main_rank:

@@ -150,6 +150,8 @@ def test_killed_rank_stops_the_run_and_a_rerun_resumes(tmp_path):
 def test_batch_smaller_than_the_processes_is_refused(tmp_path):
     r = run([*TORCHRUN, "2", "-m", "ktg_fast.train", *TRAIN, "--batch-size", "1", "--out", str(tmp_path / "b")])
     assert r.returncode != 0 and "raise --batch-size to at least 2" in r.stderr
+    assert r.stderr.count("error:") == 1  # rank 0 alone says it
+    assert not (tmp_path / "b").exists()  # refused: nothing left behind
 
 
 def test_resuming_with_another_batchnorm_scope_says_so(tmp_path):
