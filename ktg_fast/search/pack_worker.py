@@ -127,11 +127,12 @@ class PackWorker(Worker):
     def _train(self, trial: optuna.Trial, me: FrozenTrial, graph: Any) -> None:
         cfg = self.cfg
         out = trial_dir(cfg.out, trial.number)
-        if is_retry(me) and ("data_seed" in me.user_attrs or resume_from(cfg.out, cfg.epochs, me, out)):
-            # A lost trial whose batches were recorded: alone, on those batches (resuming its checkpoint when it
-            # is on this machine), so that it ends as it would have in its pack.
+        if is_retry(me):
             resumed = resume_from(cfg.out, cfg.epochs, me, out)
-            return super()._train(trial, me, graph, resumed=resumed)
+            if resumed or "data_seed" in me.user_attrs:
+                # A lost trial whose batches were recorded: alone, on those batches (resuming its checkpoint when
+                # it is on this machine), so that it ends as it would have in its pack.
+                return super()._train(trial, me, graph, resumed=resumed)
         t0 = time.monotonic()
         pack = self._pack(int(me.user_attrs.get("seed", cfg.seed + root_of(me))))
         data = {"data_seed": pack.data_seed, "data_offset": pack.epoch}
