@@ -67,17 +67,6 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="input pipeline (auto: tensor on GPU for in-memory data, DALI for image folders)")
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
-
-
 def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int | None = None) -> None:
     """The recipe's flags; every default is read from :class:`~ktg_fast.recipe.TrainConfig` (its one home)."""
     d = TrainConfig()
@@ -137,7 +126,7 @@ def recipe_from_args(args: argparse.Namespace, seed: int = 0):
                        nesterov=not args.no_nesterov, weight_decay=args.weight_decay,
                        milestones=args.milestones, gamma=args.gamma, seed=seed, augment=not args.no_augment,
                        precision=args.precision, channels_last=args.channels_last,
-                       data_seed=getattr(args, "data_seed", None), data_offset=getattr(args, "data_offset", 0))
+                       data_seed=args.data_seed, data_offset=args.data_offset)
 
 
 def data_from_args(args: argparse.Namespace, *, test: bool = True):
@@ -206,14 +195,26 @@ def check_out_dir(out: str | Path, *, seeds: int = 1) -> Path:
     return out
 
 
-def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1 (``--train-subset``, ``--eval-subset``)."""
+def _whole_number(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (``--train-subset``, ``--eval-subset``)."""
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value} (leave the flag out to use every image)")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of an integer >= 0 (``--data-offset``)."""
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 

@@ -95,8 +95,9 @@ def _kernel_loss(z: torch.Tensor, labels: torch.Tensor, plan: "EdgePlan", temper
     if blocks is None:
         node, edge = kernels.graph_loss_triton(z, labels, codes, temperature, p, int(ignore_index))
     else:
-        node, edge = run_in_blocks(z, codes, p, blocks, lambda zb, cb, pb: kernels.graph_loss_triton(
-            zb, labels, cb, temperature, pb, int(ignore_index)))
+        node, edge = run_in_blocks(z, lambda k: cached_codes(k, str(z.device)), plan.key, p, blocks,
+                                   lambda zb, cb, pb: kernels.graph_loss_triton(zb, labels, cb, temperature, pb,
+                                                                                int(ignore_index)))
     return GraphLossResult(node_loss=node, edge_loss=edge)
 
 
@@ -227,8 +228,9 @@ class GraphLoss(torch.nn.Module):
                 if blocks is None:
                     node, edge, grad = kernels.graph_loss_triton_with_grad(z, y, codes, t, p, ii)
                 else:
-                    node, edge, grad = run_in_blocks(z, codes, p, blocks, lambda zb, cb, pb: (
-                        kernels.graph_loss_triton_with_grad(zb, y, cb, t, pb, ii)))
+                    node, edge, grad = run_in_blocks(z, lambda k: cached_codes(k, str(z.device)), plan.key, p,
+                                                     blocks, lambda zb, cb, pb: (
+                                                         kernels.graph_loss_triton_with_grad(zb, y, cb, t, pb, ii)))
                 return GraphLossResult(node, edge), grad
 
             if self.impl == "triton" or torch.compiler.is_compiling():

@@ -60,21 +60,23 @@ def node_blocks(key: tuple[tuple[int, ...], ...], limit: int) -> Optional[tuple[
     return tuple(blocks)
 
 
-def sub_codes(codes: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """The (b-a+1)-square gate codes of nodes a..b-1 (0-based) with the label node."""
-    ix = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(a + 1, b + 1)]).to(codes.device)
-    return codes.index_select(0, ix).index_select(1, ix).contiguous()
+@functools.lru_cache(maxsize=1024)
+def block_key(key: tuple[tuple[int, ...], ...], a: int, b: int) -> tuple[tuple[int, ...], ...]:
+    """The gate codes of nodes a..b-1 (0-based) with the label node, as nested tuples (a block's own key)."""
+    ix = (0, *range(a + 1, b + 1))
+    return tuple(tuple(key[s][t] for t in ix) for s in ix)
 
 
-def run_in_blocks(z: torch.Tensor, codes: torch.Tensor, progress: torch.Tensor,
-                  blocks: tuple[tuple[int, int], ...],
+def run_in_blocks(z: torch.Tensor, codes_of: Callable[[tuple[tuple[int, ...], ...]], torch.Tensor],
+                  key: tuple[tuple[int, ...], ...], progress: torch.Tensor, blocks: tuple[tuple[int, int], ...],
                   run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
                   ) -> tuple[torch.Tensor, ...]:
     """Run ``run(z_block, codes_block, progress_block)`` per block and assemble the whole graph's results.
 
     Args:
         z: (M, B, C) logits.
-        codes: (M+1, M+1) int32 gate codes on z's device.
+        codes_of: a block key -> its int32 gate codes on z's device (cached: no per-step index ops).
+        key: the whole graph's (M+1, M+1) gate codes as nested tuples.
         progress: 0-dim or (M,) float tensor (per destination node).
         blocks: from :func:`node_blocks`.
         run: returns ``(node (m,), edge (m+1, m+1)[, grad (m, B, C)])`` for a block of m nodes.
@@ -84,18 +86,11 @@ def run_in_blocks(z: torch.Tensor, codes: torch.Tensor, progress: torch.Tensor,
         their (source, destination) in the whole graph.
     """
     m = z.shape[0]
-    nodes, edges, grads = [], None, []
-    for a, b in blocks:
-        p = progress if progress.numel() == 1 else progress[a:b]
-        out = run(z[a:b], sub_codes(codes, a, b), p)
-        nodes.append(out[0])
-        # Place the block's (n+1)^2 edges: row/column 0 is the label, 1..n are nodes a+1..b.
-        ix = torch.cat([torch.zeros(1, dtype=torch.long, device=z.device),
-                        torch.arange(a + 1, b + 1, device=z.device)])
-        e = out[1]
-        full = e.new_zeros(m + 1, m + 1).index_put((ix[:, None], ix[None, :]), e, accumulate=True)
-        edges = full if edges is None else edges + full
-        if len(out) > 2:
-            grads.append(out[2])
-    res = (torch.cat(nodes), edges)
-    return res + (torch.cat(grads),) if grads else res
+    outs = [run(z[a:b], codes_of(block_key(key, a, b)), progress if progress.numel() == 1 else progress[a:b])
+            for a, b in blocks]
+    # Edges: block i's row 0 (the label's) and its square of nodes a+1..b; nothing crosses blocks.
+    label = torch.cat([o[1][0, 1:] for o in outs])
+    rows = [torch.nn.functional.pad(o[1][1:, 1:], (a + 1, m - b)) for o, (a, b) in zip(outs, blocks)]
+    edges = torch.cat([torch.cat([label.new_zeros(1), label]).unsqueeze(0), *rows])
+    res = (torch.cat([o[0] for o in outs]), edges)
+    return res + (torch.cat([o[2] for o in outs]),) if len(outs[0]) > 2 else res

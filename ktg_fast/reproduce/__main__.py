@@ -80,7 +80,7 @@ def _flag(action: argparse.Action, value: object) -> list[str]:
     return [opt, str(value)]
 
 
-_MODELS_HINT = "--models takes three: the stand-ins of ResNet32, ResNet110 and WRN-28-2 in that order, " \
+_MODELS_HINT = "--models takes three models: the stand-ins of ResNet32, ResNet110 and WRN-28-2 in that order, " \
                "e.g. --models resnet8 resnet14 wrn10_1"
 
 
@@ -123,8 +123,7 @@ def models_from_args(names: list[str]) -> tuple[str, ...]:
         raise ReproduceError(f"--models: unknown model{s} {', '.join(map(repr, unknown))}; the known models are "
                              f"{', '.join(known)} and any {' or '.join(patterns)} ({_MODELS_HINT})")
     if len(models) != 3:
-        raise ReproduceError(f"--models takes three models, the stand-ins of ResNet32, ResNet110 and WRN-28-2 in that "
-                             f"order (e.g. --models resnet8 resnet14 wrn10_1); got {len(models)}")
+        raise ReproduceError(f"{_MODELS_HINT}; got {len(models)}")
     return tuple(models)
 
 
