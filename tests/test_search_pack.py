@@ -172,9 +172,10 @@ def test_a_packed_trial_retrains_alone_from_the_command_line(tmp_path, keep_thre
     folder = Path(t.user_attrs["dir"])
     info = json.loads((folder / "trial.json").read_text())
     assert info["data_offset"] == 2 and info["data_seed"] != info["seed"]
+    assert info["val_size"] == cfg.resolved_val_size()
     alone = tmp_path / "alone"
     r = subprocess.run([sys.executable, "-m", "ktg_fast.train", "--graph", str(folder / "graph.yaml"),
-                        "--dataset", "synthetic", "--val-size", str(cfg.resolved_val_size()), "--train-subset", "64",
+                        "--dataset", "synthetic", "--val-size", str(info["val_size"]), "--train-subset", "64",
                         "--eval-subset", "64", "--batch-size", "16", "--epochs", "2", "--step", "eager",
                         "--device", "cpu", "--seeds", str(info["seed"]), "--data-seed", str(info["data_seed"]),
                         "--data-offset", str(info["data_offset"]), "--no-progress", "--out", str(alone)],

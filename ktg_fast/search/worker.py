@@ -224,6 +224,7 @@ class Worker(TrialOutcomes):
         info = {"number": trial.number, "retry_of": (retry_history(me) or [None])[-1],
                 "seed": seed, "graph": graph.to_dict(), "host": self.host, "pid": os.getpid(),
                 "worker": self.worker_id, "dir": str(out.resolve()), "device": self.device, "resumed": resumed,
+                "val_size": cfg.resolved_val_size(),
                 **(data or {})}
         for k in ("graph", "seed", "host", "pid", "dir", *(data or {})):
             trial.set_user_attr(k, info[k])
