@@ -8,15 +8,17 @@ through a fresh one.  Inputs are checked in :mod:`ktg_fast.loss_inputs`.
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 from . import gates as _gates
 from .loss_inputs import (GatesLike, GraphLossResult, LogitsLike, check_labels, check_temperature, flatten_batch,
                           prepare_gates, progress_tensor, stack_logits)
-from .loss_blocks import node_blocks, run_in_blocks
-from .reference import EdgePlan, cached_codes, edge_plan, graph_loss_reference, reference_loss, reference_with_grad
+from .live_gates import LiveGates, kernel_node_limit
+from .loss_blocks import block_key, node_blocks, run_in_blocks
+from .reference import (EdgePlan, cached_codes, edge_plan, graph_loss_reference, live_plan, reference_loss,
+                        reference_with_grad)
 
 __all__ = ["GraphLoss", "GraphLossResult", "graph_loss", "graph_loss_reference", "prepare_gates"]
 
@@ -68,36 +70,43 @@ def _use_kernel(z: torch.Tensor, plan: EdgePlan, impl: str) -> bool:
     except ImportError as e:  # e.g. an un-installed checkout: kernels/ is installed as ktg_fast.kernels
         _warn_fallback(z.device, f"cannot import ktg_fast.kernels: {e}; install the package with pip install -e .")
         return False
-    if plan.num_nodes > kernels.MAX_NODES and node_blocks(plan.key, kernels.MAX_NODES) is None:
+    if plan.live is not None and not plan.live.kernel_fits:
+        return False  # a block beyond the kernel's limit
+    if plan.live is None and plan.num_nodes > kernels.MAX_NODES and node_blocks(plan.key, kernels.MAX_NODES) is None:
         return False  # a connected graph beyond the kernel's limit: the reference has none
     return kernels.is_available(z.device)
 
 
-def _blocks(plan: EdgePlan, kernels) -> Optional[tuple[tuple[int, int], ...]]:
-    """None: one launch; else the node ranges launched one by one (see :mod:`ktg_fast.loss_blocks`)."""
+def _launch(z: torch.Tensor, plan: EdgePlan, p: torch.Tensor, kernel) -> tuple[torch.Tensor, ...]:
+    """``kernel(z, codes, progress)`` in one launch, or per block of nodes beyond the kernel's node limit
+    (:mod:`ktg_fast.loss_blocks`), with the gate codes kept on z's device (no per-step copies)."""
+    from . import kernels  # local: optional Triton kernels (see _use_kernel)
+
+    dev, live = str(z.device), plan.live
+    if live is not None:
+        if not live.kernel_fits:
+            raise ValueError(f"the Triton kernel takes at most {kernels.MAX_NODES} network nodes per block, and "
+                             f"blocks {list(live.blocks)} hold more; use impl='reference' (or 'auto', which does)")
+        if live.launches is None:
+            return kernel(z, live.codes, p)
+        return run_in_blocks(z, live.launch_codes, p, live.launches, kernel)
     if plan.num_nodes <= kernels.MAX_NODES:
-        return None
+        return kernel(z, cached_codes(plan.key, dev), p)
     blocks = node_blocks(plan.key, kernels.MAX_NODES)
     if blocks is None:
         raise ValueError(f"the Triton kernel takes at most {kernels.MAX_NODES} connected network nodes, and this "
                          f"{plan.num_nodes}-node graph has a larger set of nodes joined by edges; use "
                          "impl='reference' (or 'auto', which does)")
-    return blocks
+    return run_in_blocks(z, [cached_codes(block_key(plan.key, a, b), dev) for a, b in blocks], p, blocks, kernel)
 
 
 def _kernel_loss(z: torch.Tensor, labels: torch.Tensor, plan: "EdgePlan", temperature: float,
                  progress: Union[float, torch.Tensor], ignore_index: int) -> GraphLossResult:
     from . import kernels  # local: optional Triton kernels (see _use_kernel)
 
-    labels, codes = labels.to(z.device), cached_codes(plan.key, str(z.device))
-    p = progress_tensor(progress, z.shape[0], z.device)
-    blocks = _blocks(plan, kernels)
-    if blocks is None:
-        node, edge = kernels.graph_loss_triton(z, labels, codes, temperature, p, int(ignore_index))
-    else:
-        node, edge = run_in_blocks(z, lambda k: cached_codes(k, str(z.device)), plan.key, p, blocks,
-                                   lambda zb, cb, pb: kernels.graph_loss_triton(zb, labels, cb, temperature, pb,
-                                                                                int(ignore_index)))
+    labels, p = labels.to(z.device), progress_tensor(progress, z.shape[0], z.device)
+    node, edge = _launch(z, plan, p, lambda zb, cb, pb: kernels.graph_loss_triton(zb, labels, cb, temperature, pb,
+                                                                                     int(ignore_index)))
     return GraphLossResult(node_loss=node, edge_loss=edge)
 
 
@@ -117,17 +126,26 @@ class GraphLoss(torch.nn.Module):
             "triton" (force the kernel, errors raised; on CPU only under
             TRITON_INTERPRET=1) or "reference".
         ignore_index: label value of rows to ignore.
+        blocks: gates set in place (a trial pack's slots, :mod:`ktg_fast.live_gates`): 0-based node
+            ranges ``(start, stop)`` tiling the nodes, edges only inside a block, built-in gates only.
+            Every edge a block may hold is computed, its gate read at run time, so :meth:`set_gates`
+            neither reallocates nor makes ``torch.compile`` recompile or a CUDA graph re-capture.
+        device: where the logits will be, with ``blocks`` (the gates live there).
 
     Raises:
-        ValueError / KeyError / TypeError naming the gate, temperature or impl at fault.
+        ValueError / KeyError / TypeError naming the gate, temperature, impl or block at fault.
 
     Semantics: docs/SEMANTICS.md (the paper's Eq. 1-3 with the gates of Sec. 3.2).
     """
 
-    def __init__(self, gates: GatesLike, temperature: float = 1.0, *, impl: str = "auto", ignore_index: int = -100):
+    def __init__(self, gates: GatesLike, temperature: float = 1.0, *, impl: str = "auto", ignore_index: int = -100,
+                 blocks: Optional[Sequence[tuple[int, int]]] = None, device: torch.device | str = "cpu"):
         super().__init__()
         codes = _gates.gate_codes(gates)
-        self.plan = edge_plan(prepare_gates(codes, codes.shape[0] - 1))
+        if blocks is None:
+            self.plan = edge_plan(prepare_gates(codes, codes.shape[0] - 1))
+        else:
+            self.plan = live_plan(LiveGates(codes, blocks, device, kernel_limit=kernel_node_limit()))
         self.temperature = check_temperature(temperature)
         _check_impl(impl, self.plan)
         self.impl = impl
@@ -137,6 +155,26 @@ class GraphLoss(torch.nn.Module):
     def num_nodes(self) -> int:
         """M, the network nodes the gate matrix has (the label node excluded)."""
         return self.plan.num_nodes
+
+    def set_gates(self, gates: GatesLike) -> None:
+        """Rewrite the gate matrix in place (a loss built with ``blocks``): a pack slot's new trial.
+
+        Args:
+            gates: (M+1, M+1) gate names or codes, built-in gates only, no edge between blocks.
+
+        Raises:
+            RuntimeError: a loss built without ``blocks`` (its edges are fixed; build a new one).
+            ValueError: what :meth:`ktg_fast.live_gates.LiveGates.set` refuses, named.
+        """
+        if self.plan.live is None:
+            raise RuntimeError("this GraphLoss was bound to fixed gates; build it with blocks=... to set gates "
+                               "in place, or build a new GraphLoss")
+        self.plan.live.set(gates)
+
+    @property
+    def gate_key(self) -> tuple[tuple[int, ...], ...]:
+        """The gate codes in use, as nested tuples [source][destination]."""
+        return self.plan.key if self.plan.live is None else self.plan.live.key
 
     def forward(self, logits: LogitsLike, labels: torch.Tensor, progress: Union[float, torch.Tensor] = 1.0,
                 *, check_finite: bool = False) -> GraphLossResult:
@@ -180,6 +218,7 @@ class GraphLoss(torch.nn.Module):
         z, labels = flatten_batch(z, labels)
         check_labels(labels, z, self.ignore_index)
         plan, t, ii = self.plan, self.temperature, self.ignore_index
+        _check_live_device(plan, z)
         if not _use_kernel(z, plan, self.impl):
             res = reference_loss(z, labels, plan, t, progress, ii)
         elif self.impl == "triton" or torch.compiler.is_compiling():
@@ -219,18 +258,14 @@ class GraphLoss(torch.nn.Module):
             raise ValueError(f"logits must be ({self.num_nodes}, B, C), got {tuple(z.shape)}")
         check_labels(labels, z, self.ignore_index)
         plan, t, ii = self.plan, self.temperature, self.ignore_index
+        _check_live_device(plan, z)
         if _use_kernel(z, plan, self.impl):
             from . import kernels  # local: optional Triton kernels (see _use_kernel)
 
             def run():
-                y, codes = labels.to(z.device), cached_codes(plan.key, str(z.device))
-                p, blocks = progress_tensor(progress, z.shape[0], z.device), _blocks(plan, kernels)
-                if blocks is None:
-                    node, edge, grad = kernels.graph_loss_triton_with_grad(z, y, codes, t, p, ii)
-                else:
-                    node, edge, grad = run_in_blocks(z, lambda k: cached_codes(k, str(z.device)), plan.key, p,
-                                                     blocks, lambda zb, cb, pb: (
-                                                         kernels.graph_loss_triton_with_grad(zb, y, cb, t, pb, ii)))
+                y, p = labels.to(z.device), progress_tensor(progress, z.shape[0], z.device)
+                node, edge, grad = _launch(z, plan, p, lambda zb, cb, pb: (
+                    kernels.graph_loss_triton_with_grad(zb, y, cb, t, pb, ii)))
                 return GraphLossResult(node, edge), grad
 
             if self.impl == "triton" or torch.compiler.is_compiling():
@@ -245,7 +280,14 @@ class GraphLoss(torch.nn.Module):
         return reference_with_grad(z.detach(), labels, plan, t, progress, ii)
 
     def extra_repr(self) -> str:
-        return f"num_nodes={self.num_nodes}, temperature={self.temperature}, impl={self.impl!r}"
+        live = "" if self.plan.live is None else f", blocks={list(self.plan.live.blocks)}"
+        return f"num_nodes={self.num_nodes}, temperature={self.temperature}, impl={self.impl!r}{live}"
+
+
+def _check_live_device(plan: EdgePlan, z: torch.Tensor) -> None:
+    if plan.live is not None and z.device != plan.live.device:
+        raise ValueError(f"logits on {z.device}, but this GraphLoss keeps its gates on {plan.live.device}; build it "
+                         f"with device={str(z.device)!r}")
 
 
 def graph_loss(

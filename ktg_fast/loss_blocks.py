@@ -12,13 +12,13 @@ one).  Chosen from the gate matrix alone (a constant to ``torch.compile``).
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from . import gates as _gates
 
-__all__ = ["node_blocks", "run_in_blocks"]
+__all__ = ["node_blocks", "block_key", "run_in_blocks"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -67,16 +67,16 @@ def block_key(key: tuple[tuple[int, ...], ...], a: int, b: int) -> tuple[tuple[i
     return tuple(tuple(key[s][t] for t in ix) for s in ix)
 
 
-def run_in_blocks(z: torch.Tensor, codes_of: Callable[[tuple[tuple[int, ...], ...]], torch.Tensor],
-                  key: tuple[tuple[int, ...], ...], progress: torch.Tensor, blocks: tuple[tuple[int, int], ...],
+def run_in_blocks(z: torch.Tensor, block_codes: Sequence[torch.Tensor], progress: torch.Tensor,
+                  blocks: tuple[tuple[int, int], ...],
                   run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
                   ) -> tuple[torch.Tensor, ...]:
     """Run ``run(z_block, codes_block, progress_block)`` per block and assemble the whole graph's results.
 
     Args:
         z: (M, B, C) logits.
-        codes_of: a block key -> its int32 gate codes on z's device (cached: no per-step index ops).
-        key: the whole graph's (M+1, M+1) gate codes as nested tuples.
+        block_codes: each block's int32 gate codes (with the label row and column) on z's device, made
+            once, not per step (:func:`block_key` and ``cached_codes``, or ``LiveGates.launch_codes``).
         progress: 0-dim or (M,) float tensor (per destination node).
         blocks: from :func:`node_blocks`.
         run: returns ``(node (m,), edge (m+1, m+1)[, grad (m, B, C)])`` for a block of m nodes.
@@ -86,8 +86,8 @@ def run_in_blocks(z: torch.Tensor, codes_of: Callable[[tuple[tuple[int, ...], ..
         their (source, destination) in the whole graph.
     """
     m = z.shape[0]
-    outs = [run(z[a:b], codes_of(block_key(key, a, b)), progress if progress.numel() == 1 else progress[a:b])
-            for a, b in blocks]
+    outs = [run(z[a:b], codes, progress if progress.numel() == 1 else progress[a:b])
+            for (a, b), codes in zip(blocks, block_codes)]
     # Edges: block i's row 0 (the label's) and its square of nodes a+1..b; nothing crosses blocks.
     label = torch.cat([o[1][0, 1:] for o in outs])
     rows = [torch.nn.functional.pad(o[1][1:, 1:], (a + 1, m - b)) for o, (a, b) in zip(outs, blocks)]

@@ -47,6 +47,10 @@ class PackedGraph:
             raise ValueError(f"expected {self.graph.num_nodes} values (one per node of the pack), got {len(per_node)}")
         return [list(per_node[o:o + g.num_nodes]) for o, g in zip(self.offsets, self.members)]
 
+    def blocks(self) -> list[tuple[int, int]]:
+        """Each member's 0-based node range ``(start, stop)``: the blocks no edge crosses."""
+        return [(o, o + g.num_nodes) for o, g in zip(self.offsets, self.members)]
+
     def per_node(self, per_member: Sequence[float], *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Spread one value per member over its nodes: a (sum(M_k),) tensor, e.g. each member's

@@ -10,9 +10,20 @@ packed member ends with the weights it would reach alone, and its
 ``checkpoint.pt``, ``metrics.jsonl``, ``final.json`` and ``nodes/`` are those
 of a lone run, which resumes it if the pack dies.
 
-Members join and leave only between epochs; the step (its node groups) is
-rebuilt then, carrying the weights and momentum of the members that stay (on CUDA
-the rebuilt step is re-captured as a CUDA graph, not recompiled).
+Members join and leave only between epochs, and the step's shape stays put:
+its network nodes are places, each of one architecture (model, frozen or not),
+in vmapped node groups.  A newcomer takes free places of its nodes' kinds in
+place, wherever they are (within one kernel launch range when the pack exceeds
+the kernel's 16 nodes): its initial weights are written into the step's tensors,
+its momentum and fp16 loss scale start over, and its gates are written into the
+graph loss's device tensors (:mod:`ktg_fast.live_gates`), so nothing is
+reallocated, recompiled or re-captured.  A free place is masked: every edge into
+it is cutoff (its loss and gradient are exactly zero), its learning rate is 0 and
+its weights are zeroed (finite, whatever its last trial left).  The step is
+rebuilt, carrying the weights and momentum of the members that stay, only when a
+newcomer finds no free places of its kinds, or when at most half the places are in
+use (a search's tail: fewer nodes to run); on CUDA a rebuilt step is re-captured
+as a CUDA graph, not recompiled.
 """
 from __future__ import annotations
 
@@ -31,8 +42,11 @@ from .checkpoint import checkpoint_payload, run_fingerprint
 from .data.spec import DataSpec
 from .device import resolve_device, use_device
 from .epoch_stats import EpochStats, evaluate_nodes
+from . import gates as _gates
 from .graph import Graph
 from .io import append_jsonl, atomic_torch_save, atomic_write_json
+from .live_gates import kernel_node_limit, merge_blocks
+from .loss import GraphLoss
 from .nodes import build_nodes, save_model_checkpoint
 from .pack import PackedGraph, pack_graphs
 from .recipe import TrainConfig, lr_at_epoch
@@ -56,6 +70,7 @@ class Member:
             ``cfg.data_offset`` are set by the pack when the member joins).
         epoch, step: epochs and optimizer steps done.
         failed: why the member stopped (a non-finite loss), or None.
+        places: the 1-based node of the pack's step that each of its nodes occupies (its order).
     """
 
     key: Hashable
@@ -67,6 +82,7 @@ class Member:
     failed: Optional[str] = None
     nets: list[nn.Module] = field(default_factory=list, repr=False)
     milestones: list[int] = field(default_factory=list, repr=False)
+    places: list[int] = field(default_factory=list, repr=False)
 
     @property
     def done(self) -> bool:
@@ -111,11 +127,14 @@ class PackTrainer:
         self.iters_per_epoch = len(self.run_data.train_loader)
         self.members: list[Member] = []
         self.epoch = 0  # pack epochs run
-        self.packed: Optional[PackedGraph] = None
-        self.layout: list[Member] = []  # the members of the current step, in its node order
+        self.packed: Optional[PackedGraph] = None  # the members the step was built for (its places' kinds)
+        self.layout: list[Member] = []  # the members in the step
         self.train_step: Optional[TrainStep] = None
-        self.rebuilds = 0  # steps built (one per change of members)
-        self._dirty = True
+        self.loss: Optional[GraphLoss] = None  # the step's graph loss; gates set in place when not None
+        self.rebuilds = 0  # steps built: the first, then for a newcomer without free places of its kinds, or to compact
+        self.refills = 0  # newcomers placed into free places in place (no new step)
+        self._kinds: list[tuple[str, bool]] = []  # (model, frozen) of each place of the step
+        self._ranges: list[tuple[int, int]] = []  # 0-based node ranges an edge may not leave (kernel launches)
 
     # ------------------------------------------------------------ members
     def add(self, key: Hashable, graph: Graph, cfg: TrainConfig, out: str | os.PathLike) -> Member:
@@ -140,13 +159,89 @@ class PackTrainer:
         graph.save(m.out / "graph.yaml")
         truncate_metrics(m.out / "metrics.jsonl", 0)
         self.members.append(m)
-        self._dirty = True
         return m
 
     def remove(self, member: Member) -> None:
-        """Take a member out of the pack (pruned, failed or done) from the next epoch; the others continue."""
+        """Take a member out of the pack (pruned, failed or done) from the next epoch; the others continue.
+
+        Its places are freed (masked) at the start of the next epoch; until then :meth:`finish` and
+        :meth:`save_node` still read its weights.
+        """
         self.members.remove(member)
-        self._dirty = True
+
+    # -------------------------------------------------------------- places
+    def _place(self, member: Member, free: list[int]) -> Optional[list[int]]:
+        """Free places (1-based) for ``member``'s nodes, in its node order, all within one launch range; None
+        when there are none, or the in-place loss cannot take it (another temperature, custom gates)."""
+        g = member.graph
+        if self.loss is None or g.temperature != self.loss.temperature or not all(
+                c in _gates.KERNEL_GATES for row in g.gate_codes().tolist() for c in row):
+            return None
+        frozen = set(g.frozen)
+        kinds = [(node.model, t in frozen) for t, node in enumerate(g.nodes, start=1)]
+        for a, b in self._ranges:
+            left = [p for p in free if a < p <= b]
+            spots = []
+            for kind in kinds:
+                p = next((p for p in left if self._kinds[p - 1] == kind), None)
+                if p is None:
+                    break
+                left.remove(p)
+                spots.append(p)
+            else:
+                return spots
+        return None
+
+    def _arrange(self) -> None:
+        """Before an epoch: free the places of members that left, give newcomers free places of their kinds,
+        and set the loss's gates; rebuild the step instead when that cannot be done or pays."""
+        if self.train_step is None:
+            return self._rebuild()
+        here = {id(m) for m in self.members}
+        stay = [m for m in self.layout if id(m) in here]
+        placed = {id(m) for m in stay}
+        newcomers = [m for m in self.members if id(m) not in placed]
+        if len(stay) == len(self.layout) and not newcomers:
+            return
+        if self.loss is None:  # gates fixed in the loss (custom gates): any change needs a new step
+            return self._rebuild()
+        total = len(self._kinds)
+        free = sorted(set(range(1, total + 1)) - {p for m in stay for p in m.places})
+        taken: list[tuple[Member, list[int]]] = []
+        for new in newcomers:
+            spots = self._place(new, free)
+            if spots is None:
+                log.debug("pack: member %r finds no free places of its kinds among %s: rebuilding the step",
+                          new.key, [self._kinds[p - 1] for p in free])
+                return self._rebuild()
+            free = [p for p in free if p not in spots]
+            taken.append((new, spots))
+        if 2 * (total - len(free)) <= total:
+            log.debug("pack: %d of %d places in use: rebuilding a smaller step", total - len(free), total)
+            return self._rebuild()
+        ts = self.train_step
+        states: dict[int, dict[str, torch.Tensor]] = {}
+        for p in free:  # free places: zero weights, so that their (masked) forward stays finite
+            states[p] = {n: torch.zeros_like(v) for n, v in ts.nets[p - 1].state_dict().items()}
+        for new, spots in taken:
+            states.update({p: net.state_dict() for p, net in zip(spots, new.nets)})
+        ts.reset_nodes(states)
+        for new, spots in taken:
+            new.places = spots
+            new.nets = [ts.nets[p - 1] for p in spots]  # the step's nets there now hold its weights
+            log.debug("member %r takes places %s in place", new.key, spots)
+        self.layout = stay + [new for new, _ in taken]
+        self.refills += len(taken)
+        self.loss.set_gates(self._gate_codes())
+
+    def _gate_codes(self) -> torch.Tensor:
+        """The step's (M+1, M+1) gate codes: each member's gates at its places, cutoff elsewhere."""
+        total = len(self._kinds)
+        codes = torch.zeros(total + 1, total + 1, dtype=torch.int64)  # cutoff
+        for m in self.layout:
+            ix = torch.tensor([0, *m.places])
+            codes[ix.unsqueeze(1), ix.unsqueeze(0)] = m.graph.gate_codes()
+        return codes
 
     def _rebuild(self) -> None:
         """A step over the current members, carrying the momentum of those that stay."""
@@ -158,47 +253,64 @@ class PackTrainer:
             self.train_step.adopt_nets()  # (the nets' tensors are the step's: views into fused stacks)
         self.layout = list(self.members)
         self.packed = pack_graphs([m.graph for m in self.layout])
+        sup = self.packed.graph
+        for m, off in zip(self.layout, self.packed.offsets):
+            m.places = [off + t for t in range(1, m.graph.num_nodes + 1)]
+        self._kinds = [(node.model, sup.is_frozen(t)) for t, node in enumerate(sup.nodes, start=1)]
+        # Edges may join places of one kernel launch range only: whole members, merged up to the kernel's limit.
+        limit, total = kernel_node_limit(), sup.num_nodes
+        self._ranges = [(0, total)]
+        if total > limit:
+            self._ranges = list(merge_blocks(self.packed.blocks(), limit) or self._ranges)
         nets = [net for m in self.layout for net in m.nets]
+        codes = sup.gate_codes()
+        # Gates set in place when the built-in gates suffice (custom gates: a fixed loss, a rebuild per refill).
+        self.loss = None
+        if all(c in _gates.KERNEL_GATES for row in codes.tolist() for c in row):
+            self.loss = GraphLoss(codes, temperature=sup.temperature, impl=self.loss_impl, blocks=self._ranges,
+                                  device=self.device)
         k_end = max(m.cfg.epochs for m in self.layout) * self.iters_per_epoch
         # The shared recipe (momentum, weight decay); each member's rates are set per epoch.
         base = dataclasses.replace(self.layout[0].cfg, node_lr=None)
-        # A pack's layout changes at most refills (a search prunes after nearly every epoch): on CUDA the
-        # CUDA-graph step captures the fused step (a capture per rebuild) rather than compiling (a compile per
-        # rebuild), unless --step compiled asks for it.
+        # Refills take free places in place, but a search's tail compacts the step (and a newcomer of other node
+        # kinds rebuilds it): on CUDA the CUDA-graph step captures the fused step (a capture per rebuild, seconds)
+        # rather than compiling (a compile per rebuild), unless --step compiled asks for it.
         self.train_step = make_step(self.step_kind, self.packed.graph, nets, base, loss_impl=self.loss_impl,
                                     total_steps=k_end, precision=self.precision, channels_last=base.channels_last,
                                     compile_cache=self.compile_cache, compile=False if self.step_kind != "compiled"
-                                    else None)
+                                    else None, loss=self.loss)
         self.rebuilds += 1
         self.train_step.load_momentum_buffers([momentum.get(id(net)) for net in nets])
-        self._dirty = False
 
     # --------------------------------------------------------------- epoch
     def run_epoch(self) -> list[MemberEpoch]:
         """Train every member for one epoch; evaluate, record and checkpoint each one.
 
-        Returns one :class:`MemberEpoch` per member (in pack order); failed members keep their slot
-        until the caller removes them.
+        Returns one :class:`MemberEpoch` per member, in the order they joined; failed members keep their
+        places until the caller removes them.
         """
         if not self.members:
             raise RuntimeError("the pack has no member to train")
-        if self._dirty:
-            self._rebuild()
-        sup, ts, members = self.packed, self.train_step, self.layout
-        m_total = sup.graph.num_nodes
-        lrs: dict[int, float] = {}
-        for mem, off in zip(members, sup.offsets):
+        self._arrange()
+        ts, members = self.train_step, self.layout
+        m_total = len(self._kinds)
+        lrs: dict[int, float] = {}  # by place; a free place's: 0 (masked out of the update)
+        for mem in members:
             scale = lr_at_epoch(1.0, mem.epoch, mem.milestones, mem.cfg.gamma)
             rates = mem.cfg.node_rates(mem.graph.num_nodes)
             for t in mem.graph.trainable:
-                lrs[off + t] = rates[t - 1] * scale
-        ts.set_lrs([lrs[t] for t in sup.graph.trainable])
+                lrs[mem.places[t - 1]] = rates[t - 1] * scale
+        ts.set_lrs([lrs.get(p, 0.0) for p in self.packed.graph.trainable])
         # Each member's progress k / k_end for every step of this epoch, in float64, then rounded as the
-        # lone trainer fills step / k_end into a default-dtype tensor: row i is the (sum M_k,) per-destination progress of step i.
+        # lone trainer fills step / k_end into a default-dtype tensor: row i is the (M,) per-place progress of
+        # step i (free places: any value in [0, 1]; their edges are cutoff).
         n = self.iters_per_epoch
         ks = torch.arange(1, n + 1, dtype=torch.float64)[:, None]
-        start = sup.per_node([mem.step for mem in members], dtype=torch.float64)
-        k_end = sup.per_node([mem.cfg.epochs * n for mem in members], dtype=torch.float64)
+        start = torch.zeros(m_total, dtype=torch.float64)
+        k_end = torch.full((m_total,), float(n), dtype=torch.float64)
+        for mem in members:
+            ix = torch.tensor(mem.places) - 1
+            start[ix], k_end[ix] = float(mem.step), float(mem.cfg.epochs * n)
         table = ((start[None, :] + ks) / k_end[None, :]).to(self.device, torch.get_default_dtype())
         loader = self.run_data.train_loader
         loader.set_epoch(self.epoch)
@@ -212,54 +324,52 @@ class PackTrainer:
         evals = {split: evaluate_nodes(ts, ld, m_total, self.device) for split, ld in self.run_data.eval_loaders.items()}
         losses, accs = stats.mean_loss(n), stats.accuracy()
         out: list[MemberEpoch] = []
-        for k, mem in enumerate(members):
-            nodes = sup.nodes_of(k)
+        for mem in self.members:  # in the order they joined
             mem.step += n
             mem.epoch += 1
-            bad = [t - sup.offsets[k] for t in nodes if not finite[t - 1]]
+            bad = [t for t, p in enumerate(mem.places, start=1) if not finite[p - 1]]
             if bad:
                 names = ", ".join(f"node {t} ({mem.graph.nodes[t - 1].model})" for t in bad)
                 mem.failed = (f"non-finite loss in epoch {mem.epoch} in {names}: lower the learning rate "
                               f"(--lr {mem.cfg.lr:g}) or check the data")
                 out.append(MemberEpoch(mem, failure=mem.failed))
                 continue
-            sl = slice(sup.offsets[k], sup.offsets[k] + mem.graph.num_nodes)
             record = {"epoch": mem.epoch, "step": mem.step,
-                      "lr": [lrs.get(t) for t in nodes],
-                      "train_loss": losses[sl], "train_acc": accs[sl],
+                      "lr": [lrs.get(p) for p in mem.places],
+                      "train_loss": self._values(mem, losses), "train_acc": self._values(mem, accs),
                       "images_per_s": stats.seen / elapsed if elapsed > 0 else None, "time_s": elapsed,
-                      **{f"{split}_acc": acc[sl] for split, acc in evals.items()}}
+                      **{f"{split}_acc": self._values(mem, acc) for split, acc in evals.items()}}
             append_jsonl(mem.out / "metrics.jsonl", record)
             if self.save_checkpoints:
-                self._save_checkpoint(k, mem)
+                self._save_checkpoint(mem)
             out.append(MemberEpoch(mem, record=record))
         self.epoch += 1
         return out
 
     # -------------------------------------------------------------- files
-    def _member_slice(self, k: int, per_node: Sequence[Any]) -> list[Any]:
-        off = self.packed.offsets[k]
-        return list(per_node[off:off + self.layout[k].graph.num_nodes])
+    @staticmethod
+    def _values(member: Member, per_place: Sequence[Any]) -> list[Any]:
+        """The member's entries of a per-place sequence of the step, in its node order."""
+        return [per_place[p - 1] for p in member.places]
 
-    def _save_checkpoint(self, k: int, mem: Member) -> None:
+    def _save_checkpoint(self, mem: Member) -> None:
         """The member's ``checkpoint.pt``, as its lone run would write it (it resumes there)."""
         ts = self.train_step
         scale = ts.loss_scale_state()
         if scale is not None:
-            off = self.packed.offsets[k]
-            scale = {name: v[off:off + mem.graph.num_nodes].clone() for name, v in scale.items()}
+            ix = torch.tensor(mem.places) - 1
+            scale = {name: v[ix].clone() for name, v in scale.items()}
         atomic_torch_save(checkpoint_payload(
             epoch=mem.epoch, step=mem.step, fingerprint=run_fingerprint(mem.graph, self.data, mem.cfg),
-            nets=self._member_slice(k, ts.node_state_dicts()), momentum=self._member_slice(k, ts.momentum_buffers()),
+            nets=self._values(mem, ts.node_state_dicts()), momentum=self._values(mem, ts.momentum_buffers()),
             loss_scale=scale), mem.out / "checkpoint.pt")
 
     def save_node(self, member: Member, t: int, **meta: Any) -> Path:
         """Write the member's network node ``t`` (1-based, in its own graph) as a model checkpoint,
         ``<out>/nodes/node<t>_<model>.pt`` with ``meta`` (epochs, val_acc, pruned...), as a lone run's
         :meth:`~ktg_fast.trainer.Trainer.save_node` does; call it after an epoch, before the layout changes."""
-        k = self.layout.index(member)
         self.train_step.adopt_nets()
-        net = self._member_slice(k, self.train_step.nets)[t - 1]
+        net = self.train_step.nets[member.places[t - 1] - 1]
         node, rd = member.graph.nodes[t - 1], self.run_data
         path = member.out / "nodes" / f"node{t}_{node.model}.pt"
         save_model_checkpoint(path, net, name=node.model, num_classes=rd.num_classes, in_channels=rd.in_channels,
@@ -268,9 +378,8 @@ class PackTrainer:
 
     def finish(self, member: Member, record: dict) -> dict:
         """Write the member's ``nodes/`` and ``final.json`` as its lone run would; return the final record."""
-        k = self.layout.index(member)  # its place in the step of the epoch just run
         self.train_step.adopt_nets()
-        nets = self._member_slice(k, self.train_step.nets)
+        nets = self._values(member, self.train_step.nets)  # its places in the step of the epoch just run
         m = member.graph.num_nodes
         rd = self.run_data
         for t, (net, node) in enumerate(zip(nets, member.graph.nodes), start=1):
@@ -283,3 +392,4 @@ class PackTrainer:
                  "loader": rd.loader_kind, "packed": True, **record}
         atomic_write_json(member.out / "final.json", final)
         return final
+

@@ -14,10 +14,11 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from . import gates as _gates
+from .live_gates import LiveGates
 from .loss_inputs import (GatesLike, GraphLossResult, LogitsLike, check_labels, check_temperature, flatten_batch,
                           prepare_gates, progress_tensor, stack_logits)
 
-__all__ = ["EdgePlan", "edge_plan", "gate_weights", "graph_loss_reference", "reference_loss", "reference_with_grad",
+__all__ = ["EdgePlan", "edge_plan", "live_plan", "gate_weights", "graph_loss_reference", "reference_loss", "reference_with_grad",
            "cached_codes", "take"]
 
 
@@ -63,6 +64,9 @@ class EdgePlan:
     ce_table: Optional[tuple[int, ...]] = None
     # Flat (M+1)^2 positions of the edges computed: KL (kl_sources x kl_targets, row-major), then label.
     slots: tuple[int, ...] = ()
+    # Gates rewritten in place (ktg_fast.live_gates): every edge its blocks may hold is computed, and the
+    # weights come from its device masks at run time; ``codes``/``key`` are then only the first matrix.
+    live: Optional["LiveGates"] = None
 
     @property
     def num_nodes(self) -> int:
@@ -72,6 +76,15 @@ class EdgePlan:
 def edge_plan(codes: torch.Tensor) -> EdgePlan:
     """The plan of a validated (M+1, M+1) code matrix; cached by its codes (a call costs a ``tolist``)."""
     return _plan_of(tuple(map(tuple, codes.tolist())))
+
+
+def live_plan(live: "LiveGates") -> EdgePlan:
+    """The plan of gates set in place: KL edges among ``live.kl_nodes`` (every pair; those between blocks
+    stay cutoff and cost an exact zero), a label edge into every node, the built-in gates."""
+    m, kl = live.num_nodes, live.kl_nodes
+    slots = tuple((s + 1) * (m + 1) + t + 1 for s in kl for t in kl) + tuple(range(1, m + 1))
+    return EdgePlan(torch.tensor(live.key, dtype=torch.int64), live.key, tuple(sorted(_gates.KERNEL_GATES - {
+        _gates.CUTOFF})), True, kl, kl, tuple(range(m)), True, None, None, slots, live)
 
 
 @functools.lru_cache(maxsize=256)
@@ -107,7 +120,9 @@ def gate_weights(z: torch.Tensor, labels: torch.Tensor, plan: EdgePlan, dtype: t
     # An all-ignored batch yields zeros, not 0/0 = NaN.
     inv_b = valid.to(dtype) / valid.sum().to(dtype).clamp(min=1.0)  # (B,) per-row weight 1/B_eff or 0
     prog = progress_tensor(progress, m, dev, dtype)
-    if plan.kl_table is not None:
+    if plan.live is not None:
+        w_kl, w_ce = plan.live.weights(z, safe_labels, dtype, prog)
+    elif plan.kl_table is not None:
         w_kl, w_ce = _builtin_weights(z, labels, plan, dtype, prog)
     else:
         w_kl, w_ce = _registry_weights(z, labels, plan, dtype, prog)

@@ -141,6 +141,46 @@ def test_compiled_equals_eager_for_5_steps_and_resumes_across_kinds(compile_cach
         assert_momentum_close(dst, src, 1e-4, lr=CFG.lr)
 
 
+@pytest.mark.slow
+def test_a_refilled_pack_slot_runs_on_without_recompiling(compile_cache) -> None:
+    """A trial pack's slot refilled in place (new gates in the loss's device tensors, new weights, momentum
+    forgotten) and another slot masked: the compiled step runs the same graphs and equals an eager step
+    bound to the new gates as a fixed matrix (issue 15's fixed slots)."""
+    from ktg_fast.loss import GraphLoss
+
+    first = Graph.from_dict({"nodes": ["resnet8"] * 3, "gates": [["cutoff", "through", "linear", "through"],
+                                                                 ["cutoff", "cutoff", "through", "cutoff"],
+                                                                 ["cutoff", "correct", "cutoff", "cutoff"],
+                                                                 ["cutoff", "cutoff", "cutoff", "cutoff"]]})
+    # Slot 0 (nodes 1-2) gets a new trial; slot 1 (node 3) is emptied: every edge into it cutoff.
+    refill = [["cutoff", "linear", "through", "cutoff"], ["cutoff", "cutoff", "correct", "cutoff"],
+              ["cutoff", "linear", "cutoff", "cutoff"], ["cutoff", "cutoff", "cutoff", "cutoff"]]
+    live = GraphLoss(first.gate_codes(), blocks=[(0, 2), (2, 3)])
+    step = CompiledStep(first, build(first), CFG, loss=live)
+    eager = EagerStep(first, build(first), CFG)
+    for k, (x, y) in enumerate(batches(2)):
+        step(x, y, torch.full((3,), k / 4))
+        eager(x, y, torch.full((3,), k / 4))
+    graphs_before = counters["stats"]["unique_graphs"]
+    fresh = build(first, seed=11)
+    states = {1: fresh[0].state_dict(), 2: fresh[1].state_dict(), 3: {n: torch.zeros_like(v) for n, v in
+                                                                        fresh[2].state_dict().items()}}
+    live.set_gates(refill)
+    eager.loss = GraphLoss(refill)
+    for s in (step, eager):
+        s.reset_nodes(states)
+        s.set_lrs([0.01, 0.01, 0.0])
+    assert all(float(b.abs().sum()) == 0 for b in step.momentum_buffers()[0].values())
+    for k, (x, y) in enumerate(batches(3, seed=4)):
+        la, _ = step(x, y, torch.tensor([k / 6, k / 6, 0.0]))
+        lb, _ = eager(x, y, torch.tensor([k / 6, k / 6, 0.0]))
+        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+        assert la[2] == 0.0  # the masked slot's loss is exactly zero
+    assert counters["stats"]["unique_graphs"] == graphs_before, "a refill recompiled the step"
+    assert_states_close(step.nets, eager.nets, 1e-4)
+    assert_momentum_close(step, eager, 1e-4, lr=CFG.lr)
+
+
 def test_compiled_regions_have_no_graph_break() -> None:
     """Dynamo traces the forward + graph loss and the flat SGD update as one graph each, in every precision."""
     graph = mixed_graph()

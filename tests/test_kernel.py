@@ -834,3 +834,36 @@ def test_a_connected_graph_beyond_the_limit_names_the_reference():
     # The reference has no limit.
     ref = ktg_fast.GraphLoss(codes, 1.0, impl="reference")(z, labels)
     assert ref.node_loss.shape == (m,) and torch.isfinite(ref.node_loss).all()
+
+
+@pytest.mark.parametrize("sizes", [[3, 2, 1], [3, 4, 5, 3, 6]])
+def test_gates_set_in_place_equal_fixed_gates(sizes):
+    """A GraphLoss with gates set in place (a trial pack's slots, within and beyond the node limit): after
+    each new matrix, the kernel equals the float64 reference of that matrix bound as fixed gates, losses,
+    edges and gradients, forward and loss_and_grad; the device tensors it reads are the same ones."""
+    m = sum(sizes)
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]
+    blocks = [(o, o + n) for o, n in zip(offs, sizes)]
+    loss = ktg_fast.GraphLoss(block_diagonal(sizes, seed=1), 2.0, impl="triton", blocks=blocks, device=DEV)
+    live = loss.plan.live
+    tensors = [live.codes.data_ptr(), *(c.data_ptr() for c in live.launch_codes)]
+    assert (live.launches is None) == (m <= kernels.MAX_NODES)
+    for seed in (2, 3):
+        codes = block_diagonal(sizes, seed=seed)
+        codes[:, offs[-1] + 1:] = CUTOFF  # the last slot empty: masked
+        loss.set_gates(codes)
+        z, labels = make_case(m, 6, 11, seed=seed)
+        prog = torch.linspace(0.05, 0.95, m)
+        node_ref, edge_ref, grad_ref = reference(z, labels, codes, 2.0, prog.double())
+        leaf = z.to(DEV).requires_grad_()
+        res = loss(leaf, labels.to(DEV), prog.to(DEV))
+        res.node_loss.sum().backward()
+        tol = dict(rtol=1e-5, atol=1e-5 * max(1.0, edge_ref.abs().max().item()))
+        torch.testing.assert_close(res.edge_loss.double().cpu(), edge_ref, **tol)
+        torch.testing.assert_close(res.node_loss.double().cpu(), node_ref, **tol)
+        assert res.node_loss[offs[-1]:].abs().sum().item() == 0.0
+        gmax = grad_ref.abs().max().item()
+        torch.testing.assert_close(leaf.grad.double().cpu(), grad_ref, rtol=1e-5, atol=1e-5 * gmax)
+        _, grad = loss.loss_and_grad(z.to(DEV), labels.to(DEV), prog.to(DEV))
+        torch.testing.assert_close(grad.double().cpu(), grad_ref, rtol=1e-5, atol=1e-5 * gmax)
+    assert [live.codes.data_ptr(), *(c.data_ptr() for c in live.launch_codes)] == tensors

@@ -589,3 +589,87 @@ def test_per_node_progress_compiles_once_without_graph_breaks(impl):
         res = compiled(z, y, prog)
         torch.testing.assert_close(res.edge_loss, loss(z, y, prog).edge_loss)
     assert counter.frame_count == 1
+
+
+def _block_gates(sizes, rng, p_cut=0.3):
+    """Random gates of graphs of ``sizes`` nodes side by side (a trial pack): no edge between blocks."""
+    m = sum(sizes)
+    g = [["cutoff"] * (m + 1) for _ in range(m + 1)]
+    a = 0
+    for n in sizes:
+        sub = random_gates(n, rng, p_cut)
+        for s in range(n + 1):
+            for t in range(1, n + 1):
+                g[0 if s == 0 else a + s][a + t] = sub[s][t]
+        a += n
+    return g
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gates_set_in_place_equal_the_brute_force(seed):
+    """A GraphLoss with gates set in place (ktg_fast.live_gates) against the float64 brute force of each new
+    matrix: node and edge losses and gradients, scalar and per-node progress, ignored rows, empty slots."""
+    rng = random.Random(seed)
+    sizes = [rng.randint(1, 4) for _ in range(rng.randint(1, 4))]
+    m = sum(sizes)
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]
+    blocks = [(o, o + n) for o, n in zip(offs, sizes)]
+    loss = kf.GraphLoss(_block_gates(sizes, rng), 2.0, impl="reference", blocks=blocks)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        gates = _block_gates(sizes, rng)
+        if len(sizes) > 1:  # an empty slot: every edge into it cutoff
+            k = rng.randrange(len(sizes))
+            for s in range(m + 1):
+                for t in range(blocks[k][0] + 1, blocks[k][1] + 1):
+                    gates[s][t] = "cutoff"
+        loss.set_gates(gates)
+        b, c = rng.choice([1, 5, 9]), rng.choice([2, 7])
+        z = torch.randn(m, b, c, generator=gen, dtype=torch.float64) * 2
+        labels = torch.randint(0, c, (b,), generator=gen)
+        labels[torch.rand(b, generator=gen) < 0.2] = -100
+        prog = rng.choice([0.3, torch.rand(m, generator=gen, dtype=torch.float64)])
+        leaf = z.clone().requires_grad_()
+        res = loss(leaf, labels, prog)
+        grad, = torch.autograd.grad(res.node_loss.sum(), leaf)
+        logits = [z[i].clone().requires_grad_() for i in range(m)]
+        node_bf, edge_bf = brute_force_graph_loss(logits, labels, gates, 2.0, prog)
+        torch.testing.assert_close(res.node_loss, node_bf, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(res.edge_loss, edge_bf, rtol=1e-10, atol=1e-12)
+        g_bf = (torch.autograd.grad(node_bf.sum(), logits, allow_unused=True) if node_bf.requires_grad
+                else [None] * m)  # (every edge cutoff)
+        g_bf = torch.stack([torch.zeros_like(z[0]) if g is None else g for g in g_bf])
+        torch.testing.assert_close(grad, g_bf, rtol=1e-10, atol=1e-12)
+        _, grad2 = loss.loss_and_grad(z, labels, prog)
+        torch.testing.assert_close(grad2, grad, rtol=1e-10, atol=1e-12)
+
+
+def test_gates_set_in_place_refuse_what_they_cannot_take():
+    blocks = [(0, 2), (2, 3)]
+    gates = [["cutoff", "through", "through", "through"], ["cutoff", "cutoff", "linear", "cutoff"],
+             ["cutoff", "through", "cutoff", "cutoff"], ["cutoff"] * 4]
+    loss = kf.GraphLoss(gates, 2.0, blocks=blocks)
+    bad = [row[:] for row in gates]
+    bad[1][3] = "through"  # node 1 (first block) -> node 3 (second block)
+    with pytest.raises(ValueError, match=r"gate\[1\]\[3\] is 'through'.*different blocks"):
+        loss.set_gates(bad)
+    kf.register_gate("half_live", lambda ctx: 0.5)
+    try:
+        odd = [row[:] for row in gates]
+        odd[0][1] = "half_live"
+        with pytest.raises(ValueError, match="built-in gates only.*'half_live'"):
+            loss.set_gates(odd)
+    finally:
+        G.unregister_gate("half_live")
+    with pytest.raises(ValueError, match="must be 4x4"):
+        loss.set_gates([["cutoff"] * 3] * 3)
+    with pytest.raises(ValueError, match="cover 2 nodes"):
+        kf.GraphLoss(gates, blocks=[(0, 2)])
+    with pytest.raises(ValueError, match="follow one another"):
+        kf.GraphLoss(gates, blocks=[(0, 2), (1, 3)])
+    with pytest.raises(RuntimeError, match="blocks=..."):
+        kf.GraphLoss(gates).set_gates(gates)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="keeps its gates on cpu"):
+            loss(torch.randn(3, 2, 4, device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda"))
+    assert loss.gate_key[1][2] == G.LINEAR and "blocks=[(0, 2), (2, 3)]" in repr(loss)

@@ -195,7 +195,8 @@ def test_member_recipe_must_match_the_pack(tmp_path, teacher):
 
 
 def test_a_pack_never_compiles_unasked(teacher, tmp_path, monkeypatch):
-    """Refills rebuild the step: a long pack on `auto` must not pick the compiled step (a compile per rebuild)."""
+    """Newcomers of other node kinds and a search's tail rebuild the step: a long pack on `auto` must not pick
+    the compiled step (a compile per rebuild)."""
     import ktg_fast.steps as steps
 
     monkeypatch.setattr(steps, "CPU_COMPILE_MIN_STEPS", 1)
@@ -204,3 +205,150 @@ def test_a_pack_never_compiles_unasked(teacher, tmp_path, monkeypatch):
     pack.add(0, a, small_config(epochs=1, batch_size=16, augment=False), tmp_path / "m0")
     pack.run_epoch()
     assert pack.train_step.kind != "compiled" and pack.rebuilds == 1
+
+
+def _like_b() -> Graph:
+    """Same node models and frozen nodes as member b of :func:`_graphs`, other gates: it fits b's slot."""
+    return Graph([Node("resnet8"), Node("wrn10_1")],
+                 [["cutoff", "linear", "correct"], ["cutoff", "cutoff", "through"], ["cutoff", "linear", "cutoff"]])
+
+
+@pytest.mark.parametrize("step", ["eager", "fused"])
+def test_a_newcomer_that_fits_takes_the_slot_in_place(tmp_path, teacher, step, float64):
+    """Pruned after epoch 1, member b's slot goes to a newcomer of the same node models: the step is not
+    rebuilt (its tensors are rewritten in place), the newcomer equals its lone run from its epoch 0 (the
+    slot's old weights, momentum and gates are gone) and the members that stay are unaffected."""
+    a, b, c = _graphs(teacher)
+    data = _data()
+    pack = PackTrainer(data, batch_size=16, data_seed=PACK_SEED, device="cpu", step=step)
+    stay = pack.add("stay", a, small_config(seed=1, epochs=3, batch_size=16), tmp_path / "stay")
+    gone = pack.add("gone", b, small_config(seed=2, epochs=3, batch_size=16), tmp_path / "gone")
+    third = pack.add("third", c, small_config(seed=3, epochs=3, batch_size=16), tmp_path / "third")
+    pack.run_epoch()
+    step_before, nets_before = pack.train_step, list(pack.train_step.nets)
+    pack.remove(gone)
+    new = pack.add("new", _like_b(), small_config(seed=9, epochs=2, batch_size=16), tmp_path / "new")
+    for _ in range(2):
+        out = pack.run_epoch()
+    assert [o.member for o in out] == [stay, third, new]  # in the order they joined
+    assert pack.rebuilds == 1 and pack.refills == 1 and pack.train_step is step_before
+    assert pack.train_step.nets == nets_before and new.places == [3, 4] and new.nets == nets_before[2:4]
+    Trainer(_like_b(), data, small_config(seed=9, epochs=2, batch_size=16, data_seed=PACK_SEED, data_offset=1),
+            tmp_path / "new-alone", device="cpu", step=step, progress=False).run()
+    _assert_same_run(tmp_path / "new", tmp_path / "new-alone", 2)
+    Trainer(a, data, small_config(seed=1, epochs=3, batch_size=16, data_seed=PACK_SEED), tmp_path / "stay-alone",
+            device="cpu", step=step, progress=False).run()
+    _assert_same_run(tmp_path / "stay", tmp_path / "stay-alone", 3)
+
+
+def test_an_empty_slot_is_masked_and_a_tail_compacts(tmp_path, teacher, float64):
+    """A slot left empty costs the others nothing: its loss is exactly zero, its weights stay zero (lr 0),
+    and the members go on as alone; when at most half the slots are in use the step is rebuilt smaller."""
+    a, b, c = _graphs(teacher)
+    data = _data()
+    pack = PackTrainer(data, batch_size=16, data_seed=PACK_SEED, device="cpu", step="fused")
+    stay = pack.add("stay", a, small_config(seed=1, epochs=3, batch_size=16), tmp_path / "stay")
+    gone = pack.add("gone", b, small_config(seed=2, epochs=3, batch_size=16), tmp_path / "gone")
+    third = pack.add("third", c, small_config(seed=3, epochs=2, batch_size=16), tmp_path / "third")
+    pack.run_epoch()
+    pack.remove(gone)  # no newcomer: its slot (nodes 3, 4) is masked
+    out = pack.run_epoch()
+    assert [o.member for o in out] == [stay, third] and pack.rebuilds == 1 and pack.layout == [stay, third]
+    empty = pack.train_step.nets[2:4]
+    assert all(float(p.detach().abs().sum()) == 0.0 for net in empty for p in net.parameters())
+    losses = pack.loss(pack.train_step.eval_logits(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
+    assert losses.node_loss[2:4].tolist() == [0.0, 0.0] and bool((losses.node_loss[:2] > 0).all())
+    pack.remove(third)  # done: one of three slots in use -> a step of member a alone
+    pack.run_epoch()
+    assert pack.rebuilds == 2 and pack.packed.graph.num_nodes == 2 and pack.layout == [stay]
+    Trainer(a, data, small_config(seed=1, epochs=3, batch_size=16, data_seed=PACK_SEED), tmp_path / "stay-alone",
+            device="cpu", step="fused", progress=False).run()
+    _assert_same_run(tmp_path / "stay", tmp_path / "stay-alone", 3)
+    Trainer(c, data, small_config(seed=3, epochs=2, batch_size=16, data_seed=PACK_SEED), tmp_path / "third-alone",
+            device="cpu", step="fused", progress=False).run()
+    _assert_same_run(tmp_path / "third", tmp_path / "third-alone", 2)
+
+
+@pytest.mark.gpu
+def test_gpu_cudagraph_pack_refills_without_recapture(tmp_path, teacher, float64):
+    """On CUDA (float64, so that grouping cannot round differently): a newcomer taking free places replays
+    the CUDA graph captured before it joined, and equals its lone CUDA-graph run from its epoch 0."""
+    a, b, c = _graphs(teacher)
+    data = _data()
+    pack = PackTrainer(data, batch_size=16, data_seed=PACK_SEED, device="cuda", step="cudagraph", loss_impl="auto")
+    pack.add("stay", a, small_config(seed=1, epochs=3, batch_size=16), tmp_path / "stay")
+    gone = pack.add("gone", b, small_config(seed=2, epochs=3, batch_size=16), tmp_path / "gone")
+    pack.run_epoch()
+    graph = pack.train_step._cuda_graph
+    assert graph is not None, "the pack's step was not captured"
+    pack.remove(gone)
+    new = pack.add("new", _like_b(), small_config(seed=9, epochs=2, batch_size=16), tmp_path / "new")
+    for _ in range(2):
+        pack.run_epoch()
+    assert pack.refills == 1 and pack.rebuilds == 1 and pack.train_step._cuda_graph is graph
+    assert new.places == [3, 4]
+    Trainer(_like_b(), data, small_config(seed=9, epochs=2, batch_size=16, data_seed=PACK_SEED, data_offset=1),
+            tmp_path / "new-alone", device="cuda", step="cudagraph", progress=False).run()
+    _assert_same_run(tmp_path / "new", tmp_path / "new-alone", 2)
+
+
+@pytest.mark.parametrize("kind", ["eager", "fused"])
+def test_reset_nodes_restarts_only_those_nodes(kind):
+    """TrainStep.reset_nodes (a pack's refill): the node gets the given weights and buffers, no momentum and a
+    fresh fp16 loss scale, in the step's own tensors; every other node keeps its state."""
+    from helpers import build_nets, mixed_graph
+    from ktg_fast.recipe import TrainConfig
+    from ktg_fast.steps import make_step
+
+    graph = mixed_graph("resnet8", "wrn10_1", "resnet8")
+    step = make_step(kind, graph, build_nets(graph), TrainConfig(lr=0.05), precision="fp16")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        step(torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g), 0.5)
+    scale = step.loss_scale_state()
+    scale["scale"][:] = 8.0  # as if every node had overflowed
+    step.load_loss_scale_state(scale)
+    before = step.node_state_dicts()
+    moms = step.momentum_buffers()
+    tensors = [p.data_ptr() for p in step.nets[0].parameters()]
+    fresh = build_nets(graph, seed=5)[0].state_dict()
+    step.reset_nodes({1: fresh})
+    after, moms_after = step.node_state_dicts(), step.momentum_buffers()
+    assert [p.data_ptr() for p in step.nets[0].parameters()] == tensors  # written in place
+    for k, v in fresh.items():
+        assert torch.equal(after[0][k], v), k
+    assert all(float(b.abs().sum()) == 0 for b in moms_after[0].values())
+    for t in (2, 3):  # trainable nodes left alone: weights and momentum
+        for k in before[t - 1]:
+            assert torch.equal(after[t - 1][k], before[t - 1][k]), (t, k)
+        assert moms_after[t - 1].keys() == moms[t - 1].keys() and moms[t - 1]
+        for k in moms[t - 1]:
+            assert torch.equal(moms_after[t - 1][k], moms[t - 1][k]), (t, k)
+    assert step.loss_scale_state()["scale"].tolist()[:3] == [2.0 ** 16, 8.0, 8.0]
+    with pytest.raises(KeyError, match="node 9"):
+        step.reset_nodes({9: fresh})
+
+
+def test_custom_gates_fall_back_to_a_new_step_per_change(tmp_path, teacher):
+    """Gates set in place take the built-in gates only: a pack holding a custom gate binds its loss to fixed
+    gates and rebuilds the step whenever its members change (and still trains)."""
+    a, b, _ = _graphs(teacher)
+    kf.register_gate("half_pack", lambda ctx: 0.5)
+    try:
+        odd = Graph([Node("resnet8"), Node("resnet8")], [["cutoff", "half_pack", "through"],
+                                                         ["cutoff", "cutoff", "through"],
+                                                         ["cutoff", "through", "cutoff"]])
+        pack = PackTrainer(_data(), batch_size=16, data_seed=PACK_SEED, device="cpu", step="fused")
+        pack.add(0, a, small_config(epochs=3, batch_size=16), tmp_path / "a")
+        gone = pack.add(1, odd, small_config(epochs=3, batch_size=16), tmp_path / "odd")
+        pack.add(2, b, small_config(epochs=3, batch_size=16), tmp_path / "b")
+        pack.run_epoch()
+        assert pack.loss is None
+        pack.remove(gone)
+        out = pack.run_epoch()
+        assert pack.rebuilds == 2 and pack.loss is not None and all(o.failure is None for o in out)
+        pack.add(3, odd, small_config(epochs=3, batch_size=16), tmp_path / "odd2")  # no in-place loss for it
+        pack.run_epoch()
+        assert pack.rebuilds == 3 and pack.refills == 0 and pack.loss is None
+    finally:
+        kf.gates.unregister_gate("half_pack")

@@ -3,6 +3,8 @@ slots with exact study counts, a killed packed worker loses and duplicates nothi
 from __future__ import annotations
 
 import json
+import logging
+import re
 import signal
 import subprocess
 import sys
@@ -92,6 +94,30 @@ def test_packed_search_equals_lone_trials_and_counts_exactly(tmp_path, keep_thre
         for name in pw:
             for k in pw[name]:
                 torch.testing.assert_close(pw[name][k], aw[name][k], rtol=1e-5, atol=1e-5, msg=f"{t.number} {name} {k}")
+
+
+def test_newcomers_of_the_same_kinds_take_free_places_in_place(tmp_path, keep_threads, caplog):
+    """One auxiliary model and no cutoff gate: every trial has the same node kinds, so each newcomer takes
+    the places a leaving trial freed, without a new step (until the tail, when half the places are free),
+    and such a trial still equals its lone run on its recorded batches."""
+    out = tmp_path / "same"
+    base = [a if a != "wrn10_1" else "resnet8" for a in BASE]
+    with caplog.at_level(logging.INFO, logger="ktg_fast"):
+        assert cli.main([*base, "--gates", "through", "linear", "--epochs", "2", "--trials", "6", "--pack", "2",
+                         "--heartbeat", "2", "--out", str(out)]) == 0
+    said = [r.getMessage() for r in caplog.records if "free places of a pack in place" in r.getMessage()]
+    assert len(said) == 1, said
+    refills, builds = (int(w) for w in re.findall(r"(\d+) trials took.*built (\d+) times", said[0])[0])
+    assert refills == 4 and builds <= 2, said  # trials 2..5 joined in place; a tail compaction at most
+    trials = [t for t in _trials(out) if ATTR_REJECTED not in t.user_attrs]
+    late = max(trials, key=lambda t: int(t.user_attrs["data_offset"]))
+    epochs = len(late.intermediate_values)
+    alone = _lone_run(load_config(out), late, tmp_path / "alone", epochs)
+    pw, aw = _node_weights(Path(late.user_attrs["dir"]) / "nodes"), _node_weights(alone)
+    assert pw and set(pw) <= set(aw)
+    for name in pw:
+        for k in pw[name]:
+            torch.testing.assert_close(pw[name][k], aw[name][k], rtol=1e-5, atol=1e-5, msg=f"{name} {k}")
 
 
 def test_killed_packed_worker_loses_and_duplicates_nothing(tmp_path):

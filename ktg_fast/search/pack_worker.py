@@ -107,6 +107,9 @@ class PackWorker(Worker):
         except BaseException:
             self._give_back_all()
             raise
+        if self.pack is not None:
+            log.info("worker %d: %d trials took free places of a pack in place; the pack's step was built %d times",
+                     self.worker_id, self.pack.refills, self.pack.rebuilds)
 
     def _one_trial(self) -> None:
         trial = self.study.ask()

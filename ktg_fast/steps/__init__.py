@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..graph import Graph
+from ..loss import GraphLoss
 from ..recipe import TrainConfig
 from .base import TrainStep, eval_mode_logits, node_lrs, say_once
 from .compiled import CompiledCudaGraphStep, CompiledStep, compile_cache_dir, graph_breaks
@@ -70,7 +71,7 @@ def _nets_device(nets: Sequence[nn.Module]) -> torch.device:
 def make_step(kind: str, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConfig, *,
               loss_impl: str = "auto", total_steps: Optional[int] = None, precision: str = "fp32",
               channels_last: bool = False, compile_cache: Optional[Union[str, os.PathLike]] = None,
-              compile: Optional[bool] = None) -> TrainStep:
+              compile: Optional[bool] = None, loss: Optional[GraphLoss] = None) -> TrainStep:
     """Build the step path named ``kind``; ``auto`` picks the fastest that works where the nets are.
 
     ``auto`` is the CUDA-graph step on CUDA (it falls back to the fused step if
@@ -93,6 +94,8 @@ def make_step(kind: str, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConf
             compiled step is built.
         compile: force (True) or forbid (False) compiling for ``cudagraph`` on CUDA (False also keeps ``auto``
             from picking the compiled step on the CPU); None decides.
+        loss: a bound :class:`~ktg_fast.loss.GraphLoss` for the step to use (a trial pack's, whose gates
+            are set in place); None binds one to ``graph``'s gates.
 
     Raises:
         ValueError: an unknown ``kind`` (the message lists :data:`STEP_KINDS`) or precision.
@@ -125,7 +128,7 @@ def make_step(kind: str, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConf
         say_once(logging.WARNING, "step 'cudagraph' needs CUDA (the nets are on %s); using the fused step",
                  device.type)
         kind = "fused"
-    opts: dict = dict(loss_impl=loss_impl, precision=precision, channels_last=channels_last)
+    opts: dict = dict(loss_impl=loss_impl, precision=precision, channels_last=channels_last, loss=loss)
     if kind == "cudagraph":
         if compile is None:  # only where the run is known to be long enough to repay compiling
             compile = total_steps is not None and total_steps >= CUDA_COMPILE_MIN_STEPS

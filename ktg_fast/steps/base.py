@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from ..graph import Graph
+from ..loss import GraphLoss
 from ..recipe import TrainConfig
 
 if TYPE_CHECKING:
     from ..distributed import DistContext
 
-__all__ = ["TrainStep", "eval_mode_logits", "node_lrs", "say_once"]
+__all__ = ["TrainStep", "eval_mode_logits", "node_lrs", "say_once", "bind_loss"]
 
 log = logging.getLogger("ktg_fast")
 _said: set[str] = set()
@@ -114,6 +115,56 @@ class TrainStep(ABC):
 
     def adopt_nets(self) -> None:
         """Take over any parameter or buffer a caller replaced in ``nets`` (paths that keep them stacked)."""
+
+    @torch.no_grad()
+    def reset_nodes(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Start network nodes afresh, in place: a trial pack's slot taken by a new trial.
+
+        Each node ``t`` (1-based) gets ``states[t]`` (a full state dict: parameters and buffers),
+        its SGD momentum is forgotten and its fp16 loss scale starts over.  Every tensor is written
+        in place, so a compiled step is not recompiled and a captured CUDA graph replays on.
+
+        Raises:
+            KeyError / RuntimeError: a node index out of range, a state dict that does not fit the net.
+        """
+        for t, sd in states.items():
+            if not 1 <= t <= len(self.nets):
+                raise KeyError(f"node {t} is not a network node of this step (1..{len(self.nets)})")
+            self.nets[t - 1].load_state_dict(sd)  # copy_ into the existing tensors
+        self.adopt_nets()
+        self._forget_optimizer_state(sorted(states))
+        scale = self.loss_scale_state()
+        if scale is not None:
+            fresh = type(self)._initial_loss_scale(len(self.nets))
+            for t in states:
+                for name in scale:
+                    scale[name][t - 1] = fresh[name][t - 1]
+            self.load_loss_scale_state(scale)
+
+    @staticmethod
+    def _initial_loss_scale(num_nodes: int) -> dict[str, torch.Tensor]:
+        from .precision import NodeLossScale
+
+        return NodeLossScale(num_nodes, torch.device("cpu")).state_dict()
+
+    def _forget_optimizer_state(self, nodes: Sequence[int]) -> None:
+        """Drop the momentum of these 1-based nodes (SGD's "no buffer yet")."""
+        raise NotImplementedError(f"the {self.kind} step cannot restart single nodes")
+
+
+def bind_loss(graph: Graph, loss: Optional[GraphLoss], loss_impl: str) -> GraphLoss:
+    """The step's graph loss: ``loss`` if given (e.g. one whose gates are set in place), after checking
+    it fits ``graph``; else one bound to ``graph``'s gates.
+
+    Raises:
+        ValueError: a given loss of another node count or temperature than ``graph``.
+    """
+    if loss is None:
+        return GraphLoss(graph.gate_codes(), temperature=graph.temperature, impl=loss_impl)
+    if loss.num_nodes != graph.num_nodes or loss.temperature != graph.temperature:
+        raise ValueError(f"the given GraphLoss has {loss.num_nodes} nodes at T = {loss.temperature}, the graph "
+                         f"{graph.num_nodes} at T = {graph.temperature}")
+    return loss
 
 
 def node_lrs(graph: Graph, cfg: TrainConfig) -> list[float]:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..graph import Graph
+from ..loss import GraphLoss
 from ..recipe import TrainConfig
 from .base import say_once
 from .cuda_graph import CudaGraphStep
@@ -136,7 +137,7 @@ class CompiledStep(FusedStep):
     def __init__(self, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConfig, *, loss_impl: str = "auto",
                  use_vmap: Optional[bool] = None, precision: str = "fp32", channels_last: bool = False,
                  mode: Optional[str] = None, cache_dir: Optional[Union[str, os.PathLike]] = None,
-                 dynamic: bool = False, streams: bool = False):
+                 dynamic: bool = False, streams: bool = False, loss: Optional[GraphLoss] = None):
         if cache_dir is not None:
             compile_cache_dir(cache_dir)
         # streams is accepted for the CUDA-graph subclass's signature; compiled groups run in one graph.
@@ -147,7 +148,7 @@ class CompiledStep(FusedStep):
             devs = {p.device.type for net in nets for p in net.parameters()}
             use_vmap = devs == {"cuda"}
         super().__init__(graph, nets, cfg, loss_impl=loss_impl, streams=False, use_vmap=use_vmap,
-                         precision=precision, channels_last=channels_last)
+                         precision=precision, channels_last=channels_last, loss=loss)
         self.compile_mode = mode
         opts = dict(mode=mode, dynamic=dynamic)
         self._compiled_forward_loss = torch.compile(_own_code(CompiledStep._fused_forward_loss, self), **opts)

@@ -9,7 +9,7 @@ from torch import nn
 from ..graph import Graph
 from ..loss import GraphLoss
 from ..recipe import TrainConfig, make_optimizer
-from .base import TrainStep, eval_mode_logits, node_lrs
+from .base import TrainStep, bind_loss, eval_mode_logits, node_lrs
 from .precision import NodeLossScale, check_loss_scale_state, check_precision, forward_autocast
 
 __all__ = ["EagerStep"]
@@ -35,7 +35,7 @@ class EagerStep(TrainStep):
     kind = "eager"
 
     def __init__(self, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConfig, *, loss_impl: str = "auto",
-                 precision: str = "fp32", channels_last: bool = False):
+                 precision: str = "fp32", channels_last: bool = False, loss: Optional[GraphLoss] = None):
         self.graph = graph
         self.nets = list(nets)
         self.precision = check_precision(precision)
@@ -43,7 +43,7 @@ class EagerStep(TrainStep):
         if self.channels_last:
             for net in self.nets:
                 net.to(memory_format=torch.channels_last)
-        self.loss = GraphLoss(graph.gate_codes(), temperature=graph.temperature, impl=loss_impl)
+        self.loss = bind_loss(graph, loss, loss_impl)
         self.trainable = graph.trainable
         lrs = node_lrs(graph, cfg)
         self.device = next((p.device for net in self.nets for p in net.parameters()), torch.device("cpu"))
@@ -138,6 +138,13 @@ class EagerStep(TrainStep):
             for name, p in self.nets[t - 1].named_parameters():
                 if name in named:
                     opt.state[p]["momentum_buffer"] = named[name].to(p.device, p.dtype).clone()
+
+    def _forget_optimizer_state(self, nodes: Sequence[int]) -> None:
+        for i, t in enumerate(self.trainable):
+            if t in nodes:
+                opt = self._optimizer_of(i)
+                for p in self.nets[t - 1].parameters():
+                    opt.state.pop(p, None)
 
     def loss_scale_state(self) -> Optional[dict[str, torch.Tensor]]:
         if self.scalers is None:

@@ -93,6 +93,13 @@ class FlatSGD:
         return {n: b.detach().cpu().clone() for n, b in group.node_momentum(slot).items()}
 
     @torch.no_grad()
+    def zero_node_momentum(self, group: NodeGroup, slot: int) -> None:
+        """Forget one node's momentum in place (a zero buffer is SGD's "none yet" for dampening 0)."""
+        for reg in group.regions.values():
+            if reg.flat.momentum is not None:
+                reg.node(reg.flat.momentum, slot).zero_()
+
+    @torch.no_grad()
     def load_momentum(self, named: Sequence[tuple[NodeGroup, int, Optional[dict[str, torch.Tensor]]]]) -> None:
         """Load (group, slot, buffers by parameter name) for every trainable node; missing ones start at zero.
 

@@ -19,7 +19,7 @@ from torch import nn
 from ..graph import Graph
 from ..loss import GraphLoss
 from ..recipe import TrainConfig
-from .base import TrainStep, node_lrs
+from .base import TrainStep, bind_loss, node_lrs
 from .flat_sgd import FlatSGD
 from .node_group import NodeGroup, group_nodes
 from .precision import NodeLossScale, check_precision, forward_autocast
@@ -41,6 +41,8 @@ class FusedStep(TrainStep):
         precision: "fp32", "bf16" or "fp16" (:mod:`.precision`): autocast for the forward, the
             graph loss in float32, weights and momentum in float32; fp16 with a loss scale per node.
         channels_last: give the nets channels-last (NHWC) input.
+        loss: a bound :class:`~ktg_fast.loss.GraphLoss` to use (e.g. one with gates set in place);
+            None binds one to ``graph``'s gates.
 
     Raises:
         ValueError: a net count that does not match the graph, nets on several devices, an unknown precision.
@@ -50,7 +52,7 @@ class FusedStep(TrainStep):
 
     def __init__(self, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConfig, *, loss_impl: str = "auto",
                  streams: bool = True, use_vmap: bool = True, precision: str = "fp32",
-                 channels_last: bool = False):
+                 channels_last: bool = False, loss: Optional[GraphLoss] = None):
         self.precision = check_precision(precision)
         self.channels_last = bool(channels_last)
         if len(nets) != graph.num_nodes:
@@ -61,7 +63,7 @@ class FusedStep(TrainStep):
         self.device = devices.pop() if devices else torch.device("cpu")
         self.graph = graph
         self.nets = list(nets)
-        self.loss = GraphLoss(graph.gate_codes(), temperature=graph.temperature, impl=loss_impl)
+        self.loss = bind_loss(graph, loss, loss_impl)
         self.trainable = graph.trainable
         self.groups: list[NodeGroup] = []
         self.slot: dict[int, tuple[NodeGroup, int]] = {}
@@ -259,6 +261,11 @@ class FusedStep(TrainStep):
         if len(bufs) != len(self.nets):
             raise ValueError(f"momentum buffers for {len(bufs)} nodes, the graph has {len(self.nets)}")
         self.optimizer.load_momentum([(*self.slot[t], bufs[t - 1]) for t in self.trainable])
+
+    def _forget_optimizer_state(self, nodes: Sequence[int]) -> None:
+        for t in nodes:
+            if t in self.slot and t in self.trainable:
+                self.optimizer.zero_node_momentum(*self.slot[t])
 
     def loss_scale_state(self) -> Optional[dict[str, torch.Tensor]]:
         return None if self.scaler is None else self.scaler.state_dict()

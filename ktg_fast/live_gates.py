@@ -1,0 +1,171 @@
+"""Gates that change in place inside fixed node blocks: a trial pack refilled without a new step.
+
+A pack of trials (:mod:`ktg_fast.pack`) is a block-diagonal super-graph: each
+trial's nodes form a block, and no edge crosses blocks.  When a pruned trial
+leaves and a newcomer of the same node models takes its block, only the gates
+inside that block change.  :class:`LiveGates` holds the gate matrix as device
+tensors that :meth:`LiveGates.set` rewrites in place, and the graph loss bound
+to it (``GraphLoss(..., blocks=...)``) computes every edge a block may hold,
+reading each edge's gate at run time: a new gate matrix then allocates nothing,
+so a compiled step is not recompiled and a captured CUDA graph not re-captured.
+
+The built-in gates only (cutoff, through, linear, correct): their weights are
+a few masks (docs/SEMANTICS.md, the paper's Sec. 3.2); a custom gate's weight
+function is Python and would be traced as a constant.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import gates as _gates
+
+__all__ = ["LiveGates", "merge_blocks", "kernel_node_limit"]
+
+
+def kernel_node_limit() -> int:
+    """The most network nodes one launch of the fused kernel takes (``ktg_fast.kernels.MAX_NODES``;
+    16 where Triton is missing and the kernel never runs)."""
+    try:
+        from .kernels import MAX_NODES
+    except ImportError:
+        return 16
+    return MAX_NODES
+
+
+def merge_blocks(blocks: Sequence[tuple[int, int]], limit: int) -> Optional[tuple[tuple[int, int], ...]]:
+    """Consecutive blocks joined into ranges of at most ``limit`` nodes (one kernel launch each), never
+    splitting a block; None when a block alone exceeds ``limit``."""
+    out: list[tuple[int, int]] = []
+    for a, b in blocks:
+        if b - a > limit:
+            return None
+        if out and b - out[-1][0] <= limit:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
+class LiveGates:
+    """An (M+1, M+1) gate matrix on a device, rewritable in place within fixed node blocks.
+
+    Args:
+        gates: the first gate matrix [source][destination] (names or codes; node 0 the label).
+        blocks: 0-based node ranges ``(start, stop)``, in order, covering nodes 0..M-1 (one per packed
+            trial); edges may join nodes of one block only.
+        device: where the loss runs (the logits' device).
+        kernel_limit: the most nodes one kernel launch takes (``ktg_fast.kernels.MAX_NODES``).
+
+    Attributes (device tensors, rewritten in place by :meth:`set`):
+        codes: (M+1, M+1) int32, the whole matrix (the kernel reads it).
+        launches: None (one kernel launch takes every node) or the node ranges launched one by one, each
+            of whole blocks; ``kernel_fits`` is False when a block alone exceeds ``kernel_limit``.
+        launch_codes: int32 codes of each launch range (with the label row and column).
+        kl_nodes: 0-based nodes of blocks of two or more nodes: every KL edge lies among them.
+        kl_through, kl_linear, kl_correct: (S, S, 1) bool over ``kl_nodes`` x ``kl_nodes`` [source, destination].
+        ce_through, ce_linear: (M, 1) bool, the label edge into each node (correct acts as through there).
+
+    Raises:
+        ValueError: blocks that do not tile the nodes, and everything :meth:`set` raises.
+    """
+
+    def __init__(self, gates, blocks: Sequence[tuple[int, int]], device: torch.device | str, *,
+                 kernel_limit: int = 16):
+        from .loss_inputs import prepare_gates  # (loss_inputs imports graph, which must not import this)
+
+        codes = _gates.gate_codes(gates)
+        m = codes.shape[0] - 1
+        self.blocks = tuple((int(a), int(b)) for a, b in blocks)
+        at = 0
+        for a, b in self.blocks:
+            if a != at or b <= a:
+                raise ValueError(f"blocks {list(self.blocks)} must be non-empty ranges (start, stop) that follow one "
+                                 f"another from node 0 to node {m}")
+            at = b
+        if at != m:
+            raise ValueError(f"blocks {list(self.blocks)} cover {at} nodes; the gate matrix has {m}")
+        self.num_nodes = m
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # the logits will say cuda:N
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
+        self._block_of = [k for k, (a, b) in enumerate(self.blocks) for _ in range(a, b)]
+        self.kl_nodes = tuple(n for a, b in self.blocks if b - a >= 2 for n in range(a, b))
+        # The kernel's launches: None for one launch over every node, else ranges of whole blocks.
+        self.launches = merge_blocks(self.blocks, kernel_limit) if m > kernel_limit else None
+        self.kernel_fits = m <= kernel_limit or self.launches is not None
+        s, dev = len(self.kl_nodes), self.device
+        self.codes = torch.zeros(m + 1, m + 1, dtype=torch.int32, device=dev)
+        self.launch_codes = [torch.zeros(b - a + 1, b - a + 1, dtype=torch.int32, device=dev)
+                             for a, b in (self.launches or ())]
+        self.kl_through = torch.zeros(s, s, 1, dtype=torch.bool, device=dev)
+        self.kl_linear = torch.zeros_like(self.kl_through)
+        self.kl_correct = torch.zeros_like(self.kl_through)
+        self.ce_through = torch.zeros(m, 1, dtype=torch.bool, device=dev)
+        self.ce_linear = torch.zeros_like(self.ce_through)
+        self._prepare = prepare_gates
+        self.set(codes)
+
+    @torch.no_grad()
+    def set(self, gates) -> None:
+        """Take a new gate matrix: device copies into the existing tensors (no allocation on the device).
+
+        Args:
+            gates: (M+1, M+1) gate names or codes, the built-in gates only, no edge between blocks.
+
+        Raises:
+            ValueError: a wrong size, an edge into the label or onto the diagonal, a gate other than
+                the built-in ones, or an edge joining two blocks (each named).
+        """
+        codes = self._prepare(gates, self.num_nodes)
+        custom = sorted({int(c) for c in codes.flatten().tolist()} - _gates.KERNEL_GATES)
+        if custom:
+            names = ", ".join(repr(_gates.get_gate(c).name) for c in custom)
+            raise ValueError(f"gates set in place take the built-in gates only (cutoff, through, linear, correct), "
+                             f"got {names}; build a new GraphLoss for custom gates")
+        cut = _gates.CUTOFF
+        for s, t in (codes[1:, 1:] != cut).nonzero().tolist():
+            if self._block_of[s] != self._block_of[t]:
+                raise ValueError(f"gate[{s + 1}][{t + 1}] is {_gates.get_gate(int(codes[s + 1, t + 1])).name!r} but "
+                                 f"nodes {s + 1} and {t + 1} lie in different blocks {self.blocks[self._block_of[s]]} "
+                                 f"and {self.blocks[self._block_of[t]]} (0-based node ranges); edges between blocks "
+                                 "must be cutoff")
+        self.key = tuple(map(tuple, codes.tolist()))
+        dev = self.device
+        self.codes.copy_(codes.to(torch.int32).to(dev))
+        for (a, b), out in zip(self.launches or (), self.launch_codes):
+            ix = torch.tensor([0, *range(a + 1, b + 1)])
+            out.copy_(codes[ix][:, ix].to(torch.int32).to(dev))
+        kl = torch.tensor(self.kl_nodes, dtype=torch.long) + 1
+        sub = codes[kl][:, kl].unsqueeze(-1) if len(kl) else torch.zeros(0, 0, 1, dtype=codes.dtype)
+        self.kl_through.copy_((sub == _gates.THROUGH).to(dev))
+        self.kl_linear.copy_((sub == _gates.LINEAR).to(dev))
+        self.kl_correct.copy_((sub == _gates.CORRECT).to(dev))
+        lab = codes[0, 1:].unsqueeze(-1)
+        self.ce_through.copy_(((lab == _gates.THROUGH) | (lab == _gates.CORRECT)).to(dev))
+        self.ce_linear.copy_((lab == _gates.LINEAR).to(dev))
+
+    def weights(self, z: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype, prog: torch.Tensor
+                ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """The gate weights of every edge a block may hold, before the batch mean.
+
+        Args:
+            z: (M, B, C) logits; labels: (B,) safe labels; prog: 0-dim or (M,) progress in ``dtype``.
+
+        Returns:
+            ``w_kl`` (S, S, B) over ``kl_nodes`` x ``kl_nodes`` (None without such nodes) and ``w_ce`` (M, B).
+        """
+        w_kl = None
+        if self.kl_nodes:
+            from .reference import take
+
+            p = prog if prog.dim() == 0 else take(prog, self.kl_nodes).view(1, -1, 1)
+            right = (take(z, self.kl_nodes).detach().argmax(dim=-1) == labels).to(dtype).unsqueeze(1)  # (S, 1, B)
+            w_kl = torch.where(self.kl_linear, p, self.kl_through.to(dtype))
+            w_kl = torch.where(self.kl_correct, right, w_kl)
+        p = prog if prog.dim() == 0 else prog.view(-1, 1)
+        w_ce = torch.where(self.ce_linear, p, self.ce_through.to(dtype))
+        b = labels.shape[0]
+        return w_kl, w_ce.expand(self.num_nodes, b)
