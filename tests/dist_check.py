@@ -8,7 +8,9 @@ Cases (each 3 steps at global batch 32, a different seeded batch per step):
   linear gate, with ``--sync-bn`` semantics (BatchNorm over the global batch);
 - ``{eager,fused}-ignore``: the same with ``ignore_index`` rows spread unevenly (5 on rank 0, 1 on rank 1);
 - ``{eager,fused}-plain``: a BatchNorm-free net, ranks normalising nothing (no --sync-bn needed);
-- ``fused-nosync``: the BatchNorm nets without --sync-bn (each rank its own statistics: must differ).
+- ``fused-nosync``: the BatchNorm nets without --sync-bn (each rank its own statistics: must differ);
+- ``fused-sync32``: ``fused-sync`` in float32 (initialised and fed in float32); the one-process run also
+  writes ``fused-sync32-exact``, the same run in float64.
 Rank 0 saves every node's state dict and momentum per case to ``OUT/<case>.pt``, and
 ``OUT/eval.pt``: accuracies and the image count of an odd-sized (37) evaluation set, sharded.
 """
@@ -107,6 +109,20 @@ def main() -> None:
                 st(x[lo:hi], y[lo:hi], torch.tensor(k / 3))
             if rank == 0:
                 torch.save({"nets": st.node_state_dicts(), "momentum": st.momentum_buffers()}, out / f"{case}.pt")
+    # float32 with --sync-bn, the same float32 initialisation and batches; the one-process run also saves the
+    # float64 answer of that very run: the data-parallel float32 run must be no farther from it than one process.
+    for name, dtype in (("fused-sync32", torch.float32),) + ((("fused-sync32-exact", torch.float64),)
+                                                             if dist is None else ()):
+        torch.set_default_dtype(torch.float32)
+        g, nets = nets_for("fused-sync", teacher, dist)
+        nets = [net.to(dtype) for net in nets]
+        st = make_step("fused", g, nets, TrainConfig(lr=0.05, batch_size=B), loss_impl="reference")
+        st.dist = dist
+        for k in range(3):
+            x, y = batch(k, "fused-sync")
+            st(x[lo:hi].to(dtype), y[lo:hi], torch.tensor(k / 3, dtype=dtype))
+        if rank == 0:
+            torch.save({"nets": st.node_state_dicts(), "momentum": st.momentum_buffers()}, out / f"{name}.pt")
     # Evaluation of 37 images over the ranks: each image once (float32, as loaders deliver).
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(2)
