@@ -21,7 +21,7 @@ from .recipe import TrainConfig
 from .steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .trainer import NonFiniteLossError
 
-__all__ = ["add_data_args", "add_recipe_args", "check_out_dir", "dataset_flag", "error_line", "positive_int",
+__all__ = ["add_data_args", "add_recipe_args", "apply_cpu_threads", "check_out_dir", "dataset_flag", "error_line", "positive_int",
            "run_cli", "setup_logging", "start_distributed", "stop_distributed", "remove_if_empty"]
 
 
@@ -96,12 +96,21 @@ def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int | None = None) ->
                    help="Inductor's on-disk cache for --step compiled (default <out>/inductor-cache): a second "
                         "run compiles in seconds")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--cpu-threads", type=positive_int, default=None, metavar="N",
+                   help="torch threads on the CPU (default: torch's, one per core); a packed search trial retrained "
+                        "alone matches its weights bit for bit with the search's --cpu-threads")
     g.add_argument("--step", default="auto", choices=(*STEP_KINDS, *DEPRECATED_STEP_KINDS),
                    help="training-step path (auto: the fastest available here)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm of trainable nodes normalises with the global batch's statistics "
                         "(the update then equals one process's; default: each process's own slice, as DDP)")
+
+
+def apply_cpu_threads(args: argparse.Namespace) -> None:
+    """``--cpu-threads``: torch's intra-op threads for this process (None keeps torch's default)."""
+    if getattr(args, "cpu_threads", None):
+        torch.set_num_threads(args.cpu_threads)
 
 
 def start_distributed(args: argparse.Namespace):
@@ -242,13 +251,13 @@ def error_line(e: BaseException) -> str:
     return text
 
 
-def run_cli(main: Callable[[], int]) -> None:
+def run_cli(main: Callable[[], int], *, resume_hint: str = "rerun with --resume to continue") -> None:
     """Run a command line under one top-level handler.
 
     Expected failures (bad input, ``OSError`` such as a full disk or an unwritable folder, storage
     errors, unreadable checkpoints, a diverging run) print one ``error:`` line and exit 2, with the
     traceback too under ``-v``/``--verbose`` (or ``KTG_DEBUG=1``); anything else is a bug and keeps
-    its traceback. Ctrl-C exits 130 with a hint to resume.
+    its traceback. Ctrl-C exits 130 with ``resume_hint`` (how this command continues).
     """
     verbose = bool(os.environ.get("KTG_DEBUG")) or any(a in ("-v", "--verbose") for a in sys.argv[1:])
     # Under torchrun, ranks > 0 leave the messages every rank would print alike to rank 0.
@@ -257,7 +266,7 @@ def run_cli(main: Callable[[], int]) -> None:
         code = main()
     except KeyboardInterrupt:
         if rank == 0:
-            print("interrupted; rerun with --resume to continue", file=sys.stderr)
+            print(f"interrupted; {resume_hint}", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         if not _expected(e):

@@ -321,7 +321,8 @@ class PackTrainer:
             stats.add(i + 1, node_loss, logits, y)
         elapsed = time.perf_counter() - t0
         finite = torch.isfinite(stats.loss_sum).tolist()
-        evals = {split: evaluate_nodes(ts, ld, m_total, self.device) for split, ld in self.run_data.eval_loaders.items()}
+        evals = {split: evaluate_nodes(ts, ld, m_total, self.device)
+                 for split, ld in self.run_data.eval_loaders.items()}
         losses, accs = stats.mean_loss(n), stats.accuracy()
         out: list[MemberEpoch] = []
         for mem in self.members:  # in the order they joined
@@ -337,7 +338,9 @@ class PackTrainer:
             record = {"epoch": mem.epoch, "step": mem.step,
                       "lr": [lrs.get(p) for p in mem.places],
                       "train_loss": self._values(mem, losses), "train_acc": self._values(mem, accs),
+                      # The pack's rate: every member trains on each batch, so it is each member's too.
                       "images_per_s": stats.seen / elapsed if elapsed > 0 else None, "time_s": elapsed,
+                      "pack_size": len(members),
                       **{f"{split}_acc": self._values(mem, acc) for split, acc in evals.items()}}
             append_jsonl(mem.out / "metrics.jsonl", record)
             if self.save_checkpoints:

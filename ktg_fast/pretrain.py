@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_common import (add_data_args, add_recipe_args, check_out_dir, data_from_args, recipe_from_args, run_cli,
-                         setup_logging, start_distributed, stop_distributed)
+from .cli_common import (add_data_args, add_recipe_args, apply_cpu_threads, check_out_dir, data_from_args,
+                         recipe_from_args, run_cli, setup_logging, start_distributed, stop_distributed)
 from .data import canonical_name
 from .models import canonical_model_name
 from .nodes import default_teacher_dir, teacher_path
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     add_recipe_args(p)
     args = p.parse_args(argv)
     setup_logging(args.verbose)
+    apply_cpu_threads(args)
 
     model = canonical_model_name(args.model)
     data = data_from_args(args, test=args.val_size == 0)
@@ -60,4 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, resume_hint="run the same command again to continue (it resumes its run folder)")

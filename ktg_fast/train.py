@@ -15,8 +15,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from .cli_common import (add_data_args, add_recipe_args, check_out_dir, data_from_args, recipe_from_args,
-                         remove_if_empty, run_cli, setup_logging, start_distributed, stop_distributed)
+from .cli_common import (add_data_args, add_recipe_args, apply_cpu_threads, check_out_dir, data_from_args,
+                         recipe_from_args, remove_if_empty, run_cli, setup_logging, start_distributed,
+                         stop_distributed)
 from .graph import PRESETS, load_graph
 from .io import atomic_write_json, atomic_write_text
 from .report import seeds_table
@@ -59,6 +60,7 @@ def load_graph_arg(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    apply_cpu_threads(args)
     graph = load_graph_arg(args)
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds repeats a seed: {args.seeds}")

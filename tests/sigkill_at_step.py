@@ -2,6 +2,7 @@
 
     python tests/sigkill_at_step.py N ktg_fast.train --graph dml ...
     KTG_KILL_RANK=1 torchrun --nproc-per-node 2 tests/sigkill_at_step.py N ktg_fast.train ...   # rank 1 only
+    KTG_KILL_SIGNAL=INT python tests/sigkill_at_step.py N ktg_fast.search ...                    # Ctrl-C instead
 
 The kill comes from outside the library: every step path's ``__call__`` is wrapped here, so the
 trainer's hot loop carries no test hook.
@@ -21,6 +22,7 @@ def main() -> None:
     if only is not None and os.environ.get("RANK", "0") != only:
         at = -1
     sys.argv = [module, *sys.argv[3:]]
+    sig = getattr(signal, "SIG" + os.environ.get("KTG_KILL_SIGNAL", "KILL"))
     calls = {"n": 0}
     for cls in set(STEPS.values()):
         original = cls.__call__
@@ -28,7 +30,7 @@ def main() -> None:
         def wrapped(self, *args, _original=original, **kwargs):
             calls["n"] += 1
             if calls["n"] == at:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), sig)
             return _original(self, *args, **kwargs)
 
         cls.__call__ = wrapped

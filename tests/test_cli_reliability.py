@@ -120,6 +120,19 @@ def test_5_nonpositive_subsets_are_refused(tmp_path, monkeypatch, capsys, flag, 
                 tmp_path / "r")
 
 
+def test_cpu_threads_flag_is_checked_and_applied(tmp_path, monkeypatch, capsys, keep_threads):
+    """train --cpu-threads: 0 is refused naming the flag; N sets torch's threads (what a packed search trial
+    needs to be retrained bit for bit)."""
+    base = ["--graph", "vanilla", "--model", "resnet8", "--dataset", "synthetic", "--train-subset", "32",
+            "--eval-subset", "32", "--epochs", "1", "--batch-size", "16", "--no-progress", "--device", "cpu"]
+    with pytest.raises(SystemExit) as exc:
+        train.main([*base, "--out", str(tmp_path / "r0"), "--cpu-threads", "0"])
+    assert exc.value.code == 2 and "argument --cpu-threads: must be at least 1, got 0" in capsys.readouterr().err
+    torch.set_num_threads(2)
+    assert train.main([*base, "--out", str(tmp_path / "r1"), "--cpu-threads", "1"]) == 0
+    assert torch.get_num_threads() == 1
+
+
 # ----------------------------------------------------------------------------- 8
 @pytest.fixture(scope="module")
 def node_ckpt(tmp_path_factory):

@@ -102,7 +102,8 @@ def test_float32_sync_bn_is_as_close_to_the_exact_run_as_one_process(float64_run
     one, two = float64_runs
     exact, a, b = (torch.load(p, weights_only=True) for p in (one / "fused-sync32-exact.pt", one / "fused-sync32.pt",
                                                                  two / "fused-sync32.pt"))
-    assert a["nets"][0]["conv1.weight"].dtype == torch.float32 and exact["nets"][0]["conv1.weight"].dtype == torch.float64
+    assert a["nets"][0]["conv1.weight"].dtype == torch.float32
+    assert exact["nets"][0]["conv1.weight"].dtype == torch.float64
 
     def rel(x: dict, y: dict) -> float:
         return max(((p.double() - q.double()).abs().max() / q.double().abs().max().clamp(min=1e-12)).item()

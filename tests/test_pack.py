@@ -123,6 +123,7 @@ def test_packed_trials_equal_lone_runs(tmp_path, teacher, step, float64):
     for _ in range(2):
         outcomes = pack.run_epoch()
         assert [o.member for o in outcomes] == members and all(o.failure is None for o in outcomes)
+    assert [r["pack_size"] for r in _metrics(tmp_path / "packed0")] == [3, 3]  # images_per_s is the pack's
     for mem, o in zip(members, outcomes):
         final = pack.finish(mem, o.record)
         assert final["epoch"] == 2 and (mem.out / "final.json").is_file()

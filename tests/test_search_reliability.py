@@ -416,3 +416,26 @@ def test_export_finishes_when_graphviz_fails_or_is_missing(finished, tmp_path, m
     err = capsys.readouterr().err
     assert err.count("graph PNGs skipped: graphviz's `dot` is not installed") == 1 and "apt-get install graphviz" in err
     assert (out / "best" / "graph.yaml").is_file()
+
+
+@pytest.mark.parametrize("pack", ["1", "2"])
+def test_ctrl_c_marks_the_running_trial_interrupted_and_a_rerun_finishes(tmp_path, pack):
+    """Ctrl-C during a trial (alone or packed): its trial.json says INTERRUPTED (not RUNNING), the study fails
+    it and queues its retry; running the search again finishes the study with exact counts."""
+    from test_search_parallel import check_books
+
+    out = tmp_path / "int"
+    args = [*TINY, "--epochs", "2", "--trials", "3", "--step", "eager", "--device", "cpu", "--batch-size", "16",
+            "--pack", pack, "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KTG_KILL_SIGNAL": "INT"}
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "sigkill_at_step.py"), "6", "ktg_fast.search", *args],
+                       capture_output=True, text=True, env=env, timeout=180)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "run the same command again" in r.stderr  # the search has no --resume flag
+    states = {p.parent.name: json.loads(p.read_text())["state"] for p in (out / "trials").glob("*/trial.json")}
+    assert "INTERRUPTED" in states.values() and "RUNNING" not in states.values(), states
+    study = study_of(out, "int")
+    assert any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))  # the queued retry
+    r = run_subprocess(args, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    check_books(study_of(out, "int"), 3)

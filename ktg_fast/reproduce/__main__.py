@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..cli_common import add_data_args, add_recipe_args, dataset_flag, run_cli, setup_logging
+from ..cli_common import add_data_args, add_recipe_args, apply_cpu_threads, dataset_flag, run_cli, setup_logging
 from ..models import UnknownModelError, available_models, canonical_model_name
 from ..run_files import format_duration
 from ..search.config import SearchConfig
@@ -246,6 +246,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    apply_cpu_threads(args)
     settings = settings_from_args(parser, args)
     check_out(settings.out, settings_key(settings))  # before anything is measured or written
     plan = build_plan(settings)

@@ -45,7 +45,7 @@ from .space import FrozenTargetError
 from .storage import open_storage
 from .study import BUDGET_ATTR, load_search_study
 from .teachers import TeacherPretrainError, ensure_teachers
-from .trial_files import describe_graph, resume_from, start_trial_dir, trial_dir
+from .trial_files import describe_graph, mark_interrupted, resume_from, start_trial_dir, trial_dir
 from .outcomes import TrialOutcomes
 from .trial_hooks import EpochReporter, Heartbeat
 
@@ -176,6 +176,7 @@ class Worker(TrialOutcomes):
                 self.study.tell(trial, state=TrialState.FAIL)
                 if ATTR_KEY in frozen.user_attrs:
                     self.retry(self.study, self.storage.get_trial(trial._trial_id))
+                mark_interrupted(trial_dir(self.cfg.out, trial.number))
                 log.warning("trial %d interrupted; it is re-queued for the next run", trial.number)
         except Exception as e:  # the storage may be gone too; the heartbeat timeout then handles it
             log.warning("could not give back trial %d (%s); it is re-queued after the heartbeat timeout",
