@@ -15,11 +15,13 @@ function is Python and would be traced as a constant.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
 
 from . import gates as _gates
+from .device import resolve_device
 
 __all__ = ["LiveGates", "merge_blocks", "kernel_node_limit"]
 
@@ -45,6 +47,24 @@ def merge_blocks(blocks: Sequence[tuple[int, int]], limit: int) -> Optional[tupl
             out[-1] = (out[-1][0], b)
         else:
             out.append((a, b))
+    return tuple(out)
+
+
+def _int_ranges(blocks: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """``blocks`` as (start, stop) pairs of Python ints; anything else (floats, 3-tuples, text) is a ValueError
+    rather than silently rounded."""
+    out = []
+    for r in blocks:
+        try:
+            a, b = r
+        except (TypeError, ValueError):
+            raise ValueError(f"blocks: {r!r} is not a (start, stop) pair of node indices") from None
+        ok = [isinstance(v, numbers.Integral) and not isinstance(v, bool) or
+              (isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point()) for v in (a, b)]
+        if not all(ok):
+            raise ValueError(f"blocks: {r!r} must hold integer node indices (start, stop), got "
+                             f"{type(a).__name__}, {type(b).__name__}")
+        out.append((int(a), int(b)))
     return tuple(out)
 
 
@@ -77,7 +97,7 @@ class LiveGates:
 
         codes = _gates.gate_codes(gates)
         m = codes.shape[0] - 1
-        self.blocks = tuple((int(a), int(b)) for a, b in blocks)
+        self.blocks = _int_ranges(blocks)
         at = 0
         for a, b in self.blocks:
             if a != at or b <= a:
@@ -87,10 +107,7 @@ class LiveGates:
         if at != m:
             raise ValueError(f"blocks {list(self.blocks)} cover {at} nodes; the gate matrix has {m}")
         self.num_nodes = m
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:  # the logits will say cuda:N
-            dev = torch.device("cuda", torch.cuda.current_device())
-        self.device = dev
+        self.device = resolve_device(device)  # a clear error for an absent GPU; cuda means cuda:N, as the logits say
         self._block_of = [k for k, (a, b) in enumerate(self.blocks) for _ in range(a, b)]
         self.kl_nodes = tuple(n for a, b in self.blocks if b - a >= 2 for n in range(a, b))
         # The kernel's launches: None for one launch over every node, else ranges of whole blocks.

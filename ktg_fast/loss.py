@@ -126,7 +126,7 @@ class GraphLoss(torch.nn.Module):
             "triton" (force the kernel, errors raised; on CPU only under
             TRITON_INTERPRET=1) or "reference".
         ignore_index: label value of rows to ignore.
-        blocks: gates set in place (a trial pack's slots, :mod:`ktg_fast.live_gates`): 0-based node
+        blocks: gates set in place (a trial pack's node places, :mod:`ktg_fast.live_gates`): 0-based node
             ranges ``(start, stop)`` tiling the nodes, edges only inside a block, built-in gates only.
             Every edge a block may hold is computed, its gate read at run time, so :meth:`set_gates`
             neither reallocates nor makes ``torch.compile`` recompile or a CUDA graph re-capture.

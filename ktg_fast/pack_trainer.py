@@ -57,6 +57,9 @@ from .data import canonical_name
 
 __all__ = ["Member", "MemberEpoch", "PackTrainer"]
 
+# Recipe fields one step serves for all its members (each member keeps its own rates, schedule and seed).
+_SHARED_RECIPE = ("momentum", "nesterov", "weight_decay", "channels_last")
+
 log = logging.getLogger("ktg_fast")
 
 
@@ -109,7 +112,9 @@ class PackTrainer:
         save_checkpoints: write each member's ``checkpoint.pt`` after every epoch.
 
     Raises:
-        ValueError: a member whose batch size or augmentation differs from the pack's.
+        ValueError: (from :meth:`add`) a member whose batch size, augmentation, precision, temperature,
+            momentum, nesterov, weight decay or channels_last differs from the pack's, or whose key or
+            output folder another member has.
     """
 
     def __init__(self, data: DataSpec, *, batch_size: int, augment: bool = True, data_seed: int = 0,
@@ -135,6 +140,7 @@ class PackTrainer:
         self.refills = 0  # newcomers placed into free places in place (no new step)
         self._kinds: list[tuple[str, bool]] = []  # (model, frozen) of each place of the step
         self._ranges: list[tuple[int, int]] = []  # 0-based node ranges an edge may not leave (kernel launches)
+        self._shared: dict[str, Any] = {}  # the recipe every member must share (set by the first member)
 
     # ------------------------------------------------------------ members
     def add(self, key: Hashable, graph: Graph, cfg: TrainConfig, out: str | os.PathLike) -> Member:
@@ -146,6 +152,18 @@ class PackTrainer:
         if cfg.precision not in (None, self.precision) or (self.members and graph.temperature !=
                                                             self.members[0].graph.temperature):
             raise ValueError(f"member {key!r}: precision and temperature must be the pack's")
+        # One optimizer and one memory layout serve every place: the first member's settings are the pack's.
+        shared = {name: getattr(cfg, name) for name in _SHARED_RECIPE}
+        self._shared = self._shared or shared
+        diff = [f"{k}={v!r} (the pack's: {self._shared[k]!r})" for k, v in shared.items() if v != self._shared[k]]
+        if diff:
+            raise ValueError(f"member {key!r}: {', '.join(diff)}; a pack trains one optimizer recipe, so pack only "
+                             "trials that share momentum, nesterov, weight decay and channels_last")
+        if any(m.key == key for m in self.members):
+            raise ValueError(f"member {key!r} is already in the pack; give each member its own key")
+        clash = next((m for m in self.members if m.out.resolve() == Path(out).resolve()), None)
+        if clash is not None:
+            raise ValueError(f"member {key!r}: output folder {out} is member {clash.key!r}'s; give each member its own")
         cfg = dataclasses.replace(cfg, data_seed=self.data_seed, data_offset=self.epoch)
         cfg.validate()
         rd = self.run_data
@@ -166,7 +184,12 @@ class PackTrainer:
 
         Its places are freed (masked) at the start of the next epoch; until then :meth:`finish` and
         :meth:`save_node` still read its weights.
+
+        Raises:
+            ValueError: a member not in the pack (never added, or removed already).
         """
+        if not any(m is member for m in self.members):
+            raise ValueError(f"member {member.key!r} is not in the pack (removed already, or never added)")
         self.members.remove(member)
 
     # -------------------------------------------------------------- places
@@ -291,6 +314,10 @@ class PackTrainer:
         """
         if not self.members:
             raise RuntimeError("the pack has no member to train")
+        done = [m for m in self.members if m.done]
+        if done:
+            raise ValueError(f"member {done[0].key!r} has done its {done[0].cfg.epochs} epochs: finish() it and "
+                             "remove() it before the next epoch")
         self._arrange()
         ts, members = self.train_step, self.layout
         m_total = len(self._kinds)
@@ -350,6 +377,13 @@ class PackTrainer:
         return out
 
     # -------------------------------------------------------------- files
+    def _check_in_step(self, member: Member) -> None:
+        """Its weights are read from its places: only valid until the next epoch re-arranges them."""
+        if self.train_step is None or not any(m is member for m in self.layout):
+            raise ValueError(f"member {member.key!r} did not train in the pack's last epoch, so its places hold no "
+                             "weights of its own: call finish() and save_node() right after its epoch, before the "
+                             "pack's next run_epoch()")
+
     @staticmethod
     def _values(member: Member, per_place: Sequence[Any]) -> list[Any]:
         """The member's entries of a per-place sequence of the step, in its node order."""
@@ -370,7 +404,12 @@ class PackTrainer:
     def save_node(self, member: Member, t: int, **meta: Any) -> Path:
         """Write the member's network node ``t`` (1-based, in its own graph) as a model checkpoint,
         ``<out>/nodes/node<t>_<model>.pt`` with ``meta`` (epochs, val_acc, pruned...), as a lone run's
-        :meth:`~ktg_fast.trainer.Trainer.save_node` does; call it after an epoch, before the layout changes."""
+        :meth:`~ktg_fast.trainer.Trainer.save_node` does; call it after an epoch, before the next one.
+
+        Raises:
+            ValueError: a member that did not train in the pack's last epoch (its places may hold another's).
+        """
+        self._check_in_step(member)
         self.train_step.adopt_nets()
         net = self.train_step.nets[member.places[t - 1] - 1]
         node, rd = member.graph.nodes[t - 1], self.run_data
@@ -380,7 +419,14 @@ class PackTrainer:
         return path
 
     def finish(self, member: Member, record: dict) -> dict:
-        """Write the member's ``nodes/`` and ``final.json`` as its lone run would; return the final record."""
+        """Write the member's ``nodes/`` and ``final.json`` as its lone run would; return the final record.
+
+        Call it after the member's last epoch, before the pack's next one.
+
+        Raises:
+            ValueError: a member that did not train in the pack's last epoch (its places may hold another's).
+        """
+        self._check_in_step(member)
         self.train_step.adopt_nets()
         nets = self._values(member, self.train_step.nets)  # its places in the step of the epoch just run
         m = member.graph.num_nodes

@@ -669,6 +669,14 @@ def test_gates_set_in_place_refuse_what_they_cannot_take():
         kf.GraphLoss(gates, blocks=[(0, 2), (1, 3)])
     with pytest.raises(RuntimeError, match="blocks=..."):
         kf.GraphLoss(gates).set_gates(gates)
+    with pytest.raises(ValueError, match=r"\(0, 1.5\) must hold integer node indices"):
+        kf.GraphLoss(gates, blocks=[(0, 1.5), (1.5, 3)])  # not rounded into other blocks
+    with pytest.raises(ValueError, match="not a \\(start, stop\\) pair"):
+        kf.GraphLoss(gates, blocks=[(0, 2, 3)])
+    assert kf.GraphLoss(gates, blocks=[(torch.tensor(0), 2), (2, 3)]).plan.live.blocks == ((0, 2), (2, 3))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available"):
+            kf.GraphLoss(gates, blocks=blocks, device="cuda")
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="keeps its gates on cpu"):
             loss(torch.randn(3, 2, 4, device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda"))

@@ -193,6 +193,45 @@ def test_member_recipe_must_match_the_pack(tmp_path, teacher):
         pack.add(1, c, small_config(batch_size=16), tmp_path / "c")
     with pytest.raises(RuntimeError, match="no member"):
         PackTrainer(_data(), batch_size=16, device="cpu").run_epoch()
+    # One optimizer serves the pack: a member of another momentum, nesterov, weight decay or memory layout
+    # would silently train with the first member's.
+    for change, name in [(dict(momentum=0.5), "momentum"), (dict(nesterov=False), "nesterov"),
+                         (dict(weight_decay=0.0), "weight_decay"), (dict(channels_last=True), "channels_last")]:
+        with pytest.raises(ValueError, match=f"{name}=.*the pack's"):
+            pack.add(2, a, small_config(batch_size=16, **change), tmp_path / "d")
+    with pytest.raises(ValueError, match="already in the pack"):
+        pack.add(0, a, small_config(batch_size=16), tmp_path / "e")
+    with pytest.raises(ValueError, match="output folder"):
+        pack.add(3, a, small_config(batch_size=16), tmp_path / "a")
+    assert [m.key for m in pack.members] == [0]
+
+
+def test_members_misused_after_their_epochs_get_clear_errors(tmp_path, teacher):
+    """A finished member left in, a member removed twice, and finish/save_node of a member whose places went to
+    a newcomer (they would write the newcomer's weights as its own) each raise a ValueError naming the fix."""
+    a, b, _ = _graphs(teacher)
+    pack = PackTrainer(_data(), batch_size=16, data_seed=PACK_SEED, device="cpu", step="eager")
+    one = pack.add("one", a, small_config(seed=1, epochs=1, batch_size=16), tmp_path / "one")
+    two = pack.add("two", b, small_config(seed=2, epochs=2, batch_size=16), tmp_path / "two")
+    with pytest.raises(ValueError, match="'one' did not train"):
+        pack.finish(one, {})  # not trained yet
+    records = {o.member.key: o.record for o in pack.run_epoch()}
+    with pytest.raises(ValueError, match="'one' has done its 1 epochs: finish"):
+        pack.run_epoch()
+    assert two.epoch == 1  # nothing ran
+    pack.remove(one)
+    with pytest.raises(ValueError, match="'one' is not in the pack"):
+        pack.remove(one)
+    final = pack.finish(one, records["one"])  # still valid: the next epoch has not run
+    assert final["epoch"] == 1 and (tmp_path / "one" / "nodes" / "node1_resnet8.pt").exists()
+    pack.add("new", Graph([Node("resnet8"), Node("resnet8")], a.gates), small_config(seed=3, epochs=1,
+                                                                                    batch_size=16), tmp_path / "new")
+    pack.run_epoch()
+    assert pack.refills == 1  # the newcomer took one's places
+    with pytest.raises(ValueError, match="'one' did not train in the pack's last epoch"):
+        pack.finish(one, records["one"])
+    with pytest.raises(ValueError, match="'one' did not train"):
+        pack.save_node(one, 1)
 
 
 def test_a_pack_never_compiles_unasked(teacher, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -154,6 +155,8 @@ def test_killed_packed_worker_loses_and_duplicates_nothing(tmp_path):
             assert retry.user_attrs[key] == dead.user_attrs[key]
         info = json.loads((Path(retry.user_attrs["dir"]) / "trial.json").read_text())
         assert info["retry_of"] == v.number and info["resumed"] is True
+        lost = json.loads((Path(dead.user_attrs["dir"]) / "trial.json").read_text())
+        assert lost["state"] == "LOST" and "no heartbeat" in lost["fail_reason"]  # not left saying RUNNING
         for e, value in before[v.number].items():
             assert retry.intermediate_values[e] == pytest.approx(value)
     # One resumed trial against its uninterrupted lone run.
@@ -199,14 +202,16 @@ def test_a_packed_trial_retrains_alone_from_the_command_line(tmp_path, keep_thre
     info = json.loads((folder / "trial.json").read_text())
     assert info["data_offset"] == 2 and info["data_seed"] != info["seed"]
     assert info["val_size"] == cfg.resolved_val_size()
-    alone = tmp_path / "alone"
-    r = subprocess.run([sys.executable, "-m", "ktg_fast.train", "--graph", str(folder / "graph.yaml"),
-                        "--dataset", "synthetic", "--val-size", str(info["val_size"]), "--train-subset", "64",
-                        "--eval-subset", "64", "--batch-size", "16", "--epochs", "2", "--step", "eager",
-                        "--device", "cpu", "--seeds", str(info["seed"]), "--data-seed", str(info["data_seed"]),
-                        "--data-offset", str(info["data_offset"]), "--cpu-threads", "1", "--no-progress",
-                        "--out", str(alone)],
-                       env=env(), capture_output=True, text=True, timeout=300)
+    # trial.json's "replay" is that lone run, every flag filled in.
+    replay = shlex.split(info["replay"])
+    assert replay[:3] == ["python", "-m", "ktg_fast.train"] and replay[-2:] == ["--out", str(folder / "replay")]
+    for flag, value in [("--seeds", info["seed"]), ("--data-seed", info["data_seed"]),
+                        ("--data-offset", info["data_offset"]), ("--val-size", info["val_size"]),
+                        ("--cpu-threads", 1), ("--step", "eager"), ("--batch-size", 16), ("--epochs", 2)]:
+        assert replay[replay.index(flag) + 1] == str(value), flag
+    alone = folder / "replay"
+    r = subprocess.run([sys.executable, *replay[1:], "--no-progress"], env=env(), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     pw, aw = _node_weights(folder / "nodes"), _node_weights(alone / "nodes")
     assert pw.keys() == aw.keys()

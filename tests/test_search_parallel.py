@@ -189,6 +189,8 @@ def test_rerun_after_the_only_worker_was_killed(tmp_path):
     assert load(url, "rerun").trials[victim.number].state == TrialState.RUNNING  # nobody failed it yet
     r = run_search([sys.executable, "-m", "ktg_fast.search", "--out", str(out), "--no-progress"])
     assert "joined study 'rerun'" in r.stderr and "search complete: 4 trials" in r.stderr
+    lost = json.loads((out / "trials" / f"{victim.number:05d}" / "trial.json").read_text())
+    assert lost["state"] == "LOST", lost
     study = load(url, "rerun")
     check_books(study, budget)
     check_killed_and_retried(study, victim, before)

@@ -26,16 +26,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Optional
 
 from ..cli_common import positive_int, setup_logging
-from ..data import canonical_name
 from ..data.factory import LOADER_KINDS
-from ..recipe import TrainConfig
 from ..steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
+from .commands import retrain_command
 from .config import CONFIG_FILE, SearchConfig, load_config, spec_differences
 from .export import export_study
 from .progress import format_duration
@@ -261,35 +259,6 @@ def _retrain_note(top: dict) -> str:
     t = top.get("time_s")
     return f" (about {format_duration(t)}, as long as trial {top['trial']} took; --seeds 0 1 2 3 4 for " \
            "mean +- std takes 5x that)" if t else " (--seeds 0 1 2 3 4 for mean +- std takes 5x as long)"
-
-
-def retrain_command(cfg: SearchConfig, graph: Path, frozen: bool) -> str:
-    """``python -m ktg_fast.train`` of ``graph`` with the search's dataset, epochs, subsets and recipe.
-
-    A graph with frozen nodes keeps the search's validation split and teacher folder (its teachers were
-    pre-trained on that split); otherwise it trains on the whole training set and reports test accuracy.
-    """
-    parts = ["python", "-m", "ktg_fast.train", "--graph", str(graph), "--dataset", canonical_name(cfg.dataset)]
-    if cfg.data_root:
-        parts += ["--data-root", cfg.data_root]
-    parts += ["--epochs", str(cfg.epochs)]
-    for flag, value in (("--train-subset", cfg.train_subset), ("--eval-subset", cfg.eval_subset)):
-        if value:
-            parts += [flag, str(value)]
-    for name in ("batch_size", "lr", "momentum", "weight_decay", "gamma"):
-        if getattr(cfg, name) != getattr(TrainConfig, name):
-            parts += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
-    if cfg.milestones is not None:
-        parts += ["--milestones", *map(str, cfg.milestones)]
-    if not cfg.nesterov:
-        parts.append("--no-nesterov")
-    if not cfg.augment:
-        parts.append("--no-augment")
-    if frozen:
-        parts += ["--val-size", str(cfg.resolved_val_size()), "--teachers", str(cfg.teacher_dir())]
-    out = Path(cfg.out)
-    parts += ["--out", str(out.parent / f"{out.name}-best")]
-    return " ".join(shlex.quote(p) for p in parts)
 
 
 def _quiet(verbose: bool) -> None:

@@ -98,18 +98,20 @@ class PackWorker(Worker):
                 if not self.slots and (book.complete or self._stop):
                     break
                 while not self._stop and len(self.slots) < self.k and book.should_ask():
+                    self._waiting = False
                     self._one_trial()
                     book = self.ledger()
                 if self.slots:
                     self._epoch()
                 elif not book.complete:
-                    time.sleep(poll)  # every trial of the study is taken: wait for running or stale ones
+                    self._wait(book, poll)  # every trial of the study is taken: wait for running or stale ones
         except BaseException:
             self._give_back_all()
             raise
         if self.pack is not None:
-            log.info("worker %d: %d trials took free places of a pack in place; the pack's step was built %d times",
-                     self.worker_id, self.pack.refills, self.pack.rebuilds)
+            r, b = self.pack.refills, self.pack.rebuilds
+            log.info("worker %d: %d trial%s took free node places of the pack in place; the pack's step was built "
+                     "%d time%s", self.worker_id, r, "" if r == 1 else "s", b, "" if b == 1 else "s")
 
     def _one_trial(self) -> None:
         trial = self.study.ask()

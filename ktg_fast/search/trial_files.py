@@ -76,17 +76,18 @@ def start_trial_dir(out: Path, info: dict, *, resumed: bool) -> None:
     atomic_write_json(out / "trial.json", {**info, "state": "RUNNING"})
 
 
-def mark_interrupted(out: Path) -> None:
-    """A trial given back unfinished (Ctrl-C, SIGTERM, its pack's error): ``trial.json`` says so rather than
-    RUNNING (its retry, a new trial, resumes from ``checkpoint.pt`` when there is one)."""
+def mark_interrupted(out: Path, *, state: str = "INTERRUPTED",
+                     reason: str = "interrupted before it finished; re-queued for the next run") -> None:
+    """A trial given back unfinished (Ctrl-C, SIGTERM, its pack's error; ``state="LOST"``: its worker died and
+    its heartbeat went stale): ``trial.json`` says so rather than RUNNING (its retry, a new trial, resumes
+    from ``checkpoint.pt`` when there is one)."""
     path = out / "trial.json"
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError):
-        return  # no folder yet, or a file cut short by the kill: the retry writes its own
+        return  # no folder here (another machine's trial), or a file cut short by the kill: the retry writes its own
     if info.get("state") == "RUNNING":
-        atomic_write_json(path, {**info, "state": "INTERRUPTED",
-                                 "fail_reason": "interrupted before it finished; re-queued for the next run"})
+        atomic_write_json(path, {**info, "state": state, "fail_reason": reason})
 
 
 def finish_trial_dir(trial: optuna.Trial, out: Path, info: dict, state: str, t0: float, *,

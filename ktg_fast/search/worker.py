@@ -38,6 +38,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from ..trainer import NonFiniteLossError, Trainer
+from .commands import replay_command
 from .config import SearchConfig
 from .ledger import ATTR_KEY, ATTR_REJECTED, Ledger, is_retry, retry_history, root_of
 from .locks import admission_lock
@@ -78,6 +79,7 @@ class Worker(TrialOutcomes):
         self.host = socket.gethostname()
         self.trained = 0
         self._stop = False
+        self._waiting = False  # in a wait already announced
 
     # ------------------------------------------------------------ set-up
     def _device(self) -> str:
@@ -102,12 +104,33 @@ class Worker(TrialOutcomes):
         spec = cfg.study_spec()
         self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)
         self.storage = open_storage(cfg.storage_url(), heartbeat=spec["heartbeat"], grace=spec["grace"],
-                                    retry_callback=self.retry)
+                                    retry_callback=self._stale)
         self.grace = spec["grace"]
         self.study = load_search_study(cfg, self.storage, seed=cfg.sampler_seed(self.worker_id))
 
     def budget(self) -> int:
         return int(self.study.user_attrs.get(BUDGET_ATTR, self.cfg.trials))
+
+    def _stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna failed ``trial`` for a stale heartbeat (its worker died): its folder says LOST, and it is
+        re-queued (the retry resumes its checkpoint on this machine)."""
+        mark_interrupted(trial_dir(self.cfg.out, trial.number), state="LOST",
+                         reason=f"its worker stopped (no heartbeat for {self.grace} s); re-queued")
+        log.warning("trial %d lost its worker (no heartbeat for %d s): re-queued", trial.number, self.grace)
+        self.retry(study, trial)
+
+    def _wait(self, book: Ledger, poll: float) -> None:
+        """Sleep while every trial of the budget is taken; say why once per wait (a rerun after a kill waits
+        for the dead run's trials to go stale, up to ``--grace`` seconds, and should not look hung)."""
+        if not self._waiting:
+            mine = len(getattr(self, "slots", ()))
+            others = sum(1 for t in book.trials if t.state == TrialState.RUNNING) - mine
+            if others > 0:
+                log.info("waiting for %d running trial%s of other workers; a trial whose worker stopped (an earlier "
+                         "run killed) is re-queued once it has had no heartbeat for %d s (--grace)", others,
+                         "" if others == 1 else "s", self.grace)
+            self._waiting = True
+        time.sleep(poll)
 
     def ledger(self) -> Ledger:
         return Ledger(self.study.get_trials(deepcopy=False), self.budget())
@@ -135,8 +158,9 @@ class Worker(TrialOutcomes):
             if book.complete:
                 break
             if not book.should_ask():
-                time.sleep(poll)  # every slot taken: wait for running trials (or for dead ones to go stale)
+                self._wait(book, poll)  # every trial taken: wait for running ones (or for dead ones to go stale)
                 continue
+            self._waiting = False
             self._one_trial()
 
     def _books(self, poll: float) -> Ledger:
@@ -227,6 +251,9 @@ class Worker(TrialOutcomes):
                 "worker": self.worker_id, "dir": str(out.resolve()), "device": self.device, "resumed": resumed,
                 "val_size": cfg.resolved_val_size(),
                 **(data or {})}
+        # The lone run that replays this trial (the same batches; on the CPU the same thread count).
+        on_cpu = str(self.device) == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
+        info["replay"] = replay_command(cfg, info, out.resolve(), threads=torch.get_num_threads() if on_cpu else None)
         for k in ("graph", "seed", "host", "pid", "dir", *(data or {})):
             trial.set_user_attr(k, info[k])
         start_trial_dir(out, info, resumed=resumed)

@@ -147,9 +147,9 @@ class TrainStep(ABC):
 
         return NodeLossScale(num_nodes, torch.device("cpu")).state_dict()
 
+    @abstractmethod
     def _forget_optimizer_state(self, nodes: Sequence[int]) -> None:
-        """Drop the momentum of these 1-based nodes (SGD's "no buffer yet")."""
-        raise NotImplementedError(f"the {self.kind} step cannot restart single nodes")
+        """Drop the momentum of these 1-based nodes (SGD's "no buffer yet"), leaving the others' untouched."""
 
 
 def bind_loss(graph: Graph, loss: Optional[GraphLoss], loss_impl: str) -> GraphLoss:
