@@ -2,7 +2,7 @@
 # Verify a GPU machine in one command: install ktg_fast (torch untouched), run the test suite on the
 # GPU, then the benchmarks at the paper's sizes, and end with a one-screen summary.
 #
-#   bash bench/gpu.sh OUTDIR [tests|loss|step|loaders|search|refill|all ...]     (default: all)
+#   bash bench/gpu.sh OUTDIR [tests|loss|step|loaders|search|refill|packloss|all ...]     (default: all)
 #
 # Works offline: Optuna, SQLAlchemy (and their dependencies) are installed from wheels in .whl/ beside
 # the tree when present (bash bench/wheels.sh makes them on a machine with PyPI); without them the
@@ -12,19 +12,19 @@
 # minutes; `all` about 9 minutes on an H200): KTG_GPU_PHASE_LIMIT_S overrides the caps (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash bench/gpu.sh OUTDIR [tests|loss|step|loaders|search|refill|all ...]}
+out=${1:?usage: bash bench/gpu.sh OUTDIR [tests|loss|step|loaders|search|refill|packloss|all ...]}
 shift || true
 phases=("$@")
 [ ${#phases[@]} -eq 0 ] && phases=(all)
-[ "${phases[0]}" = all ] && phases=(tests loss step loaders search refill)
+[ "${phases[0]}" = all ] && phases=(tests loss step loaders search refill packloss)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 KTG_BENCH_QUICK=1 KTG_BENCH_RESULTS="$out" KTG_BENCH_WINDOW_S=${KTG_BENCH_WINDOW_S:-8}
 
-declare -A cap=([tests]=270 [loss]=150 [step]=90 [loaders]=60 [search]=150 [refill]=45)
+declare -A cap=([tests]=250 [loss]=140 [step]=90 [loaders]=60 [search]=140 [refill]=45 [packloss]=45)
 for p in "${phases[@]}"; do
-  [ -n "${cap[$p]:-}" ] || { echo "gpu.sh: unknown phase '$p' (tests, loss, step, loaders, search, refill, all)" >&2; exit 2; }
+  [ -n "${cap[$p]:-}" ] || { echo "gpu.sh: unknown phase '$p' (tests, loss, step, loaders, search, refill, packloss, all)" >&2; exit 2; }
 done
 
 {
@@ -71,6 +71,7 @@ for p in "${phases[@]}"; do
         echo "search: skipped (no optuna)" | tee -a "$out/phases.log"
       fi ;;
     refill) run_phase refill bench/test_bench_refill.py --benchmark-only -s ;;
+    packloss) run_phase packloss bench/test_bench_pack_loss.py --benchmark-only ;;
   esac
 done
 $PY bench/summary.py "$out" | tee "$out/summary.txt"

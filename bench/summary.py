@@ -3,7 +3,7 @@
     python bench/summary.py OUTDIR
 
 Reads OUTDIR/<phase>.xml (JUnit, from pytest) and the result files the benchmarks wrote there
-(graph_loss-*.json, train_step-*.json, loaders-*.json, search_trials_per_hour_*.json).
+(graph_loss-*.json, train_step-*.json, loaders-*.json, search_trials_per_hour_*.json, pack_loss-*.json).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable, Optional
 
-PHASES = ("tests", "loss", "step", "loaders", "search")
+PHASES = ("tests", "loss", "step", "loaders", "search", "refill", "packloss")
 
 
 def _counts(xml: Path) -> Optional[dict]:
@@ -123,6 +123,20 @@ def search_lines(rec: Optional[dict]) -> list[str]:
                   where=f"{best['workers']} worker(s), {best['trials_per_hour']:.0f} trials/h")]
 
 
+def pack_loss_lines(rec: Optional[dict]) -> list[str]:
+    """A pack's loss: one block launch against one launch per 16-node range (which is faster, per pack size)."""
+    if rec is None:
+        return ["  pack loss: no result file"]
+    ms = {(r["K"], r["impl"]): r["median_ms"] for r in rec["rows"] if "median_ms" in r}
+    out = []
+    for k in sorted({k for k, _ in ms}):
+        if (k, "blocks") in ms and (k, "ranges") in ms:
+            ratio = ms[(k, "ranges")] / ms[(k, "blocks")]
+            out.append(f"  pack loss, {k} trials: ranges/blocks {ratio:.2f}x "
+                       f"({'one block launch' if ratio >= 1 else 'launches per range'} is faster)")
+    return out or ["  pack loss: no pair of results"]
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__)
@@ -140,7 +154,8 @@ def main(argv: list[str]) -> int:
     print("headline ratios:")
     for lines in (loss_lines(_latest(out, "graph_loss-*.json")), step_lines(_latest(out, "train_step-*.json")),
                   loader_lines(_latest(out, "loaders-*.json")),
-                  search_lines(_latest(out, "search_trials_per_hour_cuda.json"))):
+                  search_lines(_latest(out, "search_trials_per_hour_cuda.json")),
+                  pack_loss_lines(_latest(out, "pack_loss-*.json"))):
         for line in lines:
             print(line)
     phases = (out / "phases.log").read_text().strip() if (out / "phases.log").exists() else ""

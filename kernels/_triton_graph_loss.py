@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_rows import (_LOG2E, _label_logits, _node_offsets, _pass2_block, _pass2_loop,
+from ._triton_rows import (_LOG2E, _block_nodes, _label_logits, _pass2_block, _pass2_loop,
                            _program_consts, _row_loss, _settle_row, _stats_pass, _stats_update, _store_partials)
 from ._triton_split_c import _split_grad_kernel, _split_loss_kernel, _split_stats_kernel
 
@@ -28,23 +28,36 @@ __all__ = ["_LOG2E", "_fused_kernel", "_split_stats_kernel", "_split_grad_kernel
 
 @triton.jit(do_not_specialize=["s_p"])
 def _fused_kernel(
-    logits_ptr, labels_ptr, gates_ptr, progress_ptr, count_ptr, grad_ptr, edge_ptr, node_ptr,
+    logits_ptr, labels_ptr, gates_ptr, progress_ptr, count_ptr, grad_ptr, edge_ptr, node_ptr, nodes_ptr,
     B, C, s_m, s_b, s_y, s_p, ignore_index,
     M: tl.constexpr, MP: tl.constexpr, MP1: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     COUNT_IN_KERNEL: tl.constexpr, LABEL_BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    T: tl.constexpr, K_T: tl.constexpr, SAME_T: tl.constexpr,
+    T: tl.constexpr, K_T: tl.constexpr, SAME_T: tl.constexpr, GATHER: tl.constexpr,
 ):
     """The whole graph loss of rows [pid*ROWS, (pid+1)*ROWS): stats, gates, losses, gradients.
 
-    logits (M, B, C) with strides (s_m, s_b, 1); grad (M, B, C) contiguous; progress of
+    logits (M', B, C) with strides (s_m, s_b, 1); grad (M', B, C) contiguous; progress of
     edges into node x at progress_ptr[x * s_p] (s_p = 0: one value for every edge);
     edge_ptr / node_ptr: this program's (M+1, M+1) / (M,) partial sums.
+
+    GATHER (a block launch, grid axis 1 over NB blocks of M nodes each, M' = NB * M): block k
+    holds nodes nodes_ptr[k, :] (int32, (NB, M), a permutation of 0..M'-1 overall) with gate codes
+    gates_ptr[k] ((NB, M+1, M+1), block-local order, the label first) and partial sums at
+    edge_ptr[k, pid] / node_ptr[k, pid] ((NB, P, M+1, M+1) / (NB, P, M), block-local order).  Edges
+    only within blocks, so a pack of K trials costs K * M^2 pairs per row, not (K * M)^2.
     """
     pid = tl.program_id(0)
-    nodes, nmask, node_off, gnode_off = _node_offsets(B, C, s_m, M, MP)
-    w_kl, is_corr, w_lab, need, inv = _program_consts(gates_ptr, progress_ptr, s_p, labels_ptr, count_ptr, B, s_y,
-                                                      ignore_index, M, MP, COUNT_IN_KERNEL, LABEL_BLOCK)
+    blk = tl.program_id(1)
+    idx = _block_nodes(nodes_ptr, blk, M, MP, GATHER)
+    nodes = tl.arange(0, MP)
+    nmask = nodes < M
+    node_off = idx.to(tl.int64) * s_m
+    gnode_off = idx.to(tl.int64) * B * C
+    if GATHER:
+        gates_ptr += blk * ((M + 1) * (M + 1))
+    w_kl, is_corr, w_lab, need, inv = _program_consts(gates_ptr, progress_ptr, s_p, idx, labels_ptr, count_ptr, B,
+                                                      s_y, ignore_index, M, MP, COUNT_IN_KERNEL, LABEL_BLOCK)
     acc_kl = tl.zeros([MP, MP], tl.float32)
     acc_lab = tl.zeros([MP], tl.float32)
     for r in range(ROWS):
@@ -77,6 +90,9 @@ def _fused_kernel(
         edge_kl, edge_lab = _row_loss(X, m_ref, s_t, s_1, zy, w, w0, MP, T)
         acc_kl += edge_kl
         acc_lab += edge_lab
+    if GATHER:  # (offset here, not above: nothing of it stays live through the rows)
+        edge_ptr += blk.to(tl.int64) * tl.num_programs(0) * ((M + 1) * (M + 1))
+        node_ptr += blk.to(tl.int64) * tl.num_programs(0) * M
     _store_partials(edge_ptr, node_ptr, pid, acc_kl, acc_lab, inv, M, MP, MP1)
 
 

@@ -58,16 +58,17 @@ def _gate_codes(gates_ptr, M: tl.constexpr, MP: tl.constexpr):
 
 
 @triton.jit
-def _gate_consts(gates_ptr, progress_ptr, s_p, M: tl.constexpr, MP: tl.constexpr):
+def _gate_consts(gates_ptr, progress_ptr, s_p, pnode, M: tl.constexpr, MP: tl.constexpr):
     """Row-independent gate data from the code matrix and the linear gate's progress.
 
-    progress_ptr[x * s_p] is the progress of edges into node x (s_p = 0: one value for all).
+    progress_ptr[pnode[x] * s_p] is the progress of edges into node lane x (s_p = 0: one value for all;
+    pnode: the lanes' node indices in the whole graph, tl.arange(0, MP) but in a block launch).
     Returns w_kl [MP, MP] (through/linear weight of KL edge s->t), is_corr [MP, MP] (KL edge
     gated by correct), w_lab [MP] (label-edge weight) and need [MP] (see _gate_codes).
     """
     code, code0, need = _gate_codes(gates_ptr, M, MP)
     nodes = tl.arange(0, MP)
-    prog = tl.load(progress_ptr + nodes * s_p, mask=nodes < M, other=0.0).to(tl.float32)  # per destination
+    prog = tl.load(progress_ptr + pnode * s_p, mask=nodes < M, other=0.0).to(tl.float32)  # per destination
     # Codes: 0 cutoff, 1 through, 2 linear, 3 correct (ktg_fast.gates).
     w_kl = tl.where(code == 1, 1.0, 0.0) + tl.where(code == 2, prog[None, :], 0.0)
     is_corr = code == 3
@@ -93,10 +94,10 @@ def _batch_inv(labels_ptr, count_ptr, B, s_y, ignore_index,
 
 
 @triton.jit
-def _program_consts(gates_ptr, progress_ptr, s_p, labels_ptr, count_ptr, B, s_y, ignore_index,
+def _program_consts(gates_ptr, progress_ptr, s_p, pnode, labels_ptr, count_ptr, B, s_y, ignore_index,
                     M: tl.constexpr, MP: tl.constexpr, COUNT_IN_KERNEL: tl.constexpr, LABEL_BLOCK: tl.constexpr):
     """What every program of every launch reads first: the gates' constants and 1 / max(B_eff, 1)."""
-    w_kl, is_corr, w_lab, need = _gate_consts(gates_ptr, progress_ptr, s_p, M, MP)
+    w_kl, is_corr, w_lab, need = _gate_consts(gates_ptr, progress_ptr, s_p, pnode, M, MP)
     inv = _batch_inv(labels_ptr, count_ptr, B, s_y, ignore_index, COUNT_IN_KERNEL, LABEL_BLOCK)
     return w_kl, is_corr, w_lab, need, inv
 
@@ -107,6 +108,16 @@ def _node_offsets(B, C, s_m, M: tl.constexpr, MP: tl.constexpr):
     contiguous (M, B, C) gradient."""
     nodes = tl.arange(0, MP)
     return nodes, nodes < M, nodes.to(tl.int64) * s_m, nodes.to(tl.int64) * B * C
+
+
+@triton.jit
+def _block_nodes(nodes_ptr, blk, M: tl.constexpr, MP: tl.constexpr, GATHER: tl.constexpr):
+    """The whole-graph node index of each lane: nodes_ptr[blk, lane] for a block launch (GATHER), else
+    the lane itself (int32)."""
+    lanes = tl.arange(0, MP)
+    if GATHER:
+        return tl.load(nodes_ptr + blk * M + lanes, mask=lanes < M, other=0)
+    return lanes
 
 
 @triton.jit

@@ -75,7 +75,7 @@ def _split_grad_kernel(
     row = tl.program_id(0)
     k = tl.program_id(1)
     nodes, nmask, node_off, gnode_off = _node_offsets(B, C, s_m, M, MP)
-    w_kl, is_corr, w_lab, need, inv = _program_consts(gates_ptr, progress_ptr, s_p, labels_ptr, count_ptr, B, s_y,
+    w_kl, is_corr, w_lab, need, inv = _program_consts(gates_ptr, progress_ptr, s_p, tl.arange(0, MP), labels_ptr, count_ptr, B, s_y,
                                                       ignore_index, M, MP, COUNT_IN_KERNEL, LABEL_BLOCK)
     y = tl.load(labels_ptr + row.to(tl.int64) * s_y)
     valid = y != ignore_index
@@ -106,7 +106,7 @@ def _split_loss_kernel(
     nodes = tl.arange(0, MP)
     node_off = nodes.to(tl.int64) * s_m
     ks = tl.arange(0, NSP)
-    w_kl, is_corr, w_lab, need, inv = _program_consts(gates_ptr, progress_ptr, s_p, labels_ptr, count_ptr, B, s_y,
+    w_kl, is_corr, w_lab, need, inv = _program_consts(gates_ptr, progress_ptr, s_p, tl.arange(0, MP), labels_ptr, count_ptr, B, s_y,
                                                       ignore_index, M, MP, COUNT_IN_KERNEL, LABEL_BLOCK)
     acc_kl = tl.zeros([MP, MP], tl.float32)
     acc_lab = tl.zeros([MP], tl.float32)

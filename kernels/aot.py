@@ -85,12 +85,14 @@ def _tool(name: str) -> str:
         return _path_to_binary(name)[0]
 
 
-def _kernel_sets(dtype: torch.dtype, m: int, b: int, c: int, temperature: float, write_grad: bool):
-    """(kernel, signature, constexprs, num_warps) for each launch graph_loss_triton makes for this problem."""
+def _kernel_sets(dtype: torch.dtype, m: int, b: int, c: int, temperature: float, write_grad: bool,
+                 gather: bool = False):
+    """(kernel, signature, constexprs, num_warps) for each launch graph_loss_triton makes for this problem;
+    ``gather``: graph_loss_triton_blocks' launch for blocks of m nodes (never split)."""
     from . import _triton_graph_loss as K
-    from .launch import LABEL_BLOCK, SCALE_BLOCK, grad_dtype, plan
+    from .launch import LABEL_BLOCK, SCALE_BLOCK, grad_dtype, plan, single_block
 
-    cfg = plan(m, b, c, torch.device("cuda"), sms=132)
+    cfg = plan(m, b, c, torch.device("cuda"), sms=132, blocks=gather)
     mp, mp1 = triton.next_power_of_2(m), triton.next_power_of_2(m + 1)
     t = float(temperature)
     tc = dict(T=t, K_T=K._LOG2E / t, SAME_T=t == 1.0)
@@ -100,10 +102,11 @@ def _kernel_sets(dtype: torch.dtype, m: int, b: int, c: int, temperature: float,
     out = []
     if cfg.num_splits == 1:
         sig = dict(logits_ptr=f"*{z}", labels_ptr="*i64", gates_ptr="*i32", progress_ptr="*fp32", count_ptr="*i64",
-                   grad_ptr=f"*{g}", edge_ptr="*fp32", node_ptr="*fp32", B="i32", C="i32", s_m=i64, s_b="i32",
-                   s_y="i32", s_p="i32", ignore_index="i32")
+                   grad_ptr=f"*{g}", edge_ptr="*fp32", node_ptr="*fp32", nodes_ptr="*i32", B="i32", C="i32",
+                   s_m=i64, s_b="i32", s_y="i32", s_p="i32", ignore_index="i32")
         const = dict(M=m, MP=mp, MP1=mp1, ROWS=cfg.rows_per_program, BLOCK_C=cfg.block_c,
-                     SINGLE_BLOCK=c <= cfg.block_c, WRITE_GRAD=write_grad, **cc, **tc)
+                     SINGLE_BLOCK=single_block(c, cfg.block_c, cfg.num_warps, gather), WRITE_GRAD=write_grad,
+                     GATHER=gather, **cc, **tc)
         out.append((K._fused_kernel, sig, const, cfg.num_warps))
     else:
         nsp = triton.next_power_of_2(cfg.num_splits)
@@ -152,9 +155,13 @@ def configurations(ms: Iterable[int] = _MS, dtypes: Iterable[str] = tuple(_DTYPE
             for b, c in _PAPER + _LARGE:
                 for temperature in (1.0, 2.0):
                     for write_grad in write_grads:
-                        for kernel, sig, const, warps in _kernel_sets(dtype, m, b, c, temperature, write_grad):
-                            key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(const.items())), warps)
-                            seen.setdefault(key, (kernel, sig, const, warps))
+                        # Block launches (trial packs) at the paper's shapes: blocks of m nodes.
+                        for gather in ((False, True) if (b, c) in _PAPER else (False,)):
+                            for kernel, sig, const, warps in _kernel_sets(dtype, m, b, c, temperature, write_grad,
+                                                                          gather):
+                                key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(const.items())),
+                                       warps)
+                                seen.setdefault(key, (kernel, sig, const, warps))
     return list(seen.values())
 
 
@@ -229,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{'kernel':<20} {'dtype':<5} {'warps':>5} {'regs':>5} {'stack':>6} {'smem':>6}  constants")
     for bld in sorted(builds, key=lambda x: (x.kernel, -x.registers)):
         short = {k: v for k, v in bld.constants if k in ("M", "BLOCK_C", "ROWS", "NSPLIT", "WRITE_GRAD", "SAME_T",
-                                                          "IN_PLACE", "COUNT_IN_KERNEL")}
+                                                          "IN_PLACE", "COUNT_IN_KERNEL", "GATHER")}
         print(f"{bld.kernel:<20} {bld.dtype:<5} {bld.num_warps:>5} {bld.registers:>5} {bld.spills:>6} "
               f"{bld.shared_bytes:>6}  {short}")
     spilled = [b for b in builds if b.spills]

@@ -1,4 +1,6 @@
-"""The fused graph loss's entry points: ``graph_loss_triton`` and ``graph_loss_triton_with_grad``.
+"""The fused graph loss's entry points: ``graph_loss_triton`` and ``graph_loss_triton_with_grad``; for a
+graph of NB blocks of m nodes with no edge between blocks (a trial pack), ``graph_loss_triton_blocks`` and
+``graph_loss_triton_blocks_with_grad``: one launch whose programs each hold one block's nodes.
 
 ``graph_loss_triton`` is what ``ktg_fast.loss.GraphLoss`` calls on CUDA tensors:
 it checks the inputs, plans the launch (:mod:`.launch`) and runs the
@@ -17,7 +19,8 @@ import torch
 from . import ops  # noqa: F401  (registers the torch.ops.ktg_fast operators)
 from .launch import DTYPES, MAX_NODES, grad_dtype, is_available, plan
 
-__all__ = ["grad_dtype", "graph_loss_triton", "graph_loss_triton_with_grad", "is_available", "plan"]
+__all__ = ["grad_dtype", "graph_loss_triton", "graph_loss_triton_with_grad", "graph_loss_triton_blocks",
+           "graph_loss_triton_blocks_with_grad", "is_available", "plan"]
 
 
 def _check_inputs(
@@ -151,3 +154,119 @@ def _forward(logits: torch.Tensor, labels: torch.Tensor, gate_codes: torch.Tenso
         logits, labels, gate_codes, progress, float(temperature), int(ignore_index), compute_grad,
         cfg.block_c, cfg.rows_per_program, cfg.num_splits, cfg.chunk, cfg.num_warps, cfg.count_in_kernel,
     )
+
+
+# ----------------------------------------------------------------------------- blocks
+def _check_blocks(logits: torch.Tensor, labels: torch.Tensor, block_codes: torch.Tensor, block_nodes: torch.Tensor,
+                  temperature: float, progress: torch.Tensor, ignore_index: int) -> None:
+    if not isinstance(block_nodes, torch.Tensor) or block_nodes.dim() != 2 or block_nodes.dtype not in (
+            torch.int32, torch.int64):
+        raise ValueError(f"block_nodes must be an (NB, m) int32/int64 tensor of node indices, got "
+                         f"{getattr(block_nodes, 'shape', type(block_nodes))}")
+    nb, m = block_nodes.shape
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[0] != nb * m:
+        raise ValueError(f"logits must be an (NB * m, B, C) = ({nb * m}, B, C) tensor for {nb} blocks of {m} nodes, "
+                         f"got {getattr(logits, 'shape', type(logits))}")
+    if block_codes.shape != (nb, m + 1, m + 1):
+        raise ValueError(f"block_codes must be (NB, m+1, m+1) = ({nb}, {m + 1}, {m + 1}), got "
+                         f"{tuple(block_codes.shape)}")
+    if block_nodes.device != logits.device:
+        raise ValueError(f"block_nodes is on {block_nodes.device} but logits are on {logits.device}")
+    # One block's checks on a block-sized view: sizes, dtypes, devices, progress form, temperature.
+    _check_inputs(logits[:m], labels, block_codes[0], temperature,
+                  progress if progress.numel() == 1 else progress[:m], ignore_index)
+    if progress.numel() != 1 and tuple(progress.shape) != (nb * m,):
+        raise ValueError(f"progress must be 0-dim or ({nb * m},) (one per node), got shape {tuple(progress.shape)}")
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not torch.equal(block_nodes.reshape(-1).sort().values.cpu(), torch.arange(nb * m)):
+            raise ValueError(f"block_nodes must hold every node 0..{nb * m - 1} exactly once, got "
+                             f"{block_nodes.tolist()}")
+        for k in range(1, nb):
+            _check_inputs(logits[:m], labels, block_codes[k], temperature,
+                          progress if progress.numel() == 1 else progress[:m], ignore_index)
+
+
+def _forward_blocks(logits, labels, block_codes, block_nodes, temperature, progress, ignore_index, compute_grad,
+                    **launch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_blocks(logits, labels, block_codes, block_nodes, temperature, progress, ignore_index)
+    if compute_grad is None:
+        compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    total, b, c = logits.shape
+    nb, m = block_nodes.shape
+    if logits.stride(2) != 1:
+        logits = logits.contiguous()
+    if progress.numel() == 1:
+        progress = progress.reshape(())
+    if progress.dtype != torch.float32:
+        progress = progress.float()
+    # No split of C: the blocks already multiply the programs (a pack's C is a CIFAR head's, not a vocabulary).
+    cfg = plan(m, b, c, logits.device, blocks=True, **launch)
+    node, edge_b, grad = torch.ops.ktg_fast.graph_loss_fwd_blocks(
+        logits, labels, block_codes, block_nodes, progress, float(temperature), int(ignore_index), compute_grad,
+        cfg.block_c, cfg.rows_per_program, cfg.num_warps, cfg.count_in_kernel)
+    return node, assemble_block_edges(edge_b.detach(), block_nodes, total), grad
+
+
+def assemble_block_edges(edge_b: torch.Tensor, block_nodes: torch.Tensor, total: int) -> torch.Tensor:
+    """The (M+1, M+1) edge matrix of the whole graph from the blocks' (NB, m+1, m+1) ones (zero between blocks)."""
+    nb = block_nodes.shape[0]
+    ix = torch.cat([block_nodes.new_zeros(nb, 1), block_nodes + 1], dim=1).long()  # (NB, m+1): label, then nodes
+    full = edge_b.new_zeros(total + 1, total + 1)
+    # Entry [0, 0] is written by every block, always 0; every other entry by one block.
+    return full.index_put_((ix[:, :, None], ix[:, None, :]), edge_b)
+
+
+def graph_loss_triton_blocks(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    block_codes: torch.Tensor,
+    block_nodes: torch.Tensor,
+    temperature: float,
+    progress: torch.Tensor,
+    ignore_index: int = -100,
+    *,
+    block_c: int | None = None,
+    rows_per_program: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The graph loss of NB blocks of m nodes each, no edge between blocks, in one kernel launch.
+
+    A trial pack (``ktg_fast.pack``) is such a graph: each block is one trial's nodes.  Each program
+    holds the m nodes of one block, so a row costs NB * m^2 pairs, not (NB * m)^2, and the whole graph
+    may hold more than :data:`MAX_NODES` nodes (m <= 16).  Blocks need not be contiguous.
+
+    Args:
+        logits: (M, B, C) float32/bfloat16/float16 with M = NB * m.
+        labels: (B,) int64/int32 labels.
+        block_codes: (NB, m+1, m+1) integer gate codes of each block, [source][destination] with the
+            label first and then the block's nodes in the order of ``block_nodes``.
+        block_nodes: (NB, m) int32 (or int64) 0-based node indices; every node in exactly one block.
+        temperature, progress, ignore_index: as for :func:`graph_loss_triton`; an (M,) progress is
+            indexed by node (not by block position).
+        block_c, rows_per_program: override the launch heuristics (tests).
+
+    Returns:
+        ``(node_loss (M,), edge_loss (M+1, M+1))`` float32, exactly as :func:`graph_loss_triton` on the
+        whole gate matrix would give them (zero between blocks); ``node_loss`` differentiable.
+
+    Raises:
+        ValueError / TypeError: shapes, dtypes, devices; on the CPU also a table that is not a
+            permutation of the nodes, or invalid gate codes.
+    """
+    node, edge, _ = _forward_blocks(logits, labels, block_codes, block_nodes, temperature, progress, ignore_index,
+                                    None, block_c=block_c, rows_per_program=rows_per_program)
+    return node, edge
+
+
+def graph_loss_triton_blocks_with_grad(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    block_codes: torch.Tensor,
+    block_nodes: torch.Tensor,
+    temperature: float,
+    progress: torch.Tensor,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`graph_loss_triton_blocks` without autograd: ``(node_loss, edge_loss, grad (M, B, C))``."""
+    with torch.no_grad():
+        return _forward_blocks(logits.detach(), labels, block_codes, block_nodes, temperature, progress,
+                               ignore_index, True)

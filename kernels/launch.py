@@ -12,7 +12,7 @@ import triton
 
 from . import _triton_graph_loss as K
 
-__all__ = ["Plan", "plan", "grad_dtype", "is_available", "interpreted", "DTYPES", "MAX_NODES", "LABEL_BLOCK",
+__all__ = ["Plan", "plan", "single_block", "grad_dtype", "is_available", "interpreted", "DTYPES", "MAX_NODES", "LABEL_BLOCK",
            "SCALE_BLOCK", "SCALE_GRID"]
 
 
@@ -29,6 +29,13 @@ SCALE_BLOCK = 4096
 # The backward's scale kernel runs a fixed grid of at most this many programs (over all nodes),
 # each looping over blocks: a node whose grad_output is 1 then costs a handful of idle programs.
 SCALE_GRID = 1024
+
+
+def single_block(c: int, block_c: int, num_warps: int, blocks: bool = False) -> bool:
+    """Whether a row is read once and kept in registers (C fits one block).  Not in a block launch at 16 warps:
+    there the tile already fills the registers ptxas gives each thread, and the block's node offsets on top
+    spill on sm_90 (bf16, m = 7); the two-pass loop reads the row twice from L1/L2 instead."""
+    return c <= block_c and not (blocks and num_warps >= 16)
 
 
 def grad_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,15 +96,20 @@ def plan(
     block_c: int | None = None,
     rows_per_program: int | None = None,
     sms: int | None = None,
+    blocks: bool = False,
 ) -> Plan:
     """Choose block sizes, rows per program and the C split for an (m, b, c) problem.
 
     The keyword arguments override the heuristics (tests use them to reach the
     multi-block, multi-row and split-C code paths with small shapes); ``sms``
     (streaming multiprocessors) stands in for the device's when planning ahead
-    of time without a GPU (:mod:`ktg_fast.kernels.aot`).
+    of time without a GPU (:mod:`ktg_fast.kernels.aot`).  ``blocks``: a block launch
+    (``graph_loss_triton_blocks``, m nodes a block), never split across programs: the blocks
+    already multiply the programs (see also :func:`single_block`).
     """
     mp = triton.next_power_of_2(m)
+    if blocks:
+        num_splits = 1
     if block_c is None:
         budget = max(16, TILE_BUDGET // (mp * mp))
         block_c = min(max(16, triton.next_power_of_2(c)), budget)

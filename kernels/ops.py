@@ -1,4 +1,5 @@
-"""The fused graph loss as ``torch.library`` operators with autograd (``ktg_fast::graph_loss_fwd``).
+"""The fused graph loss as ``torch.library`` operators with autograd (``ktg_fast::graph_loss_fwd``, and
+``ktg_fast::graph_loss_fwd_blocks`` for a graph of blocks of one size, one launch with a grid axis over blocks).
 
 The forward op launches one Triton kernel for all the per-row work (three when C
 is split across programs), sums the per-program partial losses with ``torch.sum``
@@ -29,7 +30,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from . import _triton_graph_loss as K
-from .launch import LABEL_BLOCK, SCALE_BLOCK, SCALE_GRID, grad_dtype, interpreted
+from .launch import LABEL_BLOCK, SCALE_BLOCK, SCALE_GRID, grad_dtype, interpreted, single_block
 
 def _device_guard(probe: torch.Tensor):
     """Make ``probe``'s CUDA device current for a launch (Triton launches on the current device).
@@ -109,10 +110,11 @@ def _graph_loss_fwd(
         edge_p, node_p = _partials(n_prog, m, dev)
         _launch(
             K._fused_kernel, (n_prog,), logits,
-            logits, labels, gate_codes, progress, count, grad, edge_p, node_p,
+            logits, labels, gate_codes, progress, count, grad, edge_p, node_p, gate_codes,
             b, c, s_m, s_b, s_y, s_p, ignore_index,
-            M=m, MP=mp, MP1=mp1, ROWS=rows_per_program, BLOCK_C=block_c, SINGLE_BLOCK=c <= block_c,
-            WRITE_GRAD=compute_grad, num_warps=num_warps, **count_consts, **consts,
+            M=m, MP=mp, MP1=mp1, ROWS=rows_per_program, BLOCK_C=block_c,
+            SINGLE_BLOCK=single_block(c, block_c, num_warps),
+            WRITE_GRAD=compute_grad, GATHER=False, num_warps=num_warps, **count_consts, **consts,
         )
     else:
         nsp = triton.next_power_of_2(num_splits)
@@ -146,6 +148,59 @@ def _graph_loss_fwd(
     return node_p.sum(0), edge_p.sum(0), grad
 
 
+@triton_op("ktg_fast::graph_loss_fwd_blocks", mutates_args=())
+def _graph_loss_fwd_blocks(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    block_codes: torch.Tensor,
+    block_nodes: torch.Tensor,
+    progress: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    compute_grad: bool,
+    block_c: int,
+    rows_per_program: int,
+    num_warps: int,
+    count_in_kernel: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Functional forward of a graph made of NB blocks of m nodes each, no edge between blocks, in one launch.
+
+    ``block_codes`` (NB, m+1, m+1) int32 holds each block's gates (the label first, then its nodes in the
+    order of ``block_nodes``), ``block_nodes`` (NB, m) int32 the block's nodes (0-based indices into
+    the logits; every node in exactly one block).  Returns (node_loss (M,) in node order, the blocks'
+    edge losses (NB, m+1, m+1) in block order, grad (M, B, C) or (0,)); M = NB * m.
+    """
+    total, b, c = logits.shape
+    nb, m = block_nodes.shape
+    mp = triton.next_power_of_2(m)
+    mp1 = triton.next_power_of_2(m + 1)
+    dev = logits.device
+    t = float(temperature)
+    consts = dict(T=t, K_T=K._LOG2E / t, SAME_T=t == 1.0)
+    grad = torch.empty((total, b, c) if compute_grad else (0,), dtype=grad_dtype(logits.dtype), device=dev)
+    count = labels
+    if not count_in_kernel:
+        count = (labels != ignore_index).sum()
+    count_consts = dict(COUNT_IN_KERNEL=count_in_kernel, LABEL_BLOCK=min(LABEL_BLOCK, triton.next_power_of_2(b)))
+    s_p = 0 if progress.dim() == 0 else progress.stride(0)
+    n_prog = triton.cdiv(b, rows_per_program)
+    edge_p = torch.empty((nb, n_prog, m + 1, m + 1), dtype=torch.float32, device=dev)
+    node_p = torch.empty((nb, n_prog, m), dtype=torch.float32, device=dev)
+    _launch(
+        K._fused_kernel, (n_prog, nb), logits,
+        logits, labels, block_codes, progress, count, grad, edge_p, node_p, block_nodes,
+        b, c, logits.stride(0), logits.stride(1), labels.stride(0), s_p, ignore_index,
+        M=m, MP=mp, MP1=mp1, ROWS=rows_per_program, BLOCK_C=block_c,
+        SINGLE_BLOCK=single_block(c, block_c, num_warps, blocks=True),
+        WRITE_GRAD=compute_grad, GATHER=True, num_warps=num_warps, **count_consts, **consts,
+    )
+    node_b = node_p.sum(1) if n_prog > 1 else node_p[:, 0]
+    edge_b = edge_p.sum(1) if n_prog > 1 else edge_p[:, 0]
+    # The blocks' node losses back in node order (the table is a permutation: every entry written once).
+    node = node_b.new_empty(total).scatter_(0, block_nodes.reshape(-1).long(), node_b.reshape(-1))
+    return node, edge_b, grad
+
+
 def _scale_launch(src: torch.Tensor, dst: torch.Tensor, grad_output: torch.Tensor) -> None:
     m = src.shape[0]
     n = src.numel() // max(m, 1)
@@ -174,7 +229,8 @@ def _scale_node_grad_into(grad: torch.Tensor, grad_output: torch.Tensor, out: to
 
 def _setup_context(ctx, inputs, output) -> None:
     _, _, grad = output
-    ctx.compute_grad = inputs[6]
+    ctx.n_inputs = len(inputs)
+    ctx.compute_grad = inputs[6] if ctx.n_inputs == 13 else inputs[7]  # graph_loss_fwd / graph_loss_fwd_blocks
     ctx.logits_dtype = inputs[0].dtype
     ctx.save_for_backward(grad if ctx.compute_grad else None)
 
@@ -182,8 +238,9 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_node, grad_edge, grad_grad):
     # edge_loss is returned detached by graph_loss_triton; grad_edge/grad_grad are ignored.
     (grad,) = ctx.saved_tensors
+    rest = (None,) * (ctx.n_inputs - 1)
     if grad is None or grad_node is None:
-        return (None,) * 13
+        return (None,) + rest
     g = grad_node.to(torch.float32)
     traced = torch.compiler.is_compiling() or type(grad) is not torch.Tensor
     if traced:
@@ -199,7 +256,8 @@ def _backward(ctx, grad_node, grad_edge, grad_grad):
         torch.ops.ktg_fast.scale_node_grad_(grad, g)
         torch.autograd.graph.increment_version(grad)
         out = grad
-    return (out,) + (None,) * 12
+    return (out,) + rest
 
 
 _graph_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+_graph_loss_fwd_blocks.register_autograd(_backward, setup_context=_setup_context)

@@ -16,6 +16,7 @@ function is Python and would be traced as a constant.
 from __future__ import annotations
 
 import numbers
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -83,6 +84,11 @@ class LiveGates:
         launches: None (one kernel launch takes every node) or the node ranges launched one by one, each
             of whole blocks; ``kernel_fits`` is False when a block alone exceeds ``kernel_limit``.
         launch_codes: int32 codes of each launch range (with the label row and column).
+        uniform: two or more blocks of one size m (at most ``kernel_limit``): the kernel runs one block
+            launch (``graph_loss_triton_blocks``) and :meth:`set` may regroup the nodes.
+        groups: each block's 0-based nodes (host tuples; contiguous ranges until regrouped).
+        block_nodes, block_codes: uniform blocks only, else None: (NB, m) int32 ``groups`` and
+            (NB, m+1, m+1) int32 each block's codes (its label row and column first).
         kl_nodes: 0-based nodes of blocks of two or more nodes: every KL edge lies among them.
         kl_through, kl_linear, kl_correct: (S, S, 1) bool over ``kl_nodes`` x ``kl_nodes`` [source, destination].
         ce_through, ce_linear: (M, 1) bool, the label edge into each node (correct acts as through there).
@@ -108,15 +114,23 @@ class LiveGates:
             raise ValueError(f"blocks {list(self.blocks)} cover {at} nodes; the gate matrix has {m}")
         self.num_nodes = m
         self.device = resolve_device(device)  # a clear error for an absent GPU; cuda means cuda:N, as the logits say
+        # The nodes of each block: the ranges at first; with blocks of one size, set(..., groups=...) regroups them.
+        self.groups: tuple[tuple[int, ...], ...] = tuple(tuple(range(a, b)) for a, b in self.blocks)
         self._block_of = [k for k, (a, b) in enumerate(self.blocks) for _ in range(a, b)]
         self.kl_nodes = tuple(n for a, b in self.blocks if b - a >= 2 for n in range(a, b))
-        # The kernel's launches: None for one launch over every node, else ranges of whole blocks.
-        self.launches = merge_blocks(self.blocks, kernel_limit) if m > kernel_limit else None
-        self.kernel_fits = m <= kernel_limit or self.launches is not None
+        sizes = {b - a for a, b in self.blocks}
+        # Blocks of one size (a trial pack's): one block launch, each program one block's nodes (NB * m^2 pairs).
+        self.uniform = len(self.blocks) > 1 and len(sizes) == 1 and max(sizes) <= kernel_limit
+        # Otherwise the kernel's launches: None for one launch over every node, else ranges of whole blocks.
+        self.launches = None if self.uniform or m <= kernel_limit else merge_blocks(self.blocks, kernel_limit)
+        self.kernel_fits = self.uniform or m <= kernel_limit or self.launches is not None
         s, dev = len(self.kl_nodes), self.device
         self.codes = torch.zeros(m + 1, m + 1, dtype=torch.int32, device=dev)
         self.launch_codes = [torch.zeros(b - a + 1, b - a + 1, dtype=torch.int32, device=dev)
                              for a, b in (self.launches or ())]
+        nb, mb = len(self.blocks), (self.blocks[0][1] - self.blocks[0][0])
+        self.block_nodes = torch.zeros(nb, mb, dtype=torch.int32, device=dev) if self.uniform else None
+        self.block_codes = torch.zeros(nb, mb + 1, mb + 1, dtype=torch.int32, device=dev) if self.uniform else None
         self.kl_through = torch.zeros(s, s, 1, dtype=torch.bool, device=dev)
         self.kl_linear = torch.zeros_like(self.kl_through)
         self.kl_correct = torch.zeros_like(self.kl_through)
@@ -125,17 +139,50 @@ class LiveGates:
         self._prepare = prepare_gates
         self.set(codes)
 
+    def _regroup(self, groups: Sequence[Sequence[int]]) -> None:
+        """Take new node groups (each block's nodes, in its order): blocks of one size only."""
+        nb, mb = len(self.groups), len(self.groups[0])
+        if not self.uniform:
+            raise ValueError(f"regrouping nodes needs two or more blocks of one size (at most the kernel's limit); "
+                             f"these are {list(self.blocks)}")
+        try:
+            new = tuple(tuple(int(operator.index(n)) for n in g) for g in groups)
+        except TypeError:
+            raise ValueError(f"groups must be lists of integer node indices, got {groups!r}") from None
+        if len(new) != nb or any(len(g) != mb for g in new) or sorted(n for g in new for n in g) != list(
+                range(self.num_nodes)):
+            raise ValueError(f"groups must be {nb} lists of {mb} nodes holding every node 0..{self.num_nodes - 1} "
+                             f"exactly once (0-based), got {[list(g) for g in new]}")
+        self.groups = new
+        self._block_of = [0] * self.num_nodes
+        for k, g in enumerate(new):
+            for n in g:
+                self._block_of[n] = k
+
     @torch.no_grad()
-    def set(self, gates) -> None:
+    def set(self, gates, groups: Optional[Sequence[Sequence[int]]] = None) -> None:
         """Take a new gate matrix: device copies into the existing tensors (no allocation on the device).
 
         Args:
             gates: (M+1, M+1) gate names or codes, the built-in gates only, no edge between blocks.
+            groups: with blocks of one size, new blocks: NB lists of m 0-based nodes, every node once (a
+                pack's newcomer takes free places anywhere); None keeps the current ones.
 
         Raises:
             ValueError: a wrong size, an edge into the label or onto the diagonal, a gate other than
-                the built-in ones, or an edge joining two blocks (each named).
+                the built-in ones, an edge joining two blocks (each named), or groups that do not tile the
+                nodes (or blocks of several sizes).
         """
+        old = (self.groups, self._block_of)
+        if groups is not None:
+            self._regroup(groups)
+        try:
+            self._set(gates)
+        except ValueError:
+            self.groups, self._block_of = old
+            raise
+
+    def _set(self, gates) -> None:
         codes = self._prepare(gates, self.num_nodes)
         custom = sorted({int(c) for c in codes.flatten().tolist()} - _gates.KERNEL_GATES)
         if custom:
@@ -146,15 +193,20 @@ class LiveGates:
         for s, t in (codes[1:, 1:] != cut).nonzero().tolist():
             if self._block_of[s] != self._block_of[t]:
                 raise ValueError(f"gate[{s + 1}][{t + 1}] is {_gates.get_gate(int(codes[s + 1, t + 1])).name!r} but "
-                                 f"nodes {s + 1} and {t + 1} lie in different blocks {self.blocks[self._block_of[s]]} "
-                                 f"and {self.blocks[self._block_of[t]]} (0-based node ranges); edges between blocks "
-                                 "must be cutoff")
+                                 f"nodes {s + 1} and {t + 1} lie in different blocks "
+                                 f"{list(self.groups[self._block_of[s]])} and {list(self.groups[self._block_of[t]])} "
+                                 "(0-based nodes); edges between blocks must be cutoff")
         self.key = tuple(map(tuple, codes.tolist()))
         dev = self.device
         self.codes.copy_(codes.to(torch.int32).to(dev))
         for (a, b), out in zip(self.launches or (), self.launch_codes):
             ix = torch.tensor([0, *range(a + 1, b + 1)])
             out.copy_(codes[ix][:, ix].to(torch.int32).to(dev))
+        if self.uniform:
+            nodes = torch.tensor(self.groups, dtype=torch.long)  # (NB, m)
+            ix = torch.cat([torch.zeros(len(self.groups), 1, dtype=torch.long), nodes + 1], dim=1)  # label first
+            self.block_nodes.copy_(nodes.to(torch.int32).to(dev))
+            self.block_codes.copy_(codes[ix[:, :, None], ix[:, None, :]].to(torch.int32).to(dev))
         kl = torch.tensor(self.kl_nodes, dtype=torch.long) + 1
         sub = codes[kl][:, kl].unsqueeze(-1) if len(kl) else torch.zeros(0, 0, 1, dtype=codes.dtype)
         self.kl_through.copy_((sub == _gates.THROUGH).to(dev))

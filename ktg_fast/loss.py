@@ -77,9 +77,10 @@ def _use_kernel(z: torch.Tensor, plan: EdgePlan, impl: str) -> bool:
     return kernels.is_available(z.device)
 
 
-def _launch(z: torch.Tensor, plan: EdgePlan, p: torch.Tensor, kernel) -> tuple[torch.Tensor, ...]:
+def _launch(z: torch.Tensor, plan: EdgePlan, p: torch.Tensor, kernel, blocks_kernel) -> tuple[torch.Tensor, ...]:
     """``kernel(z, codes, progress)`` in one launch, or per block of nodes beyond the kernel's node limit
-    (:mod:`ktg_fast.loss_blocks`), with the gate codes kept on z's device (no per-step copies)."""
+    (:mod:`ktg_fast.loss_blocks`), with the gate codes kept on z's device (no per-step copies); gates set
+    in place in blocks of one size: ``blocks_kernel(z, block_codes, block_nodes, progress)``, one launch."""
     from . import kernels  # local: optional Triton kernels (see _use_kernel)
 
     dev, live = str(z.device), plan.live
@@ -87,6 +88,8 @@ def _launch(z: torch.Tensor, plan: EdgePlan, p: torch.Tensor, kernel) -> tuple[t
         if not live.kernel_fits:
             raise ValueError(f"the Triton kernel takes at most {kernels.MAX_NODES} network nodes per block, and "
                              f"blocks {list(live.blocks)} hold more; use impl='reference' (or 'auto', which does)")
+        if live.uniform:
+            return blocks_kernel(z, live.block_codes, live.block_nodes, p)
         if live.launches is None:
             return kernel(z, live.codes, p)
         return run_in_blocks(z, live.launch_codes, p, live.launches, kernel)
@@ -105,8 +108,10 @@ def _kernel_loss(z: torch.Tensor, labels: torch.Tensor, plan: "EdgePlan", temper
     from . import kernels  # local: optional Triton kernels (see _use_kernel)
 
     labels, p = labels.to(z.device), progress_tensor(progress, z.shape[0], z.device)
-    node, edge = _launch(z, plan, p, lambda zb, cb, pb: kernels.graph_loss_triton(zb, labels, cb, temperature, pb,
-                                                                                     int(ignore_index)))
+    node, edge = _launch(z, plan, p,
+                         lambda zb, cb, pb: kernels.graph_loss_triton(zb, labels, cb, temperature, pb, int(ignore_index)),
+                         lambda zb, bc, bn, pb: kernels.graph_loss_triton_blocks(zb, labels, bc, bn, temperature, pb,
+                                                                                 int(ignore_index)))
     return GraphLossResult(node_loss=node, edge_loss=edge)
 
 
@@ -156,11 +161,13 @@ class GraphLoss(torch.nn.Module):
         """M, the network nodes the gate matrix has (the label node excluded)."""
         return self.plan.num_nodes
 
-    def set_gates(self, gates: GatesLike) -> None:
-        """Rewrite the gate matrix in place (a loss built with ``blocks``): a pack slot's new trial.
+    def set_gates(self, gates: GatesLike, groups: Optional[Sequence[Sequence[int]]] = None) -> None:
+        """Rewrite the gate matrix in place (a loss built with ``blocks``): a pack's newcomer trial.
 
         Args:
             gates: (M+1, M+1) gate names or codes, built-in gates only, no edge between blocks.
+            groups: blocks of one size only: the nodes of each block anew (NB lists of m 0-based nodes,
+                every node once; a newcomer's nodes need not be contiguous); None keeps them.
 
         Raises:
             RuntimeError: a loss built without ``blocks`` (its edges are fixed; build a new one).
@@ -169,7 +176,7 @@ class GraphLoss(torch.nn.Module):
         if self.plan.live is None:
             raise RuntimeError("this GraphLoss was bound to fixed gates; build it with blocks=... to set gates "
                                "in place, or build a new GraphLoss")
-        self.plan.live.set(gates)
+        self.plan.live.set(gates, groups)
 
     @property
     def gate_key(self) -> tuple[tuple[int, ...], ...]:
@@ -264,8 +271,9 @@ class GraphLoss(torch.nn.Module):
 
             def run():
                 y, p = labels.to(z.device), progress_tensor(progress, z.shape[0], z.device)
-                node, edge, grad = _launch(z, plan, p, lambda zb, cb, pb: (
-                    kernels.graph_loss_triton_with_grad(zb, y, cb, t, pb, ii)))
+                node, edge, grad = _launch(
+                    z, plan, p, lambda zb, cb, pb: kernels.graph_loss_triton_with_grad(zb, y, cb, t, pb, ii),
+                    lambda zb, bc, bn, pb: kernels.graph_loss_triton_blocks_with_grad(zb, y, bc, bn, t, pb, ii))
                 return GraphLossResult(node, edge), grad
 
             if self.impl == "triton" or torch.compiler.is_compiling():
@@ -281,6 +289,9 @@ class GraphLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         live = "" if self.plan.live is None else f", blocks={list(self.plan.live.blocks)}"
+        if self.plan.live is not None and self.plan.live.groups != tuple(tuple(range(a, b))
+                                                                          for a, b in self.plan.live.blocks):
+            live += f", groups={[list(g) for g in self.plan.live.groups]}"
         return f"num_nodes={self.num_nodes}, temperature={self.temperature}, impl={self.impl!r}{live}"
 
 

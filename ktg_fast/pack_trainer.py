@@ -13,8 +13,7 @@ of a lone run, which resumes it if the pack dies.
 Members join and leave only between epochs, and the step's shape stays put:
 its network nodes are places, each of one architecture (model, frozen or not),
 in vmapped node groups.  A newcomer takes free places of its nodes' kinds in
-place, wherever they are (within one kernel launch range when the pack exceeds
-the kernel's 16 nodes): its initial weights are written into the step's tensors,
+place, wherever they are: its initial weights are written into the step's tensors,
 its momentum and fp16 loss scale start over, and its gates are written into the
 graph loss's device tensors (:mod:`ktg_fast.live_gates`), so nothing is
 reallocated, recompiled or re-captured.  A free place is masked: every edge into
@@ -24,6 +23,13 @@ rebuilt, carrying the weights and momentum of the members that stay, only when a
 newcomer finds no free places of its kinds, or when at most half the places are in
 use (a search's tail: fewer nodes to run); on CUDA a rebuilt step is re-captured
 as a CUDA graph, not recompiled.
+
+The graph loss: when every member has the same node count m (a search's), one
+block launch computes it, a block of m nodes per member (NB * m^2 pairs a row,
+any number of nodes), and the blocks are regrouped in place on each refill, so
+a newcomer's places need not be contiguous.  Members of several node counts use
+fixed ranges of whole members of at most the kernel's 16 nodes, one launch each,
+and a newcomer takes free places within one range.
 """
 from __future__ import annotations
 
@@ -141,6 +147,7 @@ class PackTrainer:
         self._kinds: list[tuple[str, bool]] = []  # (model, frozen) of each place of the step
         self._ranges: list[tuple[int, int]] = []  # 0-based node ranges an edge may not leave (kernel launches)
         self._shared: dict[str, Any] = {}  # the recipe every member must share (set by the first member)
+        self._block_size: Optional[int] = None  # the loss's uniform block size (members' node count), if any
 
     # ------------------------------------------------------------ members
     def add(self, key: Hashable, graph: Graph, cfg: TrainConfig, out: str | os.PathLike) -> Member:
@@ -200,6 +207,8 @@ class PackTrainer:
         if self.loss is None or g.temperature != self.loss.temperature or not all(
                 c in _gates.KERNEL_GATES for row in g.gate_codes().tolist() for c in row):
             return None
+        if self._block_size is not None and g.num_nodes != self._block_size:
+            return None  # the loss's blocks hold one member's node count
         frozen = set(g.frozen)
         kinds = [(node.model, t in frozen) for t, node in enumerate(g.nodes, start=1)]
         for a, b in self._ranges:
@@ -255,7 +264,16 @@ class PackTrainer:
             log.debug("member %r takes places %s in place", new.key, spots)
         self.layout = stay + [new for new, _ in taken]
         self.refills += len(taken)
-        self.loss.set_gates(self._gate_codes())
+        self.loss.set_gates(self._gate_codes(), self._groups(free))
+
+    def _groups(self, free: list[int]) -> Optional[list[list[int]]]:
+        """The loss's blocks anew (0-based nodes): each member's places, then the free places in blocks of the
+        members' node count; None when the loss's blocks are fixed ranges."""
+        n = self._block_size
+        if n is None:
+            return None
+        spare = [p - 1 for p in free]
+        return [[p - 1 for p in m.places] for m in self.layout] + [spare[i:i + n] for i in range(0, len(spare), n)]
 
     def _gate_codes(self) -> torch.Tensor:
         """The step's (M+1, M+1) gate codes: each member's gates at its places, cutoff elsewhere."""
@@ -280,17 +298,27 @@ class PackTrainer:
         for m, off in zip(self.layout, self.packed.offsets):
             m.places = [off + t for t in range(1, m.graph.num_nodes + 1)]
         self._kinds = [(node.model, sup.is_frozen(t)) for t, node in enumerate(sup.nodes, start=1)]
-        # Edges may join places of one kernel launch range only: whole members, merged up to the kernel's limit.
         limit, total = kernel_node_limit(), sup.num_nodes
-        self._ranges = [(0, total)]
-        if total > limit:
-            self._ranges = list(merge_blocks(self.packed.blocks(), limit) or self._ranges)
+        sizes = sorted({m.graph.num_nodes for m in self.layout})
+        # Members of one node count (a search's): the loss runs one block launch, a block per member, and the
+        # blocks are regrouped on each refill, so a newcomer may take free places of its kinds anywhere.
+        uniform = len(sizes) == 1 and len(self.layout) > 1 and sizes[0] <= limit
+        self._block_size = sizes[0] if uniform else None
+        if self._block_size is not None:
+            self._ranges, blocks = [(0, total)], self.packed.blocks()
+        else:
+            # Otherwise edges may join places of one kernel launch range only: whole members, merged up to the
+            # kernel's limit.
+            self._ranges = [(0, total)]
+            if total > limit:
+                self._ranges = list(merge_blocks(self.packed.blocks(), limit) or self._ranges)
+            blocks = self._ranges
         nets = [net for m in self.layout for net in m.nets]
         codes = sup.gate_codes()
         # Gates set in place when the built-in gates suffice (custom gates: a fixed loss, a rebuild per refill).
         self.loss = None
         if all(c in _gates.KERNEL_GATES for row in codes.tolist() for c in row):
-            self.loss = GraphLoss(codes, temperature=sup.temperature, impl=self.loss_impl, blocks=self._ranges,
+            self.loss = GraphLoss(codes, temperature=sup.temperature, impl=self.loss_impl, blocks=blocks,
                                   device=self.device)
         k_end = max(m.cfg.epochs for m in self.layout) * self.iters_per_epoch
         # The shared recipe (momentum, weight decay); each member's rates are set per epoch.

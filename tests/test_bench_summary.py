@@ -23,6 +23,10 @@ def test_summary_reads_counts_and_ratios(tmp_path):
              {"graph": "a", "variant": "eager", "s_per_step": 0.02}, {"graph": "a", "variant": "graph",
              "s_per_step": 0.01, "step_kind": "fused"}]
     (tmp_path / "train_step-1.json").write_text(json.dumps({"rows": steps}))
+    packs = [{"K": 4, "impl": "blocks", "median_ms": 0.2}, {"K": 4, "impl": "ranges", "median_ms": 0.3},
+             {"K": 8, "impl": "blocks", "median_ms": 0.5}, {"K": 8, "impl": "ranges", "median_ms": 0.4},
+             {"K": 8, "impl": "single", "status": "> 16"}]
+    (tmp_path / "pack_loss-1.json").write_text(json.dumps({"rows": packs}))
     r = subprocess.run([sys.executable, str(REPO / "bench" / "summary.py"), str(tmp_path)], capture_output=True,
                        text=True, check=True)
     out = r.stdout
@@ -41,3 +45,5 @@ def test_summary_reads_counts_and_ratios(tmp_path):
     assert "2x" in lines["graph a: CUDA-graph step / eager step"] and "NOT met" in lines[
         "graph a: CUDA-graph step / eager step"]
     assert "loaders: no result file" in out and "search: no result file" in out
+    assert "pack loss, 4 trials: ranges/blocks 1.50x (one block launch is faster)" in out
+    assert "pack loss, 8 trials: ranges/blocks 0.80x (launches per range is faster)" in out

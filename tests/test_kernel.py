@@ -867,3 +867,199 @@ def test_gates_set_in_place_equal_fixed_gates(sizes):
         _, grad = loss.loss_and_grad(z.to(DEV), labels.to(DEV), prog.to(DEV))
         torch.testing.assert_close(grad.double().cpu(), grad_ref, rtol=1e-5, atol=1e-5 * gmax)
     assert [live.codes.data_ptr(), *(c.data_ptr() for c in live.launch_codes)] == tensors
+
+
+# ----------------------------------------------------------------------------- block launches (trial packs)
+def grouped_gates(groups, seed, empty=()):
+    """Full (M+1, M+1) codes and the blocks' (NB, m+1, m+1) codes for blocks of nodes ``groups`` (0-based,
+    any order); blocks listed in ``empty`` are all cutoff (a pack's free places)."""
+    m = sum(len(g) for g in groups)
+    full = torch.zeros(m + 1, m + 1, dtype=torch.int64)
+    per_block = []
+    for k, g in enumerate(groups):
+        sub = torch.zeros(len(g) + 1, len(g) + 1, dtype=torch.int64) if k in empty else mixed_gates(len(g), seed + k)
+        ix = torch.tensor([0, *[n + 1 for n in g]])
+        full[ix[:, None], ix[None, :]] = torch.maximum(full[ix[:, None], ix[None, :]], sub)
+        per_block.append(sub)
+    return full, torch.stack(per_block)
+
+
+BLOCK_CASES = [  # (NB, m, B, C, T, launch overrides, progress per node)
+    (3, 3, 7, 10, 2.0, {}, False),
+    (4, 3, 5, 37, 1.0, {"rows_per_program": 3}, True),  # several rows per program, partial last program
+    (6, 3, 4, 100, 4.0, {}, True),  # 18 nodes: beyond the single launch's limit
+    (2, 5, 3, 300, 2.0, {"block_c": 64}, True),  # online softmax over 5 blocks of C per row
+    (5, 1, 6, 10, 1.0, {}, False),  # label edges only
+    (2, 16, 2, 20, 2.0, {}, True),  # the largest block
+]
+
+
+@pytest.mark.parametrize("nb, m, b, c, temperature, launch, per_node", BLOCK_CASES)
+def test_block_launch_matches_reference(nb, m, b, c, temperature, launch, per_node):
+    """graph_loss_triton_blocks with non-contiguous blocks (one all cutoff) equals the float64 reference of
+    the whole gate matrix: node and edge losses (zero between blocks) and every gradient."""
+    total = nb * m
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(total + c)).tolist()
+    groups = [perm[k * m:(k + 1) * m] for k in range(nb)]
+    full, per_block = grouped_gates(groups, seed=c, empty=(nb - 1,) if nb > 2 else ())
+    z, labels = make_case(total, b, c, seed=total * 7 + c)
+    prog = torch.linspace(0.1, 0.9, total) if per_node else torch.tensor(0.37)
+    node_ref, edge_ref, grad_ref = reference(z, labels, full, temperature, prog.double() if per_node else 0.37)
+    leaf = z.to(DEV).requires_grad_()
+    nodes = torch.tensor(groups, dtype=torch.int32, device=DEV)
+    node, edge = kernels.graph_loss_triton_blocks(leaf, labels.to(DEV), per_block.to(DEV, torch.int32), nodes,
+                                                  temperature, prog.to(DEV), **launch)
+    assert node.shape == (total,) and edge.shape == (total + 1, total + 1)
+    node.sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5 * max(1.0, edge_ref.abs().max().item()))
+    torch.testing.assert_close(edge.double().cpu(), edge_ref, **tol)
+    torch.testing.assert_close(node.double().cpu(), node_ref, **tol)
+    gmax = max(grad_ref.abs().max().item(), 1e-30)
+    torch.testing.assert_close(leaf.grad.double().cpu(), grad_ref, rtol=1e-5, atol=1e-5 * gmax)
+    _, _, grad = kernels.graph_loss_triton_blocks_with_grad(z.to(DEV), labels.to(DEV), per_block.to(DEV, torch.int32),
+                                                            nodes, temperature, prog.to(DEV))
+    torch.testing.assert_close(grad.double().cpu(), grad_ref, rtol=1e-5, atol=1e-5 * gmax)
+    if nb > 2:  # the empty block: exactly zero loss and gradient
+        empty = groups[-1]
+        assert node[empty].abs().sum().item() == 0.0 and leaf.grad[empty].abs().sum().item() == 0.0
+
+
+def test_block_launch_refuses_bad_tables():
+    z, labels = make_case(6, 4, 10, seed=0)
+    z, labels = z.to(DEV), labels.to(DEV)
+    codes = torch.zeros(2, 4, 4, dtype=torch.int32, device=DEV)
+    prog = torch.tensor(0.5, device=DEV)
+    f = kernels.graph_loss_triton_blocks
+    with pytest.raises(ValueError, match="every node 0..5 exactly once"):
+        f(z, labels, codes, torch.tensor([[0, 1, 2], [2, 3, 4]], dtype=torch.int32, device=DEV), 1.0, prog)
+    with pytest.raises(ValueError, match=r"\(NB \* m, B, C\) = \(9, B, C\)"):
+        f(z, labels, codes, torch.arange(9, dtype=torch.int32, device=DEV).view(3, 3), 1.0, prog)
+    with pytest.raises(ValueError, match=r"block_codes must be \(NB, m\+1, m\+1\)"):
+        f(z, labels, codes[:, :3, :3], torch.arange(6, dtype=torch.int32, device=DEV).view(2, 3), 1.0, prog)
+    bad = codes.clone()
+    bad[1, 2, 2] = THROUGH
+    with pytest.raises(ValueError, match="diagonal"):
+        f(z, labels, bad, torch.arange(6, dtype=torch.int32, device=DEV).view(2, 3), 1.0, prog)
+    with pytest.raises(ValueError, match=r"progress must be 0-dim or \(6,\)"):
+        f(z, labels, codes, torch.arange(6, dtype=torch.int32, device=DEV).view(2, 3), 1.0, prog.repeat(3))
+
+
+def test_block_op_passes_opcheck():
+    z, labels = make_case(6, 4, 10, seed=0)
+    z = z.to(DEV).requires_grad_()
+    _, per_block = grouped_gates([[0, 4, 2], [1, 3, 5]], seed=1)
+    cfg = kgl.plan(3, 4, 10, DEV, num_splits=1)
+    args = (z, labels.to(DEV), per_block.to(DEV, torch.int32), torch.tensor([[0, 4, 2], [1, 3, 5]], dtype=torch.int32,
+                                                                            device=DEV),
+            torch.linspace(0, 1, 6, device=DEV), 2.0, -100, True, cfg.block_c, cfg.rows_per_program, cfg.num_warps,
+            cfg.count_in_kernel)
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    if DEV.type == "cuda":
+        utils.append("test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.ktg_fast.graph_loss_fwd_blocks.default, args, test_utils=utils)
+
+
+def test_uniform_blocks_regroup_in_place():
+    """A GraphLoss over blocks of one size (a search's pack, 18 nodes) runs one block launch; set_gates with new
+    groups (a newcomer's places anywhere) rewrites the same device tensors and equals the reference."""
+    groups0 = [list(range(k * 3, k * 3 + 3)) for k in range(6)]
+    full0, _ = grouped_gates(groups0, seed=4)
+    loss = ktg_fast.GraphLoss(full0, 2.0, impl="triton", blocks=[(g[0], g[-1] + 1) for g in groups0], device=DEV)
+    live = loss.plan.live
+    assert live.uniform and live.launches is None and live.block_nodes.shape == (6, 3)
+    ptrs = (live.codes.data_ptr(), live.block_nodes.data_ptr(), live.block_codes.data_ptr())
+    groups = [[0, 7, 14], [3, 1, 2], [6, 4, 5], [9, 10, 11], [12, 13, 8], [15, 16, 17]]
+    full, _ = grouped_gates(groups, seed=9, empty=(5,))
+    loss.set_gates(full, groups)
+    assert live.block_nodes.tolist() == groups and "groups=" in repr(loss)
+    z, labels = make_case(18, 5, 12, seed=3)
+    prog = torch.linspace(0.0, 1.0, 18)
+    node_ref, edge_ref, grad_ref = reference(z, labels, full, 2.0, prog.double())
+    res, grad = loss.loss_and_grad(z.to(DEV), labels.to(DEV), prog.to(DEV))
+    tol = dict(rtol=1e-5, atol=1e-5 * max(1.0, edge_ref.abs().max().item()))
+    torch.testing.assert_close(res.edge_loss.double().cpu(), edge_ref, **tol)
+    torch.testing.assert_close(res.node_loss.double().cpu(), node_ref, **tol)
+    torch.testing.assert_close(grad.double().cpu(), grad_ref, rtol=1e-5, atol=1e-5 * grad_ref.abs().max().item())
+    ref_loss = ktg_fast.GraphLoss(full0, 2.0, impl="reference", blocks=[(g[0], g[-1] + 1) for g in groups0])
+    ref_loss.set_gates(full, groups)
+    torch.testing.assert_close(ref_loss(z, labels, prog).node_loss.double(), node_ref, **tol)
+    assert (live.codes.data_ptr(), live.block_nodes.data_ptr(), live.block_codes.data_ptr()) == ptrs
+    with pytest.raises(ValueError, match=r"nodes 1 and 2 lie in different blocks \[0, 7, 14\] and \[3, 1, 2\]"):
+        bad = full.clone()
+        bad[1, 2] = THROUGH
+        loss.set_gates(bad, groups)
+    assert live.groups == tuple(map(tuple, groups))  # a refused call changes nothing
+    with pytest.raises(ValueError, match="6 lists of 3 nodes"):
+        loss.set_gates(full, [[0, 1, 2]] * 6)
+    with pytest.raises(ValueError, match="blocks of one size"):
+        ktg_fast.GraphLoss(block_diagonal([3, 2], 1), blocks=[(0, 3), (3, 5)]).set_gates(block_diagonal([3, 2], 1),
+                                                                                         [[0, 1, 2], [3, 4]])
+
+
+def test_dynamo_traces_the_block_wrapper_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces graph_loss_triton_blocks' host code (checks, plan, the node-loss
+    scatter and the edge assembly) around the custom op; the eager backend runs it."""
+    z, labels = make_case(6, 4, 10, seed=5)
+    groups = [[0, 4, 2], [1, 3, 5]]
+    _, per_block = grouped_gates(groups, seed=5)
+    codes, nodes = per_block.to(DEV, torch.int32), torch.tensor(groups, dtype=torch.int32, device=DEV)
+    prog = torch.linspace(0, 1, 6, device=DEV)
+    z, labels = z.to(DEV), labels.to(DEV)
+
+    def f(x):
+        node, edge = kernels.graph_loss_triton_blocks(x, labels, codes, nodes, 2.0, prog)
+        return node, edge
+
+    a = z.clone().requires_grad_()
+    b = z.clone().requires_grad_()
+    na, ea = torch.compile(f, backend="eager", fullgraph=True)(a)
+    nb_, eb = f(b)
+    na.sum().backward()
+    nb_.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    torch.testing.assert_close(ea, eb, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_block_launch_compiles_and_regroups_inside_a_cuda_graph():
+    """The block launch under torch.compile, and captured in a CUDA graph whose replays see new groups and gates
+    written in place (a pack's refill): each replay equals the float64 reference of its gate matrix."""
+    nb, m, b, c = 6, 3, 64, 100
+    total = nb * m
+    groups0 = [list(range(k * m, k * m + m)) for k in range(nb)]
+    full0, _ = grouped_gates(groups0, seed=1)
+    loss = ktg_fast.GraphLoss(full0, 2.0, impl="triton", blocks=[(g[0], g[-1] + 1) for g in groups0], device="cuda")
+    z0, labels0 = make_case(total, b, c, seed=1)
+    prog = torch.linspace(0.1, 0.9, total, device="cuda")
+    compiled = torch.compile(lambda x: loss(x, labels0.cuda(), prog).node_loss.sum(), fullgraph=True)
+    leaf = z0.cuda().requires_grad_()
+    compiled(leaf).backward()
+    _, _, grad_ref = reference(z0, labels0, full0, 2.0, prog.double().cpu())
+    torch.testing.assert_close(leaf.grad.double().cpu(), grad_ref, rtol=1e-5, atol=1e-7)
+    static_z = torch.zeros(total, b, c, device="cuda", requires_grad=True)
+    static_y = torch.zeros(b, dtype=torch.int64, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            static_z.grad = None
+            loss(static_z, static_y, prog).node_loss.sum().backward()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    static_z.grad = None
+    with torch.cuda.graph(graph):
+        res = loss(static_z, static_y, prog)
+        res.node_loss.sum().backward()
+    for seed, groups in ((2, groups0), (3, [[0, 7, 14], [3, 1, 2], [6, 4, 5], [9, 10, 11], [12, 13, 8],
+                                            [15, 16, 17]])):
+        full, _ = grouped_gates(groups, seed=seed, empty=(nb - 1,))
+        loss.set_gates(full, groups)
+        z, labels = make_case(total, b, c, seed=seed)
+        with torch.no_grad():
+            static_z.copy_(z.cuda())
+        static_y.copy_(labels.cuda())
+        graph.replay()
+        node_ref, edge_ref, grad_ref = reference(z, labels, full, 2.0, prog.double().cpu())
+        torch.testing.assert_close(res.edge_loss.double().cpu(), edge_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(static_z.grad.double().cpu(), grad_ref, rtol=1e-5, atol=1e-7)

@@ -392,3 +392,54 @@ def test_custom_gates_fall_back_to_a_new_step_per_change(tmp_path, teacher):
         assert pack.rebuilds == 3 and pack.refills == 0 and pack.loss is None
     finally:
         kf.gates.unregister_gate("half_pack")
+
+
+def test_a_newcomer_takes_free_places_anywhere_when_blocks_are_uniform(tmp_path, teacher, float64):
+    """Members of one node count: the loss's blocks are regrouped, so a newcomer may take free places left by
+    two different members (not one contiguous range); it equals its lone run and the member that stays is
+    unaffected."""
+    a, b, c = _graphs(teacher)
+    data = _data()
+    pack = PackTrainer(data, batch_size=16, data_seed=PACK_SEED, device="cpu", step="fused")
+    first = pack.add("a", a, small_config(seed=1, epochs=2, batch_size=16), tmp_path / "a")
+    second = pack.add("b", b, small_config(seed=2, epochs=2, batch_size=16), tmp_path / "b")
+    stay = pack.add("c", c, small_config(seed=3, epochs=2, batch_size=16), tmp_path / "c")
+    pack.run_epoch()
+    assert pack.loss.plan.live.uniform
+    pack.remove(first)
+    pack.remove(second)
+    new = pack.add("d", _like_b(), small_config(seed=9, epochs=1, batch_size=16), tmp_path / "d")
+    pack.run_epoch()
+    assert pack.rebuilds == 1 and pack.refills == 1
+    assert new.places == [1, 4]  # resnet8 from a's places, wrn10_1 from b's
+    assert [list(g) for g in pack.loss.plan.live.groups] == [[4, 5], [0, 3], [1, 2]]  # c, d, the free places
+    Trainer(_like_b(), data, small_config(seed=9, epochs=1, batch_size=16, data_seed=PACK_SEED, data_offset=1),
+            tmp_path / "d-alone", device="cpu", step="fused", progress=False).run()
+    _assert_same_run(tmp_path / "d", tmp_path / "d-alone", 1)
+    Trainer(c, data, small_config(seed=3, epochs=2, batch_size=16, data_seed=PACK_SEED), tmp_path / "c-alone",
+            device="cpu", step="fused", progress=False).run()
+    _assert_same_run(tmp_path / "c", tmp_path / "c-alone", 2)
+    assert stay.epoch == 2
+
+
+def test_beyond_the_kernel_limit_a_newcomer_still_takes_places_anywhere(tmp_path):
+    """Nine (resnet8, wrn10_1) members: 18 nodes, past the kernel's 16.  Fixed launch ranges ((0, 16), (16, 18))
+    would keep a newcomer within one range; uniform blocks let a (resnet8, resnet8) newcomer take the resnet8
+    places of the first and the last member, in place."""
+    mixed = Graph([Node("resnet8"), Node("wrn10_1")],
+                  [["cutoff", "through", "through"], ["cutoff", "cutoff", "through"], ["cutoff", "through", "cutoff"]])
+    data = synthetic_data(val_size=16, train_subset=16, eval_subset=16, test=False)
+    pack = PackTrainer(data, batch_size=16, augment=False, data_seed=PACK_SEED, device="cpu", step="eager")
+    members = [pack.add(k, mixed, small_config(seed=k, epochs=2, batch_size=16, augment=False), tmp_path / str(k))
+               for k in range(9)]
+    pack.run_epoch()
+    assert pack.packed.graph.num_nodes == 18 and pack.loss.plan.live.uniform
+    pack.remove(members[0])
+    pack.remove(members[8])
+    pair = Graph([Node("resnet8"), Node("resnet8")],
+                 [["cutoff", "through", "cutoff"], ["cutoff", "cutoff", "linear"], ["cutoff", "cutoff", "cutoff"]])
+    new = pack.add("new", pair, small_config(seed=20, epochs=1, batch_size=16, augment=False), tmp_path / "new")
+    out = pack.run_epoch()
+    assert pack.rebuilds == 1 and pack.refills == 1 and new.places == [1, 17]
+    assert [o.member.key for o in out] == [*range(1, 8), "new"] and all(o.failure is None for o in out)
+    assert list(pack.loss.plan.live.groups[-2]) == [0, 16] and list(pack.loss.plan.live.groups[-1]) == [1, 17]
