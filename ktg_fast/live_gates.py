@@ -183,12 +183,18 @@ class LiveGates:
             raise
 
     def _set(self, gates) -> None:
-        codes = self._prepare(gates, self.num_nodes)
+        m = self.num_nodes
+        shape = tuple(_gates.gate_codes(gates).shape)
+        if shape != (m + 1, m + 1):
+            raise ValueError(f"the gate matrix is {shape[0]}x{shape[-1]} but this loss's blocks hold {m} nodes: it "
+                             f"must be {m + 1}x{m + 1} (label node 0 plus one row per network)")
+        codes = self._prepare(gates, m)
         custom = sorted({int(c) for c in codes.flatten().tolist()} - _gates.KERNEL_GATES)
         if custom:
             names = ", ".join(repr(_gates.get_gate(c).name) for c in custom)
-            raise ValueError(f"gates set in place take the built-in gates only (cutoff, through, linear, correct), "
-                             f"got {names}; build a new GraphLoss for custom gates")
+            raise ValueError(f"gates set in place (GraphLoss(blocks=...)) take the built-in gates only (cutoff, "
+                             f"through, linear, correct), got {names}; for custom gates build a GraphLoss without "
+                             "blocks= (its gates are then fixed)")
         cut = _gates.CUTOFF
         for s, t in (codes[1:, 1:] != cut).nonzero().tolist():
             if self._block_of[s] != self._block_of[t]:

@@ -148,6 +148,7 @@ class PackTrainer:
         self._ranges: list[tuple[int, int]] = []  # 0-based node ranges an edge may not leave (kernel launches)
         self._shared: dict[str, Any] = {}  # the recipe every member must share (set by the first member)
         self._block_size: Optional[int] = None  # the loss's uniform block size (members' node count), if any
+        self._outs: dict[Path, Hashable] = {}  # every member's output folder, past and present
 
     # ------------------------------------------------------------ members
     def add(self, key: Hashable, graph: Graph, cfg: TrainConfig, out: str | os.PathLike) -> Member:
@@ -156,9 +157,12 @@ class PackTrainer:
         if cfg.batch_size != self.batch_size or cfg.augment != self.augment:
             raise ValueError(f"member {key!r}: batch size {cfg.batch_size} / augment {cfg.augment} differ from the "
                              f"pack's {self.batch_size} / {self.augment}; pack only trials of one recipe")
-        if cfg.precision not in (None, self.precision) or (self.members and graph.temperature !=
-                                                            self.members[0].graph.temperature):
-            raise ValueError(f"member {key!r}: precision and temperature must be the pack's")
+        if cfg.precision not in (None, self.precision):
+            raise ValueError(f"member {key!r}: precision {cfg.precision!r} differs from the pack's {self.precision!r}; "
+                             "pack only trials of one precision")
+        if self.members and graph.temperature != self.members[0].graph.temperature:
+            raise ValueError(f"member {key!r}: temperature {graph.temperature:g} differs from the pack's "
+                             f"{self.members[0].graph.temperature:g}; pack only graphs of one temperature")
         # One optimizer and one memory layout serve every place: the first member's settings are the pack's.
         shared = {name: getattr(cfg, name) for name in _SHARED_RECIPE}
         self._shared = self._shared or shared
@@ -168,9 +172,11 @@ class PackTrainer:
                              "trials that share momentum, nesterov, weight decay and channels_last")
         if any(m.key == key for m in self.members):
             raise ValueError(f"member {key!r} is already in the pack; give each member its own key")
-        clash = next((m for m in self.members if m.out.resolve() == Path(out).resolve()), None)
+        # A folder of a member past or present: adding would truncate its metrics under its final.json and nodes/.
+        clash = self._outs.get(Path(out).resolve())
         if clash is not None:
-            raise ValueError(f"member {key!r}: output folder {out} is member {clash.key!r}'s; give each member its own")
+            raise ValueError(f"member {key!r}: output folder {out} is member {clash!r}'s (in this pack now or "
+                             "earlier); give each member a new folder")
         cfg = dataclasses.replace(cfg, data_seed=self.data_seed, data_offset=self.epoch)
         cfg.validate()
         rd = self.run_data
@@ -181,6 +187,7 @@ class PackTrainer:
         m = Member(key=key, graph=graph, cfg=cfg, out=Path(out), nets=nets,
                    milestones=cfg.resolved_milestones(canonical_name(self.data.dataset)))
         m.out.mkdir(parents=True, exist_ok=True)
+        self._outs[m.out.resolve()] = key
         graph.save(m.out / "graph.yaml")
         truncate_metrics(m.out / "metrics.jsonl", 0)
         self.members.append(m)
@@ -438,6 +445,9 @@ class PackTrainer:
             ValueError: a member that did not train in the pack's last epoch (its places may hold another's).
         """
         self._check_in_step(member)
+        if not (isinstance(t, int) and 1 <= t <= member.graph.num_nodes):
+            raise ValueError(f"member {member.key!r}: node {t!r} does not exist; t is 1-based, "
+                             f"1..{member.graph.num_nodes} (node 0 is the label)")
         self.train_step.adopt_nets()
         net = self.train_step.nets[member.places[t - 1] - 1]
         node, rd = member.graph.nodes[t - 1], self.run_data
@@ -452,9 +462,14 @@ class PackTrainer:
         Call it after the member's last epoch, before the pack's next one.
 
         Raises:
-            ValueError: a member that did not train in the pack's last epoch (its places may hold another's).
+            ValueError: a member that did not train in the pack's last epoch (its places may hold another's),
+                or has epochs left (a pruned member's nodes go through :meth:`save_node`).
         """
         self._check_in_step(member)
+        if not member.done:
+            raise ValueError(f"member {member.key!r} has done {member.epoch} of its {member.cfg.epochs} epochs: "
+                             "finish() writes a finished run's final.json; save a pruned member's nodes with "
+                             "save_node()")
         self.train_step.adopt_nets()
         nets = self._values(member, self.train_step.nets)  # its places in the step of the epoch just run
         m = member.graph.num_nodes

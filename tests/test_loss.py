@@ -657,11 +657,12 @@ def test_gates_set_in_place_refuse_what_they_cannot_take():
     try:
         odd = [row[:] for row in gates]
         odd[0][1] = "half_live"
-        with pytest.raises(ValueError, match="built-in gates only.*'half_live'"):
+        with pytest.raises(ValueError, match="built-in gates only.*'half_live'; for custom gates build a GraphLoss "
+                                             "without blocks="):
             loss.set_gates(odd)
     finally:
         G.unregister_gate("half_live")
-    with pytest.raises(ValueError, match="must be 4x4"):
+    with pytest.raises(ValueError, match="3x3 but this loss's blocks hold 3 nodes: it must be 4x4"):
         loss.set_gates([["cutoff"] * 3] * 3)
     with pytest.raises(ValueError, match="cover 2 nodes"):
         kf.GraphLoss(gates, blocks=[(0, 2)])

@@ -189,7 +189,7 @@ def test_member_recipe_must_match_the_pack(tmp_path, teacher):
         pack.add(0, a, small_config(batch_size=32), tmp_path / "x")
     pack.add(0, a, small_config(batch_size=16), tmp_path / "a")
     c.temperature = 3.0
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ValueError, match="temperature 3 differs from the pack's 1"):
         pack.add(1, c, small_config(batch_size=16), tmp_path / "c")
     with pytest.raises(RuntimeError, match="no member"):
         PackTrainer(_data(), batch_size=16, device="cpu").run_epoch()
@@ -224,6 +224,14 @@ def test_members_misused_after_their_epochs_get_clear_errors(tmp_path, teacher):
         pack.remove(one)
     final = pack.finish(one, records["one"])  # still valid: the next epoch has not run
     assert final["epoch"] == 1 and (tmp_path / "one" / "nodes" / "node1_resnet8.pt").exists()
+    with pytest.raises(ValueError, match="'two' has done 1 of its 2 epochs: finish"):
+        pack.finish(two, records["two"])  # not done: a pruned member saves nodes, not final.json
+    for t in (0, 3, 1.0):
+        with pytest.raises(ValueError, match="t is 1-based, 1..2"):
+            pack.save_node(two, t)
+    with pytest.raises(ValueError, match="is member 'one''s \\(in this pack now or earlier\\)"):
+        pack.add("one-again", a, small_config(seed=1, epochs=1, batch_size=16), tmp_path / "one")
+    assert (tmp_path / "one" / "final.json").exists() and (tmp_path / "one" / "metrics.jsonl").read_text()
     pack.add("new", Graph([Node("resnet8"), Node("resnet8")], a.gates), small_config(seed=3, epochs=1,
                                                                                     batch_size=16), tmp_path / "new")
     pack.run_epoch()

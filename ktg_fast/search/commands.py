@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from ..data import canonical_name
 from ..recipe import TrainConfig
+from ..steps import CPU_AUTO_KIND
 from .config import SearchConfig
 
 __all__ = ["retrain_command", "replay_command"]
@@ -48,24 +49,33 @@ def retrain_command(cfg: SearchConfig, graph: Path, frozen: bool) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def replay_command(cfg: SearchConfig, info: dict[str, Any], folder: Path, *, threads: Optional[int] = None) -> str:
+def replay_command(cfg: SearchConfig, info: dict[str, Any], folder: Path, *, threads: Optional[int] = None,
+                   frozen: bool = False) -> str:
     """``python -m ktg_fast.train`` that trains one trial alone as the search did: its graph, seed, validation
     split, teachers, step path and precision, and (a packed trial) the pack's batches (``--data-seed``,
-    ``--data-offset``).  With ``threads`` (the worker's CPU threads) a CPU run of the eager step ends with
-    the trial's weights bit for bit; other paths agree up to float32 rounding (a pack groups nodes otherwise).
+    ``--data-offset``).  With ``threads`` (the worker's CPU threads) a CPU run of the eager step of a trial
+    that trained alone ends with its weights bit for bit; otherwise they agree up to float32 rounding (a
+    pack's loss and fused groups sum over more nodes).
 
     Args:
         cfg: the search's settings.
         info: the trial's ``trial.json`` fields (``seed``, ``val_size``, ``data_seed``/``data_offset`` if packed).
         folder: the trial's folder (its ``graph.yaml``; the replay goes to ``<folder>/replay``).
-        threads: the CPU threads the trial ran with.
+        threads: the CPU threads the trial ran with (a CPU run); None on a GPU.
+        frozen: the graph has frozen nodes (their teachers come from the search's teacher folder).
     """
     parts = ["python", "-m", "ktg_fast.train", "--graph", str(folder / "graph.yaml"), *_recipe_flags(cfg),
-             "--val-size", str(info["val_size"]), "--teachers", str(cfg.teacher_dir()), "--seeds", str(info["seed"])]
-    if info.get("data_seed") is not None:
+             "--val-size", str(info["val_size"])]
+    if frozen:
+        parts += ["--teachers", str(cfg.teacher_dir())]
+    parts += ["--seeds", str(info["seed"])]
+    packed = info.get("data_seed") is not None
+    if packed:
         parts += ["--data-seed", str(info["data_seed"]), "--data-offset", str(info.get("data_offset", 0))]
     if cfg.step != "auto":
         parts += ["--step", cfg.step]
+    elif packed and threads:
+        parts += ["--step", CPU_AUTO_KIND]  # a CPU pack never compiles; a long lone run on auto would
     if cfg.precision:
         parts += ["--precision", cfg.precision]
     if cfg.channels_last:

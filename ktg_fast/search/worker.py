@@ -107,6 +107,11 @@ class Worker(TrialOutcomes):
                                     retry_callback=self._stale)
         self.grace = spec["grace"]
         self.study = load_search_study(cfg, self.storage, seed=cfg.sampler_seed(self.worker_id))
+        running = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        if running and self.worker_id == 0:
+            log.info("the study holds %d running trial%s (%s): other workers', or a killed run's, re-queued once "
+                     "they have had no heartbeat for %d s (--grace)", len(running), "" if len(running) == 1 else "s",
+                     ", ".join(map(str, running[:8])) + (", ..." if len(running) > 8 else ""), self.grace)
 
     def budget(self) -> int:
         return int(self.study.user_attrs.get(BUDGET_ATTR, self.cfg.trials))
@@ -126,8 +131,8 @@ class Worker(TrialOutcomes):
             mine = len(getattr(self, "slots", ()))
             others = sum(1 for t in book.trials if t.state == TrialState.RUNNING) - mine
             if others > 0:
-                log.info("waiting for %d running trial%s of other workers; a trial whose worker stopped (an earlier "
-                         "run killed) is re-queued once it has had no heartbeat for %d s (--grace)", others,
+                log.info("waiting for %d running trial%s of other workers or of a run that was killed (those are "
+                         "re-queued once they have had no heartbeat for %d s, --grace)", others,
                          "" if others == 1 else "s", self.grace)
             self._waiting = True
         time.sleep(poll)
@@ -253,7 +258,8 @@ class Worker(TrialOutcomes):
                 **(data or {})}
         # The lone run that replays this trial (the same batches; on the CPU the same thread count).
         on_cpu = str(self.device) == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
-        info["replay"] = replay_command(cfg, info, out.resolve(), threads=torch.get_num_threads() if on_cpu else None)
+        info["replay"] = replay_command(cfg, info, out.resolve(), threads=torch.get_num_threads() if on_cpu else None,
+                                        frozen=bool(graph.frozen))
         for k in ("graph", "seed", "host", "pid", "dir", *(data or {})):
             trial.set_user_attr(k, info[k])
         start_trial_dir(out, info, resumed=resumed)
