@@ -178,7 +178,7 @@ class LiveGates:
             self._regroup(groups)
         try:
             self._set(gates)
-        except ValueError:
+        except Exception:  # refused (or an unknown gate name): the old groups stand, as the device tensors do
             self.groups, self._block_of = old
             raise
 
