@@ -33,6 +33,7 @@ setup(
             "pytest",
             "pytest-benchmark",
             "pytest-timeout",
+            "pytest-xdist",
             "graphviz",
             "optuna-dashboard",
         ],

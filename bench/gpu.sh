@@ -44,7 +44,8 @@ $PY -c 'import optuna' 2>/dev/null && search_ok=1 || search_ok=0
 [ $search_ok = 1 ] || echo "optuna is missing (no .whl/ wheels): search tests and the search benchmark are skipped" \
   | tee -a "$out/machine.log"
 xdist=()
-$PY -c 'import xdist' 2>/dev/null && xdist=(-n 6)   # the CPU-bound tests share 16 cores
+# The CPU-bound tests share 16 cores; whole files per worker, so torchrun tests (one default port) never overlap.
+$PY -c 'import xdist' 2>/dev/null && xdist=(-n 6 --dist loadfile)
 
 run_phase() {
   local name=$1; shift
