@@ -63,13 +63,33 @@ def _check_inputs(
         raise ValueError(f"temperature must be a positive finite Python float, got {temperature!r}")
     if logits.device.type == "cpu" and not torch.compiler.is_compiling():
         # Data checks cost no synchronisation on the CPU; on CUDA (and when traced) they are the caller's job.
-        if bool(((gate_codes < 0) | (gate_codes > 3)).any()):
-            raise ValueError("gate_codes must hold built-in gate codes 0..3 (cutoff, through, linear, correct)")
-        from ..graph import check_gate_structure  # ktg_fast.graph: the one home of the rule
-
-        check_gate_structure(gate_codes)
+        _check_codes(gate_codes)
         if bool(((labels != ignore_index) & ((labels < 0) | (labels >= c))).any()):
             raise ValueError(f"labels must lie in [0, {c}) or equal ignore_index={ignore_index}")
+
+
+def _check_codes(gate_codes: torch.Tensor) -> None:
+    """Built-in codes only, and the gate-structure rule (no edge into the label or onto the diagonal)."""
+    if bool(((gate_codes < 0) | (gate_codes > 3)).any()):
+        raise ValueError("gate_codes must hold built-in gate codes 0..3 (cutoff, through, linear, correct)")
+    from ..graph import check_gate_structure  # ktg_fast.graph: the one home of the rule
+
+    check_gate_structure(gate_codes)
+
+
+def _launch_inputs(logits: torch.Tensor, progress: torch.Tensor, compute_grad: Optional[bool]
+                   ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """What every launch needs of checked inputs: C contiguous, progress float32 (0-dim for one value), and
+    whether to write the gradient (None: when autograd will want it, grad mode on and logits requiring it)."""
+    if compute_grad is None:
+        compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    if logits.stride(2) != 1:
+        logits = logits.contiguous()  # loads along C must be contiguous; other strides are free
+    if progress.numel() == 1:
+        progress = progress.reshape(())  # one value for every edge (M = 1: either form)
+    if progress.dtype != torch.float32:
+        progress = progress.float()
+    return logits, progress, compute_grad
 
 
 def graph_loss_triton(
@@ -140,15 +160,8 @@ def _forward(logits: torch.Tensor, labels: torch.Tensor, gate_codes: torch.Tenso
     ``compute_grad`` None: write the gradient when autograd will want it (grad mode on, logits require it).
     """
     _check_inputs(logits, labels, gate_codes, temperature, progress, ignore_index)
-    if compute_grad is None:
-        compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    logits, progress, compute_grad = _launch_inputs(logits, progress, compute_grad)
     m, b, c = logits.shape
-    if logits.stride(2) != 1:
-        logits = logits.contiguous()  # loads along C must be contiguous; other strides are free
-    if progress.numel() == 1:
-        progress = progress.reshape(())  # one value for every edge (M = 1: either form)
-    if progress.dtype != torch.float32:
-        progress = progress.float()
     cfg = plan(m, b, c, logits.device, **launch)
     return torch.ops.ktg_fast.graph_loss_fwd(
         logits, labels, gate_codes, progress, float(temperature), int(ignore_index), compute_grad,
@@ -181,24 +194,16 @@ def _check_blocks(logits: torch.Tensor, labels: torch.Tensor, block_codes: torch
         if not torch.equal(block_nodes.reshape(-1).sort().values.cpu(), torch.arange(nb * m)):
             raise ValueError(f"block_nodes must hold every node 0..{nb * m - 1} exactly once, got "
                              f"{block_nodes.tolist()}")
-        for k in range(1, nb):
-            _check_inputs(logits[:m], labels, block_codes[k], temperature,
-                          progress if progress.numel() == 1 else progress[:m], ignore_index)
+        for k in range(1, nb):  # (block 0's codes were checked with the rest above)
+            _check_codes(block_codes[k])
 
 
 def _forward_blocks(logits, labels, block_codes, block_nodes, temperature, progress, ignore_index, compute_grad,
                     **launch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_blocks(logits, labels, block_codes, block_nodes, temperature, progress, ignore_index)
-    if compute_grad is None:
-        compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    logits, progress, compute_grad = _launch_inputs(logits, progress, compute_grad)
     total, b, c = logits.shape
-    nb, m = block_nodes.shape
-    if logits.stride(2) != 1:
-        logits = logits.contiguous()
-    if progress.numel() == 1:
-        progress = progress.reshape(())
-    if progress.dtype != torch.float32:
-        progress = progress.float()
+    m = block_nodes.shape[1]
     # No split of C: the blocks already multiply the programs (a pack's C is a CIFAR head's, not a vocabulary).
     cfg = plan(m, b, c, logits.device, blocks=True, **launch)
     node, edge_b, grad = torch.ops.ktg_fast.graph_loss_fwd_blocks(

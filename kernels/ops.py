@@ -69,6 +69,19 @@ def _partials(n_prog: int, m: int, dev: torch.device) -> tuple[torch.Tensor, tor
             torch.empty((n_prog, m), dtype=torch.float32, device=dev))
 
 
+def _fwd_setup(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+               compute_grad: bool, count_in_kernel: bool) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
+    """Both forward ops' prologue: temperature and batch-count constexprs, the gradient buffer (M, B, C) (or an
+    empty one), and the batch count (the labels as a placeholder pointer when counted inside the kernel)."""
+    m, b, c = logits.shape
+    t = float(temperature)
+    consts = dict(T=t, K_T=K._LOG2E / t, SAME_T=t == 1.0)
+    count_consts = dict(COUNT_IN_KERNEL=count_in_kernel, LABEL_BLOCK=min(LABEL_BLOCK, triton.next_power_of_2(b)))
+    grad = torch.empty((m, b, c) if compute_grad else (0,), dtype=grad_dtype(logits.dtype), device=logits.device)
+    count = labels if count_in_kernel else (labels != ignore_index).sum()
+    return consts, count_consts, grad, count
+
+
 @triton_op("ktg_fast::graph_loss_fwd", mutates_args=())
 def _graph_loss_fwd(
     logits: torch.Tensor,
@@ -95,13 +108,8 @@ def _graph_loss_fwd(
     mp = triton.next_power_of_2(m)
     mp1 = triton.next_power_of_2(m + 1)
     dev = logits.device
-    t = float(temperature)
-    consts = dict(T=t, K_T=K._LOG2E / t, SAME_T=t == 1.0)
-    grad = torch.empty((m, b, c) if compute_grad else (0,), dtype=grad_dtype(logits.dtype), device=dev)
-    count = labels  # a placeholder pointer when counting inside the kernel
-    if not count_in_kernel:
-        count = (labels != ignore_index).sum()
-    count_consts = dict(COUNT_IN_KERNEL=count_in_kernel, LABEL_BLOCK=min(LABEL_BLOCK, triton.next_power_of_2(b)))
+    consts, count_consts, grad, count = _fwd_setup(logits, labels, temperature, ignore_index, compute_grad,
+                                                   count_in_kernel)
     s_m, s_b = logits.stride(0), logits.stride(1)
     s_y = labels.stride(0)
     s_p = 0 if progress.dim() == 0 else progress.stride(0)  # one progress for every edge, or one per destination
@@ -175,13 +183,8 @@ def _graph_loss_fwd_blocks(
     mp = triton.next_power_of_2(m)
     mp1 = triton.next_power_of_2(m + 1)
     dev = logits.device
-    t = float(temperature)
-    consts = dict(T=t, K_T=K._LOG2E / t, SAME_T=t == 1.0)
-    grad = torch.empty((total, b, c) if compute_grad else (0,), dtype=grad_dtype(logits.dtype), device=dev)
-    count = labels
-    if not count_in_kernel:
-        count = (labels != ignore_index).sum()
-    count_consts = dict(COUNT_IN_KERNEL=count_in_kernel, LABEL_BLOCK=min(LABEL_BLOCK, triton.next_power_of_2(b)))
+    consts, count_consts, grad, count = _fwd_setup(logits, labels, temperature, ignore_index, compute_grad,
+                                                   count_in_kernel)
     s_p = 0 if progress.dim() == 0 else progress.stride(0)
     n_prog = triton.cdiv(b, rows_per_program)
     edge_p = torch.empty((nb, n_prog, m + 1, m + 1), dtype=torch.float32, device=dev)

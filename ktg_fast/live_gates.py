@@ -146,7 +146,7 @@ class LiveGates:
             raise ValueError(f"regrouping nodes needs two or more blocks of one size (at most the kernel's limit); "
                              f"these are {list(self.blocks)}")
         try:
-            new = tuple(tuple(int(operator.index(n)) for n in g) for g in groups)
+            new = tuple(tuple(operator.index(n) for n in g) for g in groups)
         except TypeError:
             raise ValueError(f"groups must be lists of integer node indices, got {groups!r}") from None
         if len(new) != nb or any(len(g) != mb for g in new) or sorted(n for g in new for n in g) != list(
