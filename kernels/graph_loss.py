@@ -172,30 +172,41 @@ def _forward(logits: torch.Tensor, labels: torch.Tensor, gate_codes: torch.Tenso
 # ----------------------------------------------------------------------------- blocks
 def _check_blocks(logits: torch.Tensor, labels: torch.Tensor, block_codes: torch.Tensor, block_nodes: torch.Tensor,
                   temperature: float, progress: torch.Tensor, ignore_index: int) -> None:
-    if not isinstance(block_nodes, torch.Tensor) or block_nodes.dim() != 2 or block_nodes.dtype not in (
-            torch.int32, torch.int64):
-        raise ValueError(f"block_nodes must be an (NB, m) int32/int64 tensor of node indices, got "
-                         f"{getattr(block_nodes, 'shape', type(block_nodes))}")
+    for name, x in (("logits", logits), ("block_codes", block_codes), ("block_nodes", block_nodes),
+                    ("progress", progress)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    if block_nodes.dim() != 2 or block_nodes.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_nodes must be an (NB, m) int32/int64 tensor of node indices, got shape "
+                         f"{tuple(block_nodes.shape)} {block_nodes.dtype}")
     nb, m = block_nodes.shape
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[0] != nb * m:
-        raise ValueError(f"logits must be an (NB * m, B, C) = ({nb * m}, B, C) tensor for {nb} blocks of {m} nodes, "
-                         f"got {getattr(logits, 'shape', type(logits))}")
-    if block_codes.shape != (nb, m + 1, m + 1):
-        raise ValueError(f"block_codes must be (NB, m+1, m+1) = ({nb}, {m + 1}, {m + 1}), got "
-                         f"{tuple(block_codes.shape)}")
+    if logits.dim() != 3 or logits.shape[0] != nb * m:
+        raise ValueError(f"block_nodes {tuple(block_nodes.shape)} holds {nb} blocks of {m} nodes, so logits must be "
+                         f"({nb * m}, B, C); got logits of shape {tuple(logits.shape)}")
+    if tuple(block_codes.shape) != (nb, m + 1, m + 1) or block_codes.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_codes must be an (NB, m+1, m+1) = ({nb}, {m + 1}, {m + 1}) int32/int64 tensor, got "
+                         f"shape {tuple(block_codes.shape)} {block_codes.dtype}")
     if block_nodes.device != logits.device:
         raise ValueError(f"block_nodes is on {block_nodes.device} but logits are on {logits.device}")
-    # One block's checks on a block-sized view: sizes, dtypes, devices, progress form, temperature.
-    _check_inputs(logits[:m], labels, block_codes[0], temperature,
-                  progress if progress.numel() == 1 else progress[:m], ignore_index)
     if progress.numel() != 1 and tuple(progress.shape) != (nb * m,):
         raise ValueError(f"progress must be 0-dim or ({nb * m},) (one per node), got shape {tuple(progress.shape)}")
     if logits.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not torch.equal(block_nodes.reshape(-1).sort().values.cpu(), torch.arange(nb * m)):
-            raise ValueError(f"block_nodes must hold every node 0..{nb * m - 1} exactly once, got "
-                             f"{block_nodes.tolist()}")
-        for k in range(1, nb):  # (block 0's codes were checked with the rest above)
-            _check_codes(block_codes[k])
+        seen = block_nodes.reshape(-1).cpu().long()
+        counts = torch.bincount(seen.clamp(0, nb * m), minlength=nb * m + 1)[:nb * m]
+        if bool((seen < 0).any() or (seen >= nb * m).any() or (counts != 1).any()):
+            missing = (counts == 0).nonzero().flatten().tolist()
+            twice = (counts > 1).nonzero().flatten().tolist()
+            raise ValueError(f"block_nodes must hold every node 0..{nb * m - 1} exactly once: missing {missing}, "
+                             f"repeated {twice}, out of range {seen[(seen < 0) | (seen >= nb * m)].tolist()}")
+        for k in range(nb):
+            try:
+                _check_codes(block_codes[k])
+            except ValueError as e:
+                raise ValueError(f"block_codes[{k}] (block-local indices; its nodes "
+                                 f"{block_nodes[k].tolist()}): {e}") from None
+    # One block's checks on a block-sized view: labels, logits dtype, devices, progress form, temperature.
+    _check_inputs(logits[:m], labels, block_codes[0], temperature,
+                  progress if progress.numel() == 1 else progress[:m], ignore_index)
 
 
 def _forward_blocks(logits, labels, block_codes, block_nodes, temperature, progress, ignore_index, compute_grad,

@@ -932,13 +932,26 @@ def test_block_launch_refuses_bad_tables():
     f = kernels.graph_loss_triton_blocks
     with pytest.raises(ValueError, match="every node 0..5 exactly once"):
         f(z, labels, codes, torch.tensor([[0, 1, 2], [2, 3, 4]], dtype=torch.int32, device=DEV), 1.0, prog)
-    with pytest.raises(ValueError, match=r"\(NB \* m, B, C\) = \(9, B, C\)"):
+    with pytest.raises(ValueError, match=r"block_nodes \(3, 3\) holds 3 blocks of 3 nodes, so logits must be "
+                                         r"\(9, B, C\)"):
         f(z, labels, codes, torch.arange(9, dtype=torch.int32, device=DEV).view(3, 3), 1.0, prog)
-    with pytest.raises(ValueError, match=r"block_codes must be \(NB, m\+1, m\+1\)"):
+    nodes = torch.arange(6, dtype=torch.int32, device=DEV).view(2, 3)
+    with pytest.raises(ValueError, match="progress must be a tensor, got float"):
+        f(z, labels, codes, nodes, 1.0, 0.5)
+    with pytest.raises(ValueError, match="block_codes must be a tensor, got list"):
+        f(z, labels, codes.tolist(), nodes, 1.0, prog)
+    with pytest.raises(ValueError, match=r"block_codes must be .* int32/int64 tensor, got shape \(2, 4, 4\) "
+                                         r"torch.float32"):
+        f(z, labels, codes.float(), nodes, 1.0, prog)
+    with pytest.raises(ValueError, match=r"block_nodes must be .* got shape \(2, 3\) torch.float32"):
+        f(z, labels, codes, nodes.float(), 1.0, prog)
+    with pytest.raises(ValueError, match=r"missing \[5\], repeated \[2\]"):
+        f(z, labels, codes, torch.tensor([[0, 1, 2], [2, 3, 4]], dtype=torch.int32, device=DEV), 1.0, prog)
+    with pytest.raises(ValueError, match=r"block_codes must be an \(NB, m\+1, m\+1\) = \(2, 4, 4\)"):
         f(z, labels, codes[:, :3, :3], torch.arange(6, dtype=torch.int32, device=DEV).view(2, 3), 1.0, prog)
     bad = codes.clone()
     bad[1, 2, 2] = THROUGH
-    with pytest.raises(ValueError, match="diagonal"):
+    with pytest.raises(ValueError, match=r"block_codes\[1\] \(block-local indices; its nodes \[3, 4, 5\]\).*diagonal"):
         f(z, labels, bad, torch.arange(6, dtype=torch.int32, device=DEV).view(2, 3), 1.0, prog)
     with pytest.raises(ValueError, match=r"progress must be 0-dim or \(6,\)"):
         f(z, labels, codes, torch.arange(6, dtype=torch.int32, device=DEV).view(2, 3), 1.0, prog.repeat(3))
