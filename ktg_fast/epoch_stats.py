@@ -25,16 +25,14 @@ class EpochStats:
     def __init__(self, num_nodes: int, device: torch.device):
         self.loss_sum = torch.zeros(num_nodes, dtype=torch.float64, device=device)
         self.correct = torch.zeros(num_nodes, dtype=torch.long, device=device)
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, -1: none
-        self.bad_nodes = torch.zeros(num_nodes, dtype=torch.bool, device=device)  # its non-finite nodes
+        # Each node's first non-finite step (-1: none): per node, so that a pack tells each member its own.
+        self.bad_step = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
         self.seen = 0
 
     def add(self, step: int, node_loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         """Count one batch: node losses (M,), logits (M, B, C), labels (B,) of optimizer step ``step``."""
-        finite = torch.isfinite(node_loss)
-        first = (self.bad_step < 0) & ~finite.all()
+        first = (self.bad_step < 0) & ~torch.isfinite(node_loss)
         self.bad_step = torch.where(first, torch.full_like(self.bad_step, step), self.bad_step)
-        self.bad_nodes = torch.where(first, ~finite, self.bad_nodes)
         self.loss_sum += node_loss.double()
         self.correct += (logits.argmax(-1) == y.unsqueeze(0)).sum(-1)
         self.seen += y.shape[0]
@@ -47,12 +45,17 @@ class EpochStats:
         dist.all_reduce_(self.correct)
         self.seen = int(dist.all_reduce_(seen))
 
-    def first_non_finite(self) -> Optional[tuple[int, list[int]]]:
-        """(step, 1-based nodes) of the first step with a non-finite node loss, or None (reads the device)."""
-        k = int(self.bad_step)
-        if k < 0:
+    def first_non_finite(self, places: Optional[list[int]] = None) -> Optional[tuple[int, list[int]]]:
+        """(step, 1-based nodes) of the first step with a non-finite node loss, or None (reads the device).
+
+        ``places``: only these 1-based nodes (a pack member's), default all; the nodes returned are among them.
+        """
+        steps = self.bad_step.tolist()
+        picked = [(t, steps[t - 1]) for t in (places or range(1, len(steps) + 1)) if steps[t - 1] >= 0]
+        if not picked:
             return None
-        return k, [t + 1 for t in self.bad_nodes.nonzero().flatten().tolist()]
+        k = min(s for _, s in picked)
+        return k, [t for t, s in picked if s == k]
 
     def mean_loss(self, batches: int) -> list[float]:
         """Each node's mean training loss over ``batches`` batches."""

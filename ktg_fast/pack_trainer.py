@@ -382,19 +382,25 @@ class PackTrainer:
             node_loss, logits = ts(x, y, table[i])
             stats.add(i + 1, node_loss, logits, y)
         elapsed = time.perf_counter() - t0
-        finite = torch.isfinite(stats.loss_sum).tolist()
         evals = {split: evaluate_nodes(ts, ld, m_total, self.device)
                  for split, ld in self.run_data.eval_loaders.items()}
         losses, accs = stats.mean_loss(n), stats.accuracy()
         out: list[MemberEpoch] = []
         for mem in self.members:  # in the order they joined
+            bad = stats.first_non_finite(mem.places)
+            first_step = mem.step
             mem.step += n
             mem.epoch += 1
-            bad = [t for t, p in enumerate(mem.places, start=1) if not finite[p - 1]]
-            if bad:
-                names = ", ".join(f"node {t} ({mem.graph.nodes[t - 1].model})" for t in bad)
-                mem.failed = (f"non-finite loss in epoch {mem.epoch} in {names}: lower the learning rate "
-                              f"(--lr {mem.cfg.lr:g}) or check the data")
+            if bad is not None:
+                # Worded as the lone trainer's message, so that a search counts one reason for both.
+                k, places = bad
+                nodes = [mem.places.index(p) + 1 for p in places]
+                names = ", ".join(f"node {t} ({mem.graph.nodes[t - 1].model})" for t in nodes)
+                rates = ", ".join(f"node {t}'s is {lrs[mem.places[t - 1]]:g}" for t in nodes
+                                  if mem.places[t - 1] in lrs)
+                advice = f"{rates}; --lr {mem.cfg.lr:g}" if rates else f"--lr {mem.cfg.lr:g}"
+                mem.failed = (f"non-finite loss at step {first_step + k} (epoch {mem.epoch}) in {names}: lower the "
+                              f"learning rate ({advice}) or check the data")
                 out.append(MemberEpoch(mem, failure=mem.failed))
                 continue
             record = {"epoch": mem.epoch, "step": mem.step,

@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -179,7 +180,8 @@ def test_failure_reason_is_said_once_and_an_all_failed_search_warns(tmp_path, ke
 
     monkeypatch.setattr(trainer_mod.Trainer, "run", diverge)
     out = tmp_path / "f"
-    assert cli.main([*TINY, "--trials", "2", "--out", str(out)]) == 0
+    # --pack 1: the patched lone trainer (a pack trains with PackTrainer; --pack auto may pick it).
+    assert cli.main([*TINY, "--trials", "2", "--pack", "1", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "warning: every trial failed (2 x non-finite loss at step 3 (epoch 1) in node 2 (resnet8))" in err
     reasons = [t.user_attrs[ATTR_FAIL] for t in study_of(out, "f").trials if ATTR_FAIL in t.user_attrs]
@@ -187,6 +189,26 @@ def test_failure_reason_is_said_once_and_an_all_failed_search_warns(tmp_path, ke
     for r in reasons:
         assert r.count("non-finite loss") == 1 and "node 2 (resnet8)" in r
         assert "checkpoint" not in r  # the named checkpoint does not exist
+
+
+@pytest.mark.parametrize("pack", ["1", "2"])
+def test_a_real_divergence_fails_alone_and_in_a_pack_with_one_reason(tmp_path, keep_threads, capsys, pack):
+    # A learning rate of 1e30 diverges within a few steps: the lone trainer and the pack word it alike
+    # (step within the trial, epoch, nodes, their rates), so the all-failed warning counts one reason.
+    out = tmp_path / "d"
+    args = [*TINY, "--train-subset", "128", "--batch-size", "16", "--lr", "1e30", "--trials", "2",
+            "--pack", pack, "--out", str(out)]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    reasons = [t.user_attrs[ATTR_FAIL] for t in study_of(out, "d").trials if ATTR_FAIL in t.user_attrs]
+    assert len(reasons) == 2, err
+    pattern = (r"non-finite loss at step [1-8] \(epoch 1\) in node [12] \(resnet8\)(, node 2 \(resnet8\))?: "
+               r"lower the learning rate \(node [12]'s is 1e\+30(, node 2's is 1e\+30)?; --lr 1e\+30\) "
+               r"or check the data")
+    for r in reasons:
+        assert re.match(pattern, r), r
+    assert "warning: every trial failed (" in err
+    assert all(f"x {r.split(':')[0]}" in err for r in reasons), err  # the warning gives the first clause
 
 
 # ----------------------------------------------------------------- item 13b
