@@ -21,8 +21,19 @@ from .recipe import TrainConfig
 from .steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .trainer import NonFiniteLossError
 
-__all__ = ["add_data_args", "add_recipe_args", "apply_cpu_threads", "check_out_dir", "dataset_flag", "error_line", "positive_int",
+__all__ = ["CliParser", "add_data_args", "add_recipe_args", "apply_cpu_threads", "check_out_dir", "dataset_flag", "error_line", "positive_int",
            "run_cli", "setup_logging", "start_distributed", "stop_distributed", "remove_if_empty"]
+
+
+class CliParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage error is one line naming the flag, not the whole usage.
+
+    The commands have dozens of flags: argparse's usage block would push the one line that matters
+    (``error: argument --epochs: invalid int value: 'x'``) below a screen of options.  Exit status 2.
+    """
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (all options: {self.prog} --help)\n")
 
 
 def setup_logging(verbose: bool = False) -> None:

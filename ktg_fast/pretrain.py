@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_common import (add_data_args, add_recipe_args, apply_cpu_threads, check_out_dir, data_from_args,
+from .cli_common import (CliParser, add_data_args, add_recipe_args, apply_cpu_threads, check_out_dir, data_from_args,
                          recipe_from_args, run_cli, setup_logging, start_distributed, stop_distributed)
 from .data import canonical_name
 from .models import canonical_model_name
@@ -24,8 +24,8 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ktg_fast.pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(prog="python -m ktg_fast.pretrain", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="registry name, e.g. wrn28_2, resnet110")
     p.add_argument("--teachers", default=None, help="teacher folder (default $KTG_TEACHERS or ./teachers)")
     p.add_argument("--seed", type=int, default=0)

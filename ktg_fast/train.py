@@ -15,7 +15,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .cli_common import (add_data_args, add_recipe_args, apply_cpu_threads, check_out_dir, data_from_args,
+from .cli_common import (CliParser, add_data_args, add_recipe_args, apply_cpu_threads, check_out_dir, data_from_args,
                          recipe_from_args, remove_if_empty, run_cli, setup_logging, start_distributed,
                          stop_distributed)
 from .graph import PRESETS, load_graph
@@ -27,8 +27,8 @@ log = logging.getLogger("ktg_fast")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ktg_fast.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(prog="python -m ktg_fast.train", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--graph", required=True, help="a preset (vanilla, dml, kd) or a .yaml/.json graph file")
     p.add_argument("--nodes", type=int, default=None, help="number of nodes of the dml preset (default 2)")
     p.add_argument("--model", default=None, help="model of the presets' nodes (default resnet32)")

@@ -423,3 +423,33 @@ def test_24_partial_first_line_is_dropped(tmp_path):
     p.write_text('{"epoch": 1}\n{"epoch": 2, "tr')
     append_jsonl(p, {"epoch": 2})
     assert [json.loads(line) for line in p.read_text().splitlines()] == [{"epoch": 1}, {"epoch": 2}]
+
+
+# ------------------------------------------------------------ a bad flag is one line
+@pytest.mark.parametrize("command", ["train", "pretrain", "search", "search export", "reproduce"])
+def test_a_bad_flag_is_one_error_line_naming_it(command, capsys, tmp_path):
+    from ktg_fast.reproduce import __main__ as reproduce
+    from ktg_fast.search import cli as search_cli
+
+    mains = {"train": train.main, "pretrain": pretrain.main, "search": search_cli.main,
+             "search export": lambda a: search_cli.main(["export", *a]), "reproduce": reproduce.main}
+    with pytest.raises(SystemExit) as e:
+        mains[command](["--out", str(tmp_path / "o"), "--epochs", "x"] if command != "search export"
+                       else ["--out", str(tmp_path / "o"), "--top", "x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.count("\n") == 1 and "usage:" not in err, err  # not argparse's screen of options
+    assert err.startswith(f"python -m ktg_fast.{command}: error: argument ") and "'x'" in err, err
+    assert f"(all options: python -m ktg_fast.{command} --help)" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_names_a_missing_folder(tmp_path):
+    from ktg_fast.search import cli as search_cli
+    from ktg_fast.search.space import SearchError
+
+    with pytest.raises(SearchError, match=r"--out .*nosuch does not exist: give the folder a search wrote"):
+        search_cli.main(["export", "--out", str(tmp_path / "nosuch")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SearchError, match=r"empty holds no search.json: give the folder a search wrote"):
+        search_cli.main(["export", "--out", str(tmp_path / "empty")])

@@ -23,7 +23,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..cli_common import add_data_args, add_recipe_args, apply_cpu_threads, dataset_flag, run_cli, setup_logging
+from ..cli_common import (CliParser, add_data_args, add_recipe_args, apply_cpu_threads, dataset_flag, run_cli,
+                          setup_logging)
 from ..models import UnknownModelError, available_models, canonical_model_name
 from ..run_files import format_duration
 from ..search.config import SearchConfig
@@ -43,8 +44,8 @@ _LOCAL = {"data_root", "loader", "device", "step"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ktg_fast.reproduce", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(prog="python -m ktg_fast.reproduce", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder of the reproduction (rerun the command to resume it)")
     p.add_argument("--models", nargs="*", default=list(ROLES), metavar="MODEL",
                    help="stand-ins of ResNet32, ResNet110 and WRN-28-2, in that order (default: those)")

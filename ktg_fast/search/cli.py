@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..cli_common import positive_int, setup_logging
+from ..cli_common import CliParser, positive_int, setup_logging
 from ..data.factory import LOADER_KINDS
 from ..steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .commands import retrain_command
@@ -50,8 +50,8 @@ S = argparse.SUPPRESS  # absent flags stay absent: a rerun keeps the saved setti
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ktg_fast.search", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=S)
+    p = CliParser(prog="python -m ktg_fast.search", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=S)
     p.add_argument("--out", required=True, help="output folder: settings, study file, trial folders, exports")
     g = p.add_argument_group("search space (paper: 3 nodes, ResNet32 target)")
     g.add_argument("--nodes", type=int, help="network nodes N, target included (default 3; at least 2)")
@@ -123,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ktg_fast.search export",
-                                description="Best graphs (YAML, DOT, PNG), a table of trials and plots of a search. "
-                                            "Works while the search runs.")
+    p = CliParser(prog="python -m ktg_fast.search export",
+                  description="Best graphs (YAML, DOT, PNG), a table of trials and plots of a search. "
+                              "Works while the search runs.")
     p.add_argument("--out", required=True, help="the search's output folder")
     p.add_argument("--top", type=int, default=5, help="graphs to export (default 5)")
     p.add_argument("--storage", default=None, help="storage URL (default: the one in <out>/search.json)")
@@ -199,7 +199,7 @@ def check_out(out: str) -> None:
 
 def worker_main(argv: list[str]) -> int:
     """``python -m ktg_fast.search worker --out DIR --worker-id K`` (started by the search itself)."""
-    p = argparse.ArgumentParser(prog="python -m ktg_fast.search worker")
+    p = CliParser(prog="python -m ktg_fast.search worker")
     p.add_argument("--out", required=True)
     p.add_argument("--worker-id", type=int, default=0)
     p.add_argument("--pack", type=int, default=None, help="trials at once (default: search.json's, auto -> 1)")
@@ -221,7 +221,11 @@ def export_main(argv: list[str]) -> int:
     args = build_export_parser().parse_args(argv)
     cfg = load_config(args.out)
     if cfg is None and args.storage is None:
-        raise SearchError(f"{args.out} holds no search.json: give --storage (and --study) to export from a storage")
+        if not Path(args.out).exists():
+            raise SearchError(f"--out {args.out} does not exist: give the folder a search wrote (the one its "
+                              f"`python -m ktg_fast.search ... --out` named), or --storage (and --study)")
+        raise SearchError(f"{args.out} holds no search.json: give the folder a search wrote, or --storage "
+                          f"(and --study) to export from a storage")
     url = args.storage or cfg.storage_url()
     db = sqlite_path(url)
     if db is not None and not db.exists():
