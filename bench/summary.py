@@ -86,8 +86,11 @@ def step_lines(rec: Optional[dict]) -> list[str]:
     if rec is None:
         return ["  training step: no result file"]
     s = {(r["graph"], r["variant"]): r for r in rec["rows"]}
+    paired = {(r["graph"], r["fast"], r["base"]): r["median"] for r in rec.get("paired", [])}
 
     def ratio(g: str, fast: str, base: str) -> Optional[float]:
+        if (g, fast, base) in paired:  # timed in alternation: the judged figure
+            return paired[(g, fast, base)]
         a, b = s.get((g, fast)), s.get((g, base))
         return b["s_per_step"] / a["s_per_step"] if a and b else None
 

@@ -25,6 +25,9 @@ a warm compile in two processes sharing one cache folder.
 The eager, fused and graph variants use ``graph_loss(impl="auto")``: the fused Triton loss kernel on
 CUDA when it is available, the PyTorch reference elsewhere.
 
+Targets are judged on paired rounds (test_targets_paired): each target's two warm steps timed in
+alternation, the ratio taken per round, its median printed with its range.
+
 Reported: training images per second per node (each node trains on B images per step, so this is
 B / step time) and the ratios to the authors' style, to the authors' style under torch.compile and
 to the eager step, each in the same precision.  On CUDA: CUDA-event timing, the fraction of the
@@ -70,6 +73,7 @@ else:
     BATCH, IMAGE, CLASSES = 16, 32, 10
     WARMUP, ROUNDS, STEPS = 2, 3, 2
 N_BATCHES = 4  # distinct synthetic batches cycled through, all on the device
+PAIRED_ROUNDS = 10  # rounds of each target's pair, timed in alternation (test_targets_paired)
 
 # Training FLOPs (forward + backward) per 32x32 image.
 TRAIN_GFLOP = {"resnet32": 0.41, "resnet110": 1.52, "wrn28_2": 1.29}
@@ -138,6 +142,7 @@ def table(bench_report):
     if CUDA and rows:
         record = {"batch": BATCH, "image": IMAGE, "classes": CLASSES,
                   "graphs": GRAPHS, "rows": [{"graph": g, "variant": v, **r} for (g, v), r in rows.items()],
+                  "paired": [{"graph": g, "fast": v, "base": k, **r} for (g, v, k), r in PAIRED.items()],
                   "table": lines}
         path = write_result("train_step", record)
         bench_report.append(f"written: {path}")
@@ -183,18 +188,27 @@ def _format(rows: dict) -> list[str]:
                     line += f"{r['bf16_fraction'] * 100:>10.1f}%{r['tf32_fraction'] * 100:>10.1f}%"
                 lines.append(line)
         lines.append(f"{'':<6}nodes: {', '.join(models)}")
-    targets = [("b", "graph", "authors", 10.0), ("a", "graph", "eager", 3.0)] if CUDA else []
-    targets += [(g, "compiled", "authors", 1.5) for g in GRAPHS] + [(g, "compiled", "authors_compiled", 1.2)
-                                                                   for g in GRAPHS]
-    if CUDA:
-        targets += [("b", "graph-bf16", "authors-bf16", 15.0), ("b", "graph-bf16", "authors_compiled-bf16", 2.0)]
-    for g, v, k, target in targets:
-        a, b = rows.get((g, v)), rows.get((g, k))
-        if a and b:
-            got = b["s_per_step"] / a["s_per_step"]
-            lines.append(f"target: graph {g}, {v} >= {target:g}x {k}: {got:.2f}x "
-                         f"({'met' if got >= target else 'NOT met'})")
+    for g, v, k, target in TARGETS:
+        paired = PAIRED.get((g, v, k))
+        if paired is not None:  # the pair timed in alternation: what the target is judged on
+            got = paired["median"]
+            how = f"median of {paired['rounds']} paired rounds, range {paired['low']:.2f}-{paired['high']:.2f}"
+        else:
+            a, b = rows.get((g, v)), rows.get((g, k))
+            if not (a and b):
+                continue
+            got, how = b["s_per_step"] / a["s_per_step"], "from the table"
+        lines.append(f"target: graph {g}, {v} >= {target:g}x {k}: {got:.2f}x ({how}; "
+                     f"{'met' if got >= target else 'NOT met'})")
     return lines
+
+
+# (graph, fast variant, baseline, factor): fast must be at least factor x the baseline's images per second.
+TARGETS = ([("b", "graph", "authors", 10.0), ("a", "graph", "eager", 3.0)] if CUDA else []) \
+    + [(g, "compiled", "authors", 1.5) for g in GRAPHS] + [(g, "compiled", "authors_compiled", 1.2) for g in GRAPHS] \
+    + ([("b", "graph-bf16", "authors-bf16", 15.0), ("b", "graph-bf16", "authors_compiled-bf16", 2.0)] if CUDA else [])
+RUNNERS: dict[tuple[str, str], Callable[[], None]] = {}  # (graph, row label) -> the warm step's timed body
+PAIRED: dict[tuple[str, str, str], dict] = {}  # (graph, fast, baseline) -> paired ratio statistics
 
 
 # ------------------------------------------------------------------------ the bench
@@ -243,6 +257,37 @@ def test_train_step(benchmark, table, graph_name: str, variant: str, precision: 
         assert step.kind == "compiled", "torch.compile failed (see the log for why)"
     benchmark.extra_info.update(row)
     table[(graph_name, _label(variant, precision))] = row
+    if any(graph_name == g and _label(variant, precision) in (v, k) for g, v, k, _ in TARGETS):
+        RUNNERS[(graph_name, _label(variant, precision))] = run  # kept warm for test_targets_paired
+
+
+def test_targets_paired(benchmark, table) -> None:
+    """Each target's two variants timed in alternation, round by round, from their warm steps.
+
+    Variants timed one after another see different moments of a shared machine (another process, a
+    frequency change): their ratio drifts from run to run (on 2 CPU cores, 1.04x one run and 1.22x the
+    next for the same pair).  Alternating the pair, with the order swapped every round, exposes both to
+    the same conditions; the ratio of each round's pair is one sample, and the target is judged on their
+    median (the range is printed beside it).  Each timed call follows an untimed one of the same step, so
+    that switching steps does not time cold caches.
+    """
+    pairs = [(g, v, k) for g, v, k, _ in TARGETS if (g, v) in RUNNERS and (g, k) in RUNNERS]
+    if not pairs:
+        pytest.skip("no target pair was timed (run with test_train_step)")
+    for g, v, k in pairs:
+        fast, base = RUNNERS[(g, v)], RUNNERS[(g, k)]
+        ratios = []
+        for i in range(PAIRED_ROUNDS):
+            order = (base, fast) if i % 2 == 0 else (fast, base)
+            # One untimed call first: each timed call finds its own weights in the caches, as in training.
+            t = {id(fn): time_calls(fn, 1, warmup=1)[0] for fn in order}
+            ratios.append(t[id(base)] / t[id(fast)])
+        PAIRED[(g, v, k)] = {"median": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
+                             "rounds": PAIRED_ROUNDS}
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    for key, r in PAIRED.items():
+        assert r["low"] > 0 and r["median"] > 0, (key, r)
+    RUNNERS.clear()  # the steps (and their device memory) go
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
