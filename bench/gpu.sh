@@ -22,7 +22,7 @@ out=$(cd "$out" && pwd)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 KTG_BENCH_QUICK=1 KTG_BENCH_RESULTS="$out" KTG_BENCH_WINDOW_S=${KTG_BENCH_WINDOW_S:-8}
 
-declare -A cap=([tests]=250 [loss]=140 [step]=90 [loaders]=60 [search]=140 [refill]=45 [packloss]=45)
+declare -A cap=([tests]=250 [loss]=140 [step]=110 [loaders]=60 [search]=140 [refill]=45 [packloss]=45)
 for p in "${phases[@]}"; do
   [ -n "${cap[$p]:-}" ] || { echo "gpu.sh: unknown phase '$p' (tests, loss, step, loaders, search, refill, packloss, all)" >&2; exit 2; }
 done

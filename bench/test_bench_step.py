@@ -30,14 +30,16 @@ alternation, the ratio taken per round, its median printed with its range.
 
 Reported: training images per second per node (each node trains on B images per step, so this is
 B / step time) and the ratios to the authors' style, to the authors' style under torch.compile and
-to the eager step, each in the same precision.  On CUDA: CUDA-event timing, the fraction of the
-dense bf16 and tf32 FLOP ceilings reached (training FLOPs per image: ResNet32 0.41 G, ResNet110
-1.52 G, WRN-28-2 1.29 G) and a JSON record in bench/results/.  Targets on an H100/H200: graph >= 10x
+to the eager step, each in the same precision, and a JSON record in bench/results/ (train_step-* on
+CUDA, train_step_cpu-* on the CPU).  On CUDA: CUDA-event timing and the fraction of the dense bf16
+and tf32 FLOP ceilings reached (training FLOPs per image: ResNet32 0.41 G, ResNet110 1.52 G,
+WRN-28-2 1.29 G).  Targets on an H100/H200: graph >= 10x
 authors on graph b, graph >= 3x eager on graph a.  Without CUDA the graph variant is the fused step
 (there is nothing to capture) and the sizes are small: the numbers say nothing about the GPU targets.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -73,7 +75,8 @@ else:
     BATCH, IMAGE, CLASSES = 16, 32, 10
     WARMUP, ROUNDS, STEPS = 2, 3, 2
 N_BATCHES = 4  # distinct synthetic batches cycled through, all on the device
-PAIRED_ROUNDS = 10  # rounds of each target's pair, timed in alternation (test_targets_paired)
+# test_targets_paired: rounds of each target's pair timed in alternation, and steps per timed call.
+PAIRED_ROUNDS, PAIRED_STEPS = (5, 5) if CUDA else (10, 2)
 
 # Training FLOPs (forward + backward) per 32x32 image.
 TRAIN_GFLOP = {"resnet32": 0.41, "resnet110": 1.52, "wrn28_2": 1.29}
@@ -139,12 +142,12 @@ def table(bench_report):
     yield rows
     lines = _format(rows)
     bench_report.extend(lines)
-    if CUDA and rows:
+    if rows:
         record = {"batch": BATCH, "image": IMAGE, "classes": CLASSES,
                   "graphs": GRAPHS, "rows": [{"graph": g, "variant": v, **r} for (g, v), r in rows.items()],
                   "paired": [{"graph": g, "fast": v, "base": k, **r} for (g, v, k), r in PAIRED.items()],
                   "table": lines}
-        path = write_result("train_step", record)
+        path = write_result("train_step" if CUDA else "train_step_cpu", record)
         bench_report.append(f"written: {path}")
 
 
@@ -207,7 +210,7 @@ def _format(rows: dict) -> list[str]:
 TARGETS = ([("b", "graph", "authors", 10.0), ("a", "graph", "eager", 3.0)] if CUDA else []) \
     + [(g, "compiled", "authors", 1.5) for g in GRAPHS] + [(g, "compiled", "authors_compiled", 1.2) for g in GRAPHS] \
     + ([("b", "graph-bf16", "authors-bf16", 15.0), ("b", "graph-bf16", "authors_compiled-bf16", 2.0)] if CUDA else [])
-RUNNERS: dict[tuple[str, str], Callable[[], None]] = {}  # (graph, row label) -> the warm step's timed body
+RUNNERS: dict[tuple[str, str], Callable[[int], None]] = {}  # (graph, row label) -> the warm step's timed body
 PAIRED: dict[tuple[str, str, str], dict] = {}  # (graph, fast, baseline) -> paired ratio statistics
 
 
@@ -227,8 +230,8 @@ def test_train_step(benchmark, table, graph_name: str, variant: str, precision: 
     progress = torch.zeros((), device=DEVICE)
     state = {"k": 0}
 
-    def run() -> None:
-        for _ in range(STEPS):
+    def run(steps: int = STEPS) -> None:
+        for _ in range(steps):
             x, y = batches[state["k"] % N_BATCHES]
             state["k"] += 1
             step(x, y, progress)
@@ -275,7 +278,8 @@ def test_targets_paired(benchmark, table) -> None:
     if not pairs:
         pytest.skip("no target pair was timed (run with test_train_step)")
     for g, v, k in pairs:
-        fast, base = RUNNERS[(g, v)], RUNNERS[(g, k)]
+        fast = functools.partial(RUNNERS[(g, v)], PAIRED_STEPS)
+        base = functools.partial(RUNNERS[(g, k)], PAIRED_STEPS)
         ratios = []
         for i in range(PAIRED_ROUNDS):
             order = (base, fast) if i % 2 == 0 else (fast, base)
