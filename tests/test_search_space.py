@@ -65,6 +65,56 @@ def test_key_merges_renumbered_auxiliary_nodes_only():
     assert s.key(params3(model_3="resnet32")) != s.key(p)
 
 
+def _random_params(space, rng, gates=None):
+    p = {f"model_{i}": rng.choice(space.models) for i in range(2, space.nodes + 1)}
+    p.update({f"gate_{s}_{t}": rng.choice(gates or space.gates) for s, t in space.edges()})
+    return p
+
+
+def _renumbered(space, p, rng):
+    aux = list(range(2, space.nodes + 1))
+    new = aux[:]
+    rng.shuffle(new)
+    m = {0: 0, 1: 1, **dict(zip(aux, new))}
+    q = {f"model_{m[i]}": p[f"model_{i}"] for i in aux}
+    q.update({f"gate_{m[s]}_{m[t]}": p[f"gate_{s}_{t}"] for s, t in space.edges()})
+    return q
+
+
+@pytest.mark.parametrize("nodes", [5, 10, 12, 16])
+def test_key_is_canonical_and_quick_at_many_nodes(nodes):
+    """Beyond 9 nodes the key tries the renumberings that keep refined classes in order, not (N-1)!:
+    still the same key for every renumbering, a different one for a changed gate, in well under a second."""
+    import time
+
+    rng = random.Random(nodes)
+    s = SearchSpace(nodes=nodes, target="resnet8", models=("resnet8", "wrn10_1"))
+    for _ in range(3):
+        p = _random_params(s, rng)
+        t0 = time.perf_counter()
+        k = s.key(p)
+        assert time.perf_counter() - t0 < 2.0
+        for _ in range(3):
+            q = _renumbered(s, p, rng)
+            assert s.key(q) == k
+        changed = dict(p, gate_0_2="through" if p["gate_0_2"] != "through" else "linear")
+        assert s.key(changed) != k
+    # Interchangeable nodes (every gate through, one model): ties broken by number, still quick and stable.
+    same = {**{f"model_{i}": "resnet8" for i in range(2, nodes + 1)}, **{f"gate_{a}_{b}": "through" for a, b in s.edges()}}
+    t0 = time.perf_counter()
+    assert s.key(same) == s.key(_renumbered(s, same, rng))
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_search_takes_at_most_the_kernels_nodes():
+    from ktg_fast.search.space import MAX_SEARCH_NODES
+
+    SearchSpace(nodes=MAX_SEARCH_NODES, target="resnet8", models=("resnet8",))
+    with pytest.raises(SearchError, match=f"--nodes {MAX_SEARCH_NODES + 1} is more than a search takes"):
+        SearchSpace(nodes=MAX_SEARCH_NODES + 1, target="resnet8", models=("resnet8",))
+    assert "~10^" in SearchSpace(nodes=MAX_SEARCH_NODES, target="resnet8", models=("resnet8",)).describe()
+
+
 def test_count_distinct_by_hand():
     # 2 nodes, 1 model, 4 gates: 4^4 gate settings, 4^2 of them leave the target with only cutoff inputs.
     s = SearchSpace(nodes=2, target="resnet8", models=("resnet8",))

@@ -20,11 +20,17 @@ from ..gates import gate_codes, gate_names, get_gate
 from ..graph import PRETRAINED, Graph, Node, frozen_nodes
 from ..models import available_models, canonical_model_name
 
-__all__ = ["SearchSpace", "SearchError", "DEFAULT_MODELS", "DEFAULT_GATES", "FrozenTargetError"]
+__all__ = ["SearchSpace", "SearchError", "MAX_SEARCH_NODES", "DEFAULT_MODELS", "DEFAULT_GATES", "FrozenTargetError"]
 
 # The paper's auxiliary models and its four gates.
 DEFAULT_MODELS = ("resnet32", "resnet110", "wrn28_2")
 DEFAULT_GATES = ("through", "cutoff", "linear", "correct")
+
+
+# At most this many network nodes per searched graph: the fused kernel's one-launch limit (ktg_fast.kernels.MAX_NODES).
+MAX_SEARCH_NODES = 16
+# SearchSpace.key tries at most this many renumberings of the auxiliary nodes (8!: every renumbering of 9 nodes).
+_KEY_ORDERINGS = math.factorial(8)
 
 
 class SearchError(ValueError):
@@ -57,6 +63,9 @@ class SearchSpace:
     def __post_init__(self) -> None:
         if not isinstance(self.nodes, int) or self.nodes < 2:
             raise SearchError(f"--nodes must be at least 2 (the target and one auxiliary node); got {self.nodes}")
+        if self.nodes > MAX_SEARCH_NODES:
+            raise SearchError(f"--nodes {self.nodes} is more than a search takes ({MAX_SEARCH_NODES}, the fused loss "
+                              f"kernel's node limit): search at most {MAX_SEARCH_NODES} nodes")
 
         def model(name: str, flag: str) -> str:
             try:
@@ -135,11 +144,29 @@ class SearchSpace:
         return Graph(nodes, gates, temperature=self.temperature, target=1)
 
     def key(self, params: Mapping[str, Any]) -> str:
-        """Canonical text of a graph, the same for every renumbering of its auxiliary nodes."""
+        """Canonical text of a graph, the same for every renumbering of its auxiliary nodes.
+
+        The smallest text over the renumberings: all of them up to 9 nodes (8! orderings).  Beyond, over the
+        orderings that keep the nodes sorted by an invariant class (colour refinement: model, gates with the
+        label and the target, then the classes of the nodes each one teaches and learns from), which is the
+        same for any renumbering, so the key stays canonical; only if those orderings still number more than
+        8! (many interchangeable nodes) are ties broken by node number, and a renumbered twin may then get a
+        key of its own (trained twice, never wrongly merged).
+        """
         models, gates = self._unpack(params)
         n = self.nodes
+        aux = list(range(2, n + 1))
+        if math.factorial(n - 1) <= _KEY_ORDERINGS:
+            orderings: Any = itertools.permutations(aux)
+        else:
+            cells = _refined_cells(models, gates, aux)
+            if math.prod(math.factorial(len(c)) for c in cells) <= _KEY_ORDERINGS:
+                orderings = (tuple(v for part in combo for v in part)
+                             for combo in itertools.product(*(itertools.permutations(c) for c in cells)))
+            else:
+                orderings = [tuple(v for c in cells for v in c)]
         best = None
-        for perm in itertools.permutations(range(2, n + 1)):
+        for perm in orderings:
             order = [0, 1, *perm]  # new index i takes old node order[i]
             text = ",".join(models[order[i] - 1] for i in range(1, n + 1)) + "|" + "/".join(
                 ",".join(gates[order[s]][order[t]] for t in range(1, n + 1)) for s in range(n + 1))
@@ -183,7 +210,36 @@ class SearchSpace:
         exp = self.nodes * self.nodes
         return (f"{self.nodes} nodes (target {self.target}), auxiliary models {{{', '.join(self.models)}}}, "
                 f"gates {{{', '.join(self.gates)}}}: {len(self.models)}^{self.nodes - 1} x {len(self.gates)}^{exp} "
-                f"= {self.size():,} graphs" + (f" (~10^{math.log10(self.size()):.1f})" if self.size() > 10**6 else ""))
+                f"= {_count(self.size())} graphs")
+
+
+def _count(k: int) -> str:
+    """A count for people: digits with separators up to a million, then ``~10^x`` (10^164 has 165 digits)."""
+    return f"{k:,}" if k <= 10**6 else f"~10^{math.log10(k):.1f}"
+
+
+def _refined_cells(models: list[str], gates: list[list[str]], aux: list[int]) -> list[list[int]]:
+    """The auxiliary nodes in cells of one class, cells in class order (colour refinement).
+
+    A node's first class is its model and its gates from the label, to and from the target; each round
+    splits a class by the classes of the nodes a node exchanges each gate with, until no class splits.
+    The classes and their order depend on the graph only, not on how its auxiliary nodes are numbered.
+    """
+    def ranks(sig: dict[int, Any]) -> dict[int, int]:
+        order = {s: i for i, s in enumerate(sorted(set(sig.values())))}
+        return {v: order[sig[v]] for v in aux}
+
+    cls = ranks({v: (models[v - 1], gates[0][v], gates[v][1], gates[1][v]) for v in aux})
+    while True:
+        new = ranks({v: (cls[v], tuple(sorted((gates[u][v], gates[v][u], cls[u]) for u in aux if u != v)))
+                     for v in aux})
+        if len(set(new.values())) == len(set(cls.values())):
+            break
+        cls = new
+    cells: dict[int, list[int]] = {}
+    for v in aux:
+        cells.setdefault(cls[v], []).append(v)
+    return [cells[c] for c in sorted(cells)]
 
 
 def gate_letters(gates: Sequence[str]) -> dict[str, str]:
