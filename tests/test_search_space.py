@@ -332,3 +332,22 @@ def test_progress_line_and_eta():
     prog.poll()
     text = out.getvalue()
     assert "2/10 done" in text and "3/10 done" in text and "new best: trial 2, target val 80.00%" in text
+
+
+def test_printed_commands_run_from_any_folder(tmp_path, monkeypatch):
+    """A search started with relative --out, --teachers and --data-root prints and records absolute paths:
+    a trial's replay and export's retrain command work from another folder."""
+    import shlex
+
+    from ktg_fast.search.commands import replay_command, retrain_command
+
+    monkeypatch.chdir(tmp_path)
+    cfg = SearchConfig(out="runs/s", dataset="synthetic", nodes=2, target="resnet8", models=["resnet8"],
+                       teachers="runs/teachers", data_root="data", epochs=2)
+    info = {"seed": 3, "val_size": 100, "data_seed": 7, "data_offset": 1}
+    for line in (replay_command(cfg, info, cfg.out_dir / "trials" / "00001", frozen=True),
+                 retrain_command(cfg, cfg.out_dir / "best" / "graph.yaml", frozen=True)):
+        argv = shlex.split(line)
+        for flag in ("--graph", "--teachers", "--data-root", "--out"):
+            value = argv[argv.index(flag) + 1]
+            assert value.startswith(str(tmp_path)), (flag, value)

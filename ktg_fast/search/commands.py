@@ -14,11 +14,16 @@ from .config import SearchConfig
 __all__ = ["retrain_command", "replay_command"]
 
 
+def _absolute(path: "str | Path") -> str:
+    """A path as the commands print it: absolute, so that they run from any folder."""
+    return str(Path(path).expanduser().absolute())
+
+
 def _recipe_flags(cfg: SearchConfig) -> list[str]:
     """The search's dataset, epochs, subsets and recipe, as ``train`` flags (defaults left out)."""
     parts = ["--dataset", canonical_name(cfg.dataset)]
     if cfg.data_root:
-        parts += ["--data-root", cfg.data_root]
+        parts += ["--data-root", _absolute(cfg.data_root)]
     parts += ["--epochs", str(cfg.epochs)]
     for flag, value in (("--train-subset", cfg.train_subset), ("--eval-subset", cfg.eval_subset)):
         if value:
@@ -41,10 +46,10 @@ def retrain_command(cfg: SearchConfig, graph: Path, frozen: bool) -> str:
     A graph with frozen nodes keeps the search's validation split and teacher folder (its teachers were
     pre-trained on that split); otherwise it trains on the whole training set and reports test accuracy.
     """
-    parts = ["python", "-m", "ktg_fast.train", "--graph", str(graph), *_recipe_flags(cfg)]
+    parts = ["python", "-m", "ktg_fast.train", "--graph", _absolute(graph), *_recipe_flags(cfg)]
     if frozen:
-        parts += ["--val-size", str(cfg.resolved_val_size()), "--teachers", str(cfg.teacher_dir())]
-    out = Path(cfg.out)
+        parts += ["--val-size", str(cfg.resolved_val_size()), "--teachers", _absolute(cfg.teacher_dir())]
+    out = Path(cfg.out).absolute()
     parts += ["--out", str(out.parent / f"{out.name}-best")]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -64,10 +69,10 @@ def replay_command(cfg: SearchConfig, info: dict[str, Any], folder: Path, *, thr
         threads: the CPU threads the trial ran with (a CPU run); None on a GPU.
         frozen: the graph has frozen nodes (their teachers come from the search's teacher folder).
     """
-    parts = ["python", "-m", "ktg_fast.train", "--graph", str(folder / "graph.yaml"), *_recipe_flags(cfg),
+    parts = ["python", "-m", "ktg_fast.train", "--graph", _absolute(folder / "graph.yaml"), *_recipe_flags(cfg),
              "--val-size", str(info["val_size"])]
     if frozen:
-        parts += ["--teachers", str(cfg.teacher_dir())]
+        parts += ["--teachers", _absolute(cfg.teacher_dir())]
     parts += ["--seeds", str(info["seed"])]
     packed = info.get("data_seed") is not None
     if packed:
@@ -82,5 +87,5 @@ def replay_command(cfg: SearchConfig, info: dict[str, Any], folder: Path, *, thr
         parts.append("--channels-last")
     if threads:
         parts += ["--cpu-threads", str(threads)]
-    parts += ["--out", str(folder / "replay")]
+    parts += ["--out", _absolute(folder / "replay")]
     return " ".join(shlex.quote(p) for p in parts)
