@@ -131,7 +131,7 @@ def checkpoint_to_resume(out: Path, fingerprint: dict, *, resume: bool,
 
     Raises:
         ValueError: ``out`` is a file; a checkpoint written with other settings.
-        RunExistsError: a run is there and ``resume`` is False.
+        RunExistsError: a run is there and ``resume`` is False; a finished run without its checkpoint.
         CheckpointError: an unreadable checkpoint.
     """
     path = out / "checkpoint.pt"
@@ -145,6 +145,11 @@ def checkpoint_to_resume(out: Path, fingerprint: dict, *, resume: bool,
                     raise RunExistsError(f"{out} already holds a run: pass --resume to continue it, "
                                          "or choose another --out")
                 ckpt = read_checkpoint(path, fingerprint)
+            elif resume and (out / "final.json").exists():
+                # A finished run whose checkpoint is gone: training anew would overwrite its results.
+                raise RunExistsError(f"{out} holds a finished run (final.json) but no checkpoint.pt to resume: "
+                                     "nothing to continue, and its results stay as they are; to train it again, "
+                                     "choose another --out")
             elif resume:
                 log.info("no checkpoint in %s to resume: starting a fresh run", out)
         except Exception as e:

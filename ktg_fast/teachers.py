@@ -35,9 +35,11 @@ def pretrain_teacher(model: str, data: DataSpec, cfg: TrainConfig, *, teacher_di
     teacher_dir = default_teacher_dir() if teacher_dir is None else Path(teacher_dir)
     dest = teacher_path(teacher_dir, canonical_name(data.dataset), model, data.val_size)
     run_dir = Path(work_dir) if work_dir else dest.with_suffix(".run")
-    trainer = Trainer(preset("vanilla", model=model), data, cfg, run_dir, device=device, step=step,
-                      progress=progress, compile_cache=compile_cache, dist=dist)
-    trainer.run(resume=True)
+    finished = (run_dir / "final.json").is_file() and any((run_dir / "nodes").glob("node1_*.pt"))
+    if not finished or (run_dir / "checkpoint.pt").is_file():  # (a finished run's checkpoint may be gone)
+        trainer = Trainer(preset("vanilla", model=model), data, cfg, run_dir, device=device, step=step,
+                          progress=progress, compile_cache=compile_cache, dist=dist)
+        trainer.run(resume=True)
     if dist is not None and not dist.is_main:
         return dest
     src = next((run_dir / "nodes").glob("node1_*.pt"))

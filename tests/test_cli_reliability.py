@@ -87,6 +87,13 @@ def test_14_resume_without_checkpoint_says_it_starts_fresh(tmp_path, monkeypatch
                               *TINY], monkeypatch, capsys)
     assert code == 0, err
     assert f"no checkpoint in {tmp_path / 'new'} to resume: starting a fresh run" in caplog.text
+    # A finished run whose checkpoint went: --resume refuses rather than train anew over its results.
+    (tmp_path / "new" / "checkpoint.pt").unlink()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "new").iterdir() if p.is_file()}
+    code, _, err = train_cli(["--graph", "vanilla", "--model", "resnet8", "--out", str(tmp_path / "new"), "--resume",
+                              *TINY], monkeypatch, capsys)
+    assert code == 2 and "holds a finished run (final.json) but no checkpoint.pt to resume" in err, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "new").iterdir() if p.is_file()} == before
 
 
 def test_14_pretrain_has_out_and_readme_semantics_in_repo(tmp_path, monkeypatch, capsys):
