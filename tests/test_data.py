@@ -178,6 +178,7 @@ def test_fashion_mnist_bad_idx_files(tmp_path, monkeypatch):
 
 def test_fashion_mnist_missing_message(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "no-debian")
+    (tmp_path / "root").mkdir()  # a root without the files (a root that does not exist: the next test)
     with pytest.raises(DatasetNotFoundError) as e:
         load_dataset("fashion-mnist", tmp_path / "root", split="test")
     msg = str(e.value)
@@ -186,13 +187,23 @@ def test_fashion_mnist_missing_message(tmp_path, monkeypatch):
     assert str(tmp_path / "no-debian") in msg and "t10k-images-idx3-ubyte" in msg
 
 
+@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10", "tiny-imagenet"])
+def test_a_data_root_that_does_not_exist_is_named(tmp_path, name, caplog):
+    """A --data-root that does not exist is an error naming it, not a quiet fall-back to Debian's copy."""
+    with pytest.raises(DatasetNotFoundError, match=r"the data root .*nosuch does not exist: fix --data-root"):
+        load_dataset(name, tmp_path / "nosuch")
+    assert load_dataset("synthetic", tmp_path / "nosuch", size=4).images.shape[0] == 4  # no files to find
+
+
 @pytest.mark.skipif(not fashion_mnist.DEBIAN_DIR.is_dir(),
                     reason="Debian's dataset-fashion-mnist is not installed")
-def test_fashion_mnist_debian_package(tmp_path):
+def test_fashion_mnist_debian_package(tmp_path, caplog):
+    caplog.set_level("INFO", logger="ktg_fast")
     ds = load_dataset("fashion-mnist", tmp_path, split="test")
     assert ds.images.shape == (10_000, 1, 28, 28)
     assert torch.equal(torch.bincount(ds.labels), torch.full((10,), 1000))
     assert dataset_info("fashion-mnist") == (1, 28, 10)
+    assert f"fashion-mnist test: {fashion_mnist.DEBIAN_DIR}" in caplog.text  # the log names the copy read
 
 
 # ---------------------------------------------------------------- Tiny-ImageNet

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import gzip
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .dataset import ArrayDataset, DatasetNotFoundError
+
+log = logging.getLogger("ktg_fast")
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 _PREFIX = {"train": "train", "test": "t10k"}
@@ -69,6 +72,7 @@ def load_fashion_mnist(root: Path, split: str, download: bool = False) -> ArrayD
             "fashion-mnist", [d / f"{s}[.gz]" for d in dirs for s in stems],
             "`apt-get install dataset-fashion-mnist` (Debian), pass --data-root to a folder with "
             f"the idx files, or pass --download (download=True from Python) when online{error}")
+    log.info("fashion-mnist %s: %s", split, found[0].parent)  # which copy: the root's or Debian's package
     images = read_idx(found[0])
     labels = read_idx(found[1]).astype(np.int64)
     if images.ndim != 3 or labels.shape != (images.shape[0],):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .cifar import load_cifar
-from .dataset import ArrayDataset, ImageFolder
+from .dataset import ArrayDataset, DatasetNotFoundError, ImageFolder
 from .fashion_mnist import load_fashion_mnist
 from .synthetic import make_synthetic
 from .tiny_imagenet import load_tiny_imagenet, tiny_imagenet_folder
@@ -99,6 +99,11 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, split: str
     if unknown:
         raise TypeError(f"load_dataset({cname!r}) got unexpected keyword(s) {sorted(unknown)}; "
                         f"accepted: {sorted(allowed)}")
+    if root is not None and cname != "synthetic" and not download and not base.expanduser().exists():
+        # Not found there, the loaders would go on to other places (Debian's package): say so instead.
+        fetch = ", or pass --download to fetch the files into it" if cname != "tiny-imagenet" else ""
+        raise DatasetNotFoundError(cname, [base], f"the data root {base} does not exist: fix --data-root, or "
+                                   f"leave it out (the default: $KTG_DATA_ROOT, else ./data){fetch}")
     if cname in ("cifar10", "cifar100"):
         return load_cifar(cname, base, split, download)
     if cname == "fashion-mnist":
