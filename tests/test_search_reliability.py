@@ -461,6 +461,10 @@ def test_ctrl_c_marks_the_running_trial_interrupted_and_a_rerun_finishes(tmp_pat
     r = run_subprocess(args, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     check_books(study_of(out, "int"), 3)
+    # trials.md says what trial.json says: stopped, not a dead worker's LOST
+    assert cli.main(["export", "--out", str(out)]) == 0
+    table = (out / "trials.md").read_text()
+    assert re.search(r"\| INTERRUPTED \|.*stopped \(Ctrl-C or SIGTERM\); re-queued", table) and "| LOST |" not in table
 
 
 def test_a_rerun_after_a_kill_says_what_it_waits_for_and_marks_the_lost_trial(tmp_path):

@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..graph import Graph
 from ..io import atomic_write_json, atomic_write_text
 from .budget import rungs as budget_rungs
-from .ledger import ATTR_FAIL, ATTR_REJECTED, Ledger, is_retry, retry_history, root_of
+from .ledger import ATTR_FAIL, ATTR_INTERRUPTED, ATTR_REJECTED, Ledger, is_retry, retry_history, root_of
 from .progress import format_duration
 from .space import SearchSpace, gate_letters
 from .storage import mask_url
@@ -68,6 +68,8 @@ def _row(t: FrozenTrial, book: Ledger) -> dict[str, Any]:
         reason = t.user_attrs.get(ATTR_FAIL)
         if reason:
             note = str(reason)
+        elif t.user_attrs.get(ATTR_INTERRUPTED):
+            state, note = "INTERRUPTED", "stopped (Ctrl-C or SIGTERM); re-queued"
         else:
             state, note = "LOST", "worker died; re-queued"
     if is_retry(t):

@@ -33,6 +33,7 @@ __all__ = ["Lineage", "Ledger", "ATTR_KEY", "ATTR_REJECTED", "ATTR_FAIL", "root_
 ATTR_KEY = "graph_key"
 ATTR_REJECTED = "rejected"
 ATTR_FAIL = "fail_reason"
+ATTR_INTERRUPTED = "interrupted"  # given back by Ctrl-C or SIGTERM (not a dead worker); re-queued like one
 
 
 def _retried(t: FrozenTrial) -> Optional[int]:

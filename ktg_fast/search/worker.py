@@ -40,7 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..trainer import NonFiniteLossError, Trainer
 from .commands import replay_command
 from .config import SearchConfig
-from .ledger import ATTR_KEY, ATTR_REJECTED, Ledger, is_retry, retry_history, root_of
+from .ledger import ATTR_INTERRUPTED, ATTR_KEY, ATTR_REJECTED, Ledger, is_retry, retry_history, root_of
 from .locks import admission_lock
 from .space import FrozenTargetError
 from .storage import open_storage
@@ -202,6 +202,7 @@ class Worker(TrialOutcomes):
         try:
             frozen = self.storage.get_trial(trial._trial_id)
             if frozen.state == TrialState.RUNNING:
+                trial.set_user_attr(ATTR_INTERRUPTED, True)  # export: INTERRUPTED, not a dead worker's LOST
                 self.study.tell(trial, state=TrialState.FAIL)
                 if ATTR_KEY in frozen.user_attrs:
                     self.retry(self.study, self.storage.get_trial(trial._trial_id))
