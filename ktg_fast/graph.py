@@ -115,12 +115,13 @@ class Graph:
         m = self.num_nodes
         if m < 1:
             raise GraphError("a graph needs at least one network node besides the label")
-        if len(self.gates) != m + 1 or any(len(r) != m + 1 for r in self.gates):
-            sizes = "x".join(str(len(r)) for r in self.gates[:1]) or "0"
-            raise GraphError(
-                f"gate matrix must be {m + 1}x{m + 1} for {m} network nodes plus the label, "
-                f"got {len(self.gates)} rows (first row length {sizes})"
-            )
+        want = f"gate matrix must be {m + 1}x{m + 1} for {m} network nodes plus the label (row s, column t: edge s -> t; row 0: the label)"
+        if len(self.gates) != m + 1:
+            raise GraphError(f"{want}; got {len(self.gates)} rows")
+        bad = [(s, len(r)) for s, r in enumerate(self.gates) if len(r) != m + 1]
+        if bad:
+            rows = ", ".join(f"row {s} has {n} entr{'y' if n == 1 else 'ies'}" for s, n in bad[:4])
+            raise GraphError(f"{want}; {rows}" + (f" and {len(bad) - 4} more rows are off" if len(bad) > 4 else ""))
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise GraphError(f"temperature must be a finite positive number such as 1.0 or 4, got {self.temperature}")
         try:

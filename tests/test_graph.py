@@ -55,7 +55,9 @@ def bad(mutator, match):
 def test_validation_messages():
     bad(lambda d: d["gates"][1].__setitem__(2, "sometimes"), r"gate\[1\]\[2\]: unknown gate 'sometimes'")
     bad(lambda d: d["nodes"][2].__setitem__("model", "resnet1000x"), r"node 3: unknown model 'resnet1000x'")
-    bad(lambda d: d["gates"].pop(), r"gate matrix must be 4x4")
+    bad(lambda d: d["gates"].pop(), r"gate matrix must be 4x4 .*; got 3 rows$")
+    bad(lambda d: d["gates"][1].pop(), r"gate matrix must be 4x4 .*; row 1 has 3 entries$")  # a ragged row named
+    bad(lambda d: (d["gates"][1].pop(), d["gates"][3].append("cutoff")), r"; row 1 has 3 entries, row 3 has 5 entries$")
     bad(lambda d: d["gates"][2].__setitem__(2, "through"), r"gate\[2\]\[2\].*itself")
     bad(lambda d: d["gates"][3].__setitem__(0, "through"), r"gate\[3\]\[0\].*label")
     # Target frozen: cut every input of node 1.
