@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -21,7 +23,7 @@ from .recipe import TrainConfig
 from .steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .trainer import NonFiniteLossError
 
-__all__ = ["CliParser", "add_data_args", "add_recipe_args", "apply_cpu_threads", "check_out_dir", "dataset_flag", "error_line", "positive_int",
+__all__ = ["CliParser", "Terminated", "interrupted_exit", "raise_terminated", "add_data_args", "add_recipe_args", "apply_cpu_threads", "check_out_dir", "dataset_flag", "error_line", "positive_int",
            "run_cli", "setup_logging", "start_distributed", "stop_distributed", "remove_if_empty"]
 
 
@@ -262,23 +264,42 @@ def error_line(e: BaseException) -> str:
     return text
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``kill``): stops the command as Ctrl-C does (work is given back, checkpoints
+    stay), but exits 143 rather than 130."""
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    """A SIGTERM handler: raise :class:`Terminated` where the main thread is."""
+    raise Terminated(f"signal {signum}")
+
+
+def interrupted_exit(e: KeyboardInterrupt, hint: str) -> int:
+    """Say why the command stopped and how to continue; return its exit status (143 SIGTERM, 130 Ctrl-C)."""
+    print(f"{'stopped by SIGTERM' if isinstance(e, Terminated) else 'interrupted'}; {hint}", file=sys.stderr)
+    return 143 if isinstance(e, Terminated) else 130
+
+
 def run_cli(main: Callable[[], int], *, resume_hint: str = "rerun with --resume to continue") -> None:
     """Run a command line under one top-level handler.
 
     Expected failures (bad input, ``OSError`` such as a full disk or an unwritable folder, storage
     errors, unreadable checkpoints, a diverging run) print one ``error:`` line and exit 2, with the
     traceback too under ``-v``/``--verbose`` (or ``KTG_DEBUG=1``); anything else is a bug and keeps
-    its traceback. Ctrl-C exits 130 with ``resume_hint`` (how this command continues).
+    its traceback. Ctrl-C exits 130 with ``resume_hint`` (how this command continues); SIGTERM stops it
+    the same way and exits 143.
     """
     verbose = bool(os.environ.get("KTG_DEBUG")) or any(a in ("-v", "--verbose") for a in sys.argv[1:])
     # Under torchrun, ranks > 0 leave the messages every rank would print alike to rank 0.
     rank = int(os.environ.get("RANK", "0") or 0) if os.environ.get("WORLD_SIZE", "1") != "1" else 0
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, raise_terminated)  # as Ctrl-C: checkpoints kept, trials given back
     try:
         code = main()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if rank == 0:
-            print(f"interrupted; {resume_hint}", file=sys.stderr)
-        sys.exit(130)
+            sys.exit(interrupted_exit(e, resume_hint))
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except Exception as e:
         if not _expected(e):
             raise

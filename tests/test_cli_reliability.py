@@ -460,3 +460,19 @@ def test_export_names_a_missing_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SearchError, match=r"empty holds no search.json: give the folder a search wrote"):
         search_cli.main(["export", "--out", str(tmp_path / "empty")])
+
+
+# ------------------------------------------------------------ SIGTERM as Ctrl-C, exit 143
+@pytest.mark.parametrize("signal_name, code, said", [("INT", 130, "interrupted"), ("TERM", 143, "stopped by SIGTERM")])
+def test_a_stopped_train_says_how_to_resume_and_resumes(tmp_path, signal_name, code, said):
+    out = tmp_path / "run"
+    args = ["--graph", "dml", "--model", "resnet8", *TINY, "--epochs", "2", "--step", "eager", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KTG_KILL_SIGNAL": signal_name}
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "sigkill_at_step.py"), "3", "ktg_fast.train", *args],
+                       capture_output=True, text=True, env=env, timeout=180, cwd=REPO)
+    assert r.returncode == code and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"{said}; rerun with --resume to continue" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "ktg_fast.train", *args, "--resume", "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=180, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [m["epoch"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2]

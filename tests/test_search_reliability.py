@@ -440,8 +440,8 @@ def test_export_finishes_when_graphviz_fails_or_is_missing(finished, tmp_path, m
     assert (out / "best" / "graph.yaml").is_file()
 
 
-@pytest.mark.parametrize("pack", ["1", "2"])
-def test_ctrl_c_marks_the_running_trial_interrupted_and_a_rerun_finishes(tmp_path, pack):
+@pytest.mark.parametrize("pack, signal_name", [("1", "INT"), ("2", "INT"), ("2", "TERM")])
+def test_ctrl_c_marks_the_running_trial_interrupted_and_a_rerun_finishes(tmp_path, pack, signal_name):
     """Ctrl-C during a trial (alone or packed): its trial.json says INTERRUPTED (not RUNNING), the study fails
     it and queues its retry; running the search again finishes the study with exact counts."""
     from test_search_parallel import check_books
@@ -449,10 +449,11 @@ def test_ctrl_c_marks_the_running_trial_interrupted_and_a_rerun_finishes(tmp_pat
     out = tmp_path / "int"
     args = [*TINY, "--epochs", "2", "--trials", "3", "--step", "eager", "--device", "cpu", "--batch-size", "16",
             "--pack", pack, "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KTG_KILL_SIGNAL": "INT"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KTG_KILL_SIGNAL": signal_name}
     r = subprocess.run([sys.executable, str(REPO / "tests" / "sigkill_at_step.py"), "6", "ktg_fast.search", *args],
                        capture_output=True, text=True, env=env, timeout=180)
-    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == {"INT": 130, "TERM": 143}[signal_name] and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert ("stopped by SIGTERM;" if signal_name == "TERM" else "interrupted;") in r.stderr
     assert "run the same command again" in r.stderr  # the search has no --resume flag
     states = {p.parent.name: json.loads(p.read_text())["state"] for p in (out / "trials").glob("*/trial.json")}
     assert "INTERRUPTED" in states.values() and "RUNNING" not in states.values(), states

@@ -23,6 +23,7 @@ from .storage import checkpoint_sqlite, storage_errors
 from .storage_url import mask_url, sqlite_path
 from .study import BUDGET_ATTR, create_or_join, open_for_reading
 from .teachers import missing_teachers, pretrain_hint, teacher_file
+from ..cli_common import interrupted_exit
 from .worker import Worker, raise_interrupt
 
 __all__ = ["run_search", "plural", "make_worker", "resolve_pack"]
@@ -143,11 +144,10 @@ def _run_inline(cfg: SearchConfig, prog: Any, pack: int = 1) -> int:
                 worker.run()
         else:
             worker.run()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if prog is not None:
             prog.close()
-        print("interrupted; run the same command again to continue the search", file=sys.stderr)
-        return 130
+        return interrupted_exit(e, "run the same command again to continue the search")
     finally:
         if prog is not None:
             prog.close()  # stop its thread whatever happened
@@ -198,10 +198,9 @@ def _watch(cfg: SearchConfig, procs: list, prog: Any, logs: Path, failed: list[s
                 except Exception as e:
                     log.debug("progress poll failed: %s", e)
             time.sleep(0.5 if prog is None else prog.interval_s)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _stop_all(procs)  # SIGTERM, not SIGINT: SIGINT may be ignored in background jobs
-        print("interrupted; run the same command again to continue the search", file=sys.stderr)
-        return 130
+        return interrupted_exit(e, "run the same command again to continue the search")
     if failed and len(failed) == len(procs):
         raise SearchError("every worker stopped before the search was complete: " + " | ".join(failed)
                           + f"; see {logs}; run the same command again to continue")

@@ -37,6 +37,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from ..cli_common import Terminated
 from ..trainer import NonFiniteLossError, Trainer
 from .commands import replay_command
 from .config import SearchConfig
@@ -57,7 +58,7 @@ log = logging.getLogger("ktg_fast.search")
 
 def raise_interrupt(signum: int, frame: Any) -> None:
     """A signal handler that stops like Ctrl-C (SIGTERM from schedulers: the trial is given back)."""
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Terminated(f"signal {signum}")
 
 
 def _is_oom(e: BaseException) -> bool:
