@@ -23,7 +23,7 @@ from .recipe import TrainConfig
 from .steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .trainer import NonFiniteLossError
 
-__all__ = ["CliParser", "Terminated", "interrupted_exit", "raise_terminated", "add_data_args", "add_recipe_args", "apply_cpu_threads", "check_out_dir", "dataset_flag", "error_line", "positive_int",
+__all__ = ["CliParser", "step_flag", "Terminated", "interrupted_exit", "raise_terminated", "add_data_args", "add_recipe_args", "apply_cpu_threads", "check_out_dir", "dataset_flag", "error_line", "positive_int",
            "run_cli", "setup_logging", "start_distributed", "stop_distributed", "remove_if_empty"]
 
 
@@ -32,10 +32,25 @@ class CliParser(argparse.ArgumentParser):
 
     The commands have dozens of flags: argparse's usage block would push the one line that matters
     (``error: argument --epochs: invalid int value: 'x'``) below a screen of options.  Exit status 2.
+    Flags are not abbreviated: ``--epoch`` is an error, not ``--epochs``.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)  # --epoch is a typo, not --epochs
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (all options: {self.prog} --help)\n")
+
+
+def step_flag(name: str) -> str:
+    """``--step``'s value; an old spelling is translated, with one warning line (not a Python warning too)."""
+    if name in DEPRECATED_STEP_KINDS:
+        new = DEPRECATED_STEP_KINDS[name]
+        print(f"warning: --step {name} is deprecated (the old name goes in the next release): use --step {new}",
+              file=sys.stderr)
+        return new
+    return name
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -69,7 +84,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", required=True, action=_DatasetAction,
                    help="cifar10, cifar100, fashion-mnist, tiny-imagenet or synthetic")
     g.add_argument("--data-root", default=None, help="dataset folder (default $KTG_DATA_ROOT or ./data)")
-    g.add_argument("--download", action="store_true", help="download CIFAR when missing (needs internet)")
+    g.add_argument("--download", action="store_true", help="download CIFAR or Fashion-MNIST into --data-root when missing (needs internet)")
     g.add_argument("--val-size", type=int, default=0,
                    help="hold out this many training images as a validation split (default 0: train on all)")
     g.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
@@ -112,7 +127,7 @@ def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int | None = None) ->
     g.add_argument("--cpu-threads", type=positive_int, default=None, metavar="N",
                    help="torch threads on the CPU (default: torch's, one per core); a packed search trial retrained "
                         "alone matches its weights bit for bit with the search's --cpu-threads")
-    g.add_argument("--step", default="auto", choices=(*STEP_KINDS, *DEPRECATED_STEP_KINDS),
+    g.add_argument("--step", default="auto", type=step_flag, choices=(*STEP_KINDS, *DEPRECATED_STEP_KINDS),
                    help="training-step path (auto: the fastest available here)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--sync-bn", action="store_true",

@@ -24,10 +24,12 @@ def seeds_table(finals: Sequence[dict], *, metric: str = "test_acc") -> str:
     frozen_set = set(frozen_nodes(gate_codes(graph["gates"])))
     frozen = [t in frozen_set for t in range(1, len(graph["nodes"]) + 1)]
     seeds = ", ".join(str(f["seed"]) for f in finals)
-    lines = [f"| node | model | role | {metric} (%) over seeds {seeds} |", "|---|---|---|---|"]
+    over = f"over seeds {seeds}" if len(finals) > 1 else f"of seed {seeds} (one seed: no std)"
+    lines = [f"| node | model | role | {metric} (%) {over} |", "|---|---|---|---|"]
     for t, node in enumerate(graph["nodes"], start=1):
         vals = [f[metric][t - 1] for f in finals if metric in f]
         mu, sd = mean_std(vals)
         role = "target" if t == graph.get("target", 1) else ("frozen" if frozen[t - 1] else "auxiliary")
-        lines.append(f"| {t} | {node['model']} | {role} | {mu:.2f} +- {sd:.2f} |")
+        cell = f"{mu:.2f} +- {sd:.2f}" if len(vals) > 1 else f"{mu:.2f}"
+        lines.append(f"| {t} | {node['model']} | {role} | {cell} |")
     return "\n".join(lines) + "\n"

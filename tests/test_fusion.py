@@ -557,3 +557,17 @@ def test_old_step_name_graph_still_works_with_a_deprecation_message(caplog) -> N
     with pytest.warns(FutureWarning, match="--step graph is now --step cudagraph"):
         step = make_step("graph", graph, build(graph), TrainConfig())
     assert step.kind == "fused"  # CPU nets: the CUDA-graph step falls back to the fused one
+
+
+def test_old_step_name_on_the_command_line_is_one_warning_line(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ktg_fast.train", "--graph", "vanilla", "--model", "resnet8",
+                        "--dataset", "synthetic", "--train-subset", "32", "--eval-subset", "32", "--batch-size", "16",
+                        "--epochs", "1", "--step", "graph", "--no-progress", "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("deprecated") == 1 and "FutureWarning" not in r.stderr, r.stderr
+    assert "warning: --step graph is deprecated (the old name goes in the next release): use --step cudagraph" \
+        in r.stderr

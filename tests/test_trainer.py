@@ -321,3 +321,14 @@ def test_fp16_checkpoint_keeps_each_nodes_loss_scale(tmp_path, write_kind, read_
     torch.save(ck, ck_path)
     with pytest.raises(CheckpointError, match="loss-scale scale is \\(3,\\), not one value for each of 2 nodes"):
         resumed()
+
+
+def test_one_seed_table_has_no_std():
+    from ktg_fast.graph import preset
+    from ktg_fast.report import seeds_table
+
+    graph = preset("dml", models=["resnet8", "resnet8"]).to_dict()
+    one = seeds_table([{"graph": graph, "seed": 0, "test_acc": [81.5, 80.25]}])
+    assert "of seed 0 (one seed: no std)" in one and "| 81.50 |" in one and "+-" not in one
+    two = seeds_table([{"graph": graph, "seed": s, "test_acc": [80.0 + s, 79.0]} for s in (0, 1)])
+    assert "over seeds 0, 1" in two and "| 80.50 +- 0.71 |" in two

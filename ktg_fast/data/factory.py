@@ -28,7 +28,7 @@ def choose_loader(source: ArrayDataset | ImageFolder, device: torch.device | str
         return kind, f"image folder decoded into memory with PIL, since DALI is unusable: {msg}"
     if dev.type == "cuda":
         return "tensor", "in-memory dataset on a GPU: uint8 split kept on the device"
-    return "torch", f"no GPU ({dev}): batches built with tensor ops on the CPU"
+    return "torch", f"no GPU ({dev}): in-memory batches assembled (and augmented) on the CPU"
 
 
 def make_loader(kind: str, source: ArrayDataset | ImageFolder, batch_size: int, *, train: bool,

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..cli_common import CliParser, positive_int, setup_logging
+from ..cli_common import CliParser, positive_int, setup_logging, step_flag
 from ..data.factory import LOADER_KINDS
 from ..steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .commands import retrain_command
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(default 2 x --heartbeat)")
     g.add_argument("--max-retry", type=int, help="re-runs of a trial whose worker died (default 3)")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
-    g.add_argument("--step", choices=(*STEP_KINDS, *DEPRECATED_STEP_KINDS), help="training-step path (default auto)")
+    g.add_argument("--step", type=step_flag, choices=(*STEP_KINDS, *DEPRECATED_STEP_KINDS),
+                   help="training-step path (default auto)")
     g.add_argument("--precision", choices=PRECISIONS, help="forward arithmetic (default: fp32 on the CPU, bf16 on "
                                                            "a CUDA device that has it)")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format")

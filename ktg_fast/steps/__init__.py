@@ -104,7 +104,6 @@ def make_step(kind: str, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConf
         new = DEPRECATED_STEP_KINDS[kind]
         warnings.warn(f"--step {kind} is now --step {new} (the old name goes in the next release)",
                       FutureWarning, stacklevel=2)
-        say_once(logging.WARNING, "--step %s is deprecated: use --step %s", kind, new)
         kind = new
     if kind not in STEP_KINDS:
         raise ValueError(f"unknown step {kind!r}; choose from {', '.join(STEP_KINDS)}")
