@@ -389,12 +389,12 @@ def test_plots_mark_the_best_trials(finished):
     ax = history_figure(rows).axes[0]
     step = next(ln for ln in ax.get_lines() if ln.get_label() == "best so far")
     assert step.get_xdata()[-1] == 99 and step.get_ydata()[-1] == best.value
-    assert any(a.get_text() == f"#{best.number}: {best.value:.1f} %" for a in ax.texts)
+    assert any(a.get_text() == f"trial {best.number}: {best.value:.1f} %" for a in ax.texts)
 
     ax = intermediate_figure(rows, rungs=[1]).axes[0]
     legend = ax.get_legend()
     labels = [t.get_text() for t in legend.get_texts()]
-    assert labels[0] == f"#{best.number}: {best.value:.1f} %" and "rung (pruning decision)" in labels
+    assert labels[0] == f"trial {best.number}: {best.value:.1f} %" and "rung (pruning decision)" in labels
     assert legend.get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1  # outside the axes, right
     rung = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
     pruned_marks = [ln for ln in ax.get_lines() if ln.get_marker() == "x" and ln.get_label().startswith("_")]

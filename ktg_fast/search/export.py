@@ -153,7 +153,7 @@ def history_figure(rows: list[dict]) -> Any:
         win = max(done, key=lambda r: (r["value"], -r["number"]))
         ax.scatter([win["number"]], [win["value"]], s=90, facecolors="none", edgecolors="#d62728", linewidths=1.5,
                    zorder=5)
-        ax.annotate(f"#{win['number']}: {win['value']:.1f} %", (win["number"], win["value"]),
+        ax.annotate(f"trial {win['number']}: {win['value']:.1f} %", (win["number"], win["value"]),
                     xytext=(8, -6), textcoords="offset points", ha="left", va="top", color="#d62728", fontsize=9)
     from matplotlib.ticker import MaxNLocator  # local: matplotlib is slow to import, only plots need it
 
@@ -210,7 +210,7 @@ def intermediate_figure(rows: list[dict], *, rungs: list[int], best: int = 3) ->
         xs = list(r["intermediate"])
         ys = [r["intermediate"][x] for x in xs]
         line, = ax.plot(xs, ys, c=colour[r["number"]], lw=2.0, marker="o" if len(xs) < 30 else None, ms=3, zorder=6,
-                        label=f"#{r['number']}: {r['value']:.1f} %")
+                        label=f"trial {r['number']}: {r['value']:.1f} %")
         handles.append(line)
         shown += 1
     for x in rungs:
