@@ -160,8 +160,12 @@ def test_study_of_another_search_space_is_refused(tmp_path):
 def test_rerun_with_other_settings_is_refused(tmp_path):
     out = tmp_path / "r"
     SearchConfig(out=str(out), dataset="fashion-mnist", nodes=2, target="resnet8", models=["resnet8"]).save()
-    with pytest.raises(SearchError, match="holds a search with other settings.*epochs"):
+    with pytest.raises(SearchError, match=r"holds a search with other settings \(saved vs this command: epochs: 200 "
+                                          r"vs 7\)\. Drop"):  # (not also teacher_epochs, which follows --epochs)
         cli.resolve_config(cli.build_parser().parse_args(["--out", str(out), "--epochs", "7"]))
+    with pytest.raises(SearchError, match=r"epochs: 200 vs 7; teacher_epochs: 200 vs 3"):
+        cli.resolve_config(cli.build_parser().parse_args(["--out", str(out), "--epochs", "7", "--teacher-epochs",
+                                                          "3"]))
     cfg, given = cli.resolve_config(cli.build_parser().parse_args(["--out", str(out), "--trials", "9",
                                                                    "--workers", "2"]))
     assert (cfg.nodes, cfg.trials, cfg.workers, given) == (2, 9, 2, True)

@@ -160,6 +160,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[SearchConfig, bool]:
         if given:
             cfg.validate()
             diffs = spec_differences(saved.study_spec(), cfg.study_spec())
+            if "teacher_epochs" not in given and any(d.startswith("epochs:") for d in diffs):
+                diffs = [d for d in diffs if not d.startswith("teacher_epochs:")]  # it follows --epochs: one fault
             if diffs:
                 raise SearchError(f"{args.out} holds a search with other settings (saved vs this command: "
                                   f"{'; '.join(diffs)}). Drop those flags to resume it, or use another --out")
