@@ -176,7 +176,8 @@ def test_errors_print_one_line_without_traceback(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error: unknown gate 'maybe' in --gates; known gates: cutoff, through")
     r = run_cli_subprocess(["export", "--out", str(tmp_path / "none")])
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "holds no search.json" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "none does not exist: give the folder a search wrote" \
+        in r.stderr
 
 
 def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, keep_threads, monkeypatch):
