@@ -307,8 +307,12 @@ def run_cli(main: Callable[[], int], *, resume_hint: str = "rerun with --resume 
     verbose = bool(os.environ.get("KTG_DEBUG")) or any(a in ("-v", "--verbose") for a in sys.argv[1:])
     # Under torchrun, ranks > 0 leave the messages every rank would print alike to rank 0.
     rank = int(os.environ.get("RANK", "0") or 0) if os.environ.get("WORLD_SIZE", "1") != "1" else 0
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, raise_terminated)  # as Ctrl-C: checkpoints kept, trials given back
+    distributed = os.environ.get("WORLD_SIZE", "1") != "1"
+    if (not distributed and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        # As Ctrl-C: checkpoints kept, trials given back.  Not under torchrun: its agent stops the ranks with
+        # SIGTERM, and a rank blocked in a collective would run the handler only when the collective returns.
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         code = main()
     except KeyboardInterrupt as e:
