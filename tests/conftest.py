@@ -24,6 +24,21 @@ except ImportError:
     collect_ignore_glob = ["test_search_*.py"]
 
 
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """One Inductor cache for the session (compiled artifacts shared between tests and test files; set
+    KTG_COMPILE_CACHE to a folder to keep it between sessions)."""
+    from ktg_fast.steps import compile_cache_dir
+
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    folder = compile_cache_dir(os.environ.get("KTG_COMPILE_CACHE") or tmp_path_factory.mktemp("inductor"))
+    yield folder
+    if before is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
