@@ -59,6 +59,7 @@ from .recipe import TrainConfig, lr_at_epoch
 from .run_data import RunData, load_run_data
 from .run_files import truncate_metrics
 from .steps import TrainStep, default_precision, make_step
+from .trainer import divergence_message
 from .data import canonical_name
 
 __all__ = ["Member", "MemberEpoch", "PackTrainer"]
@@ -394,13 +395,10 @@ class PackTrainer:
             if bad is not None:
                 # Worded as the lone trainer's message, so that a search counts one reason for both.
                 k, places = bad
-                nodes = [mem.places.index(p) + 1 for p in places]
-                names = ", ".join(f"node {t} ({mem.graph.nodes[t - 1].model})" for t in nodes)
-                rates = ", ".join(f"node {t}'s is {lrs[mem.places[t - 1]]:g}" for t in nodes
-                                  if mem.places[t - 1] in lrs)
-                advice = f"{rates}; --lr {mem.cfg.lr:g}" if rates else f"--lr {mem.cfg.lr:g}"
-                mem.failed = (f"non-finite loss at step {first_step + k} (epoch {mem.epoch}) in {names}: lower the "
-                              f"learning rate ({advice}) or check the data")
+                mine = {p: t for t, p in enumerate(mem.places, start=1)}  # place -> the member's node
+                rates = {mine[p]: lr for p, lr in lrs.items() if p in mine}
+                mem.failed = divergence_message(mem.graph, first_step + k, mem.epoch, [mine[p] for p in places],
+                                                rates, mem.cfg.lr)
                 out.append(MemberEpoch(mem, failure=mem.failed))
                 continue
             record = {"epoch": mem.epoch, "step": mem.step,

@@ -45,6 +45,19 @@ __all__ = ["Trainer", "CheckpointError", "NonFiniteLossError", "RunExistsError",
 log = logging.getLogger("ktg_fast")
 
 
+def divergence_message(graph: Graph, step: int, epoch: int, nodes: list[int], node_lrs: dict[int, float],
+                       lr: float) -> str:
+    """"non-finite loss at step k (epoch e) in node t (model), ...: lower the learning rate (...) or check the
+    data": one wording for a lone run and a pack member (a search counts one failure reason for both).
+
+    ``step`` and ``epoch`` are the run's (1-based); ``node_lrs`` the current rate of each trainable node."""
+    names = ", ".join(f"node {t} ({graph.nodes[t - 1].model})" for t in nodes)
+    rates = ", ".join(f"node {t}'s is {node_lrs[t]:g}" for t in nodes if t in node_lrs)
+    advice = f"{rates}; --lr {lr:g}" if rates else f"--lr {lr:g}"
+    return (f"non-finite loss at step {step} (epoch {epoch}) in {names}: lower the learning rate ({advice}) "
+            "or check the data")
+
+
 class NonFiniteLossError(RuntimeError):
     """A node's loss became NaN or infinite; the message names the node and the step."""
 
@@ -279,19 +292,14 @@ class Trainer:
         if bad is None:
             return
         k, nodes = bad
-        names = ", ".join(f"node {t} ({self.graph.nodes[t - 1].model})" for t in nodes)
-        lrs = self.node_lrs
-        rates = ", ".join(f"node {t}'s is {lrs[t]:g}" for t in nodes if t in lrs)
-        advice = (f"lower the learning rate ({rates}; --lr {self.cfg.lr:g})" if rates
-                  else f"lower the learning rate (--lr {self.cfg.lr:g})")
         if not self.save_checkpoints:
             where = "this run keeps no checkpoints: start it anew"
         elif self.checkpoint_path.exists():
             where = f"the last good checkpoint is {self.checkpoint_path} (epoch {epoch})"
         else:
             where = "no checkpoint was written before (the run diverged in its first epoch): start it anew"
-        raise NonFiniteLossError(f"non-finite loss at step {k} (epoch {epoch + 1}) in {names}: {advice} "
-                                 f"or check the data; {where}")
+        raise NonFiniteLossError(f"{divergence_message(self.graph, k, epoch + 1, nodes, self.node_lrs, self.cfg.lr)}; "
+                                 f"{where}")
 
     def save_node(self, t: int, path: Optional[str | os.PathLike] = None, **meta: Any) -> Path:
         """Write network node ``t``'s (1-based) current weights as a model checkpoint; return its path.
