@@ -14,6 +14,8 @@ from ktg_fast.io import atomic_write_json
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+if CUDA:  # as training runs it (ktg_fast.device.autotune_convolutions), for every variant alike
+    torch.backends.cudnn.benchmark = True
 # Where result files go: bench/results/ unless KTG_BENCH_RESULTS names another folder (bench/gpu.sh).
 RESULTS_DIR = Path(os.environ.get("KTG_BENCH_RESULTS") or Path(__file__).parent / "results")
 # KTG_BENCH_QUICK=1: the paper's sizes with few repetitions (bench/gpu.sh, a verification in minutes).
@@ -60,8 +62,13 @@ def time_calls(fn: Callable[[], object], rounds: int, warmup: int = 0) -> list[f
     return out
 
 
+# One stamp per process: a suite that writes its record after every row (so a phase cut short by its time
+# cap keeps what it measured) rewrites one file, not one per row.
+_STAMP = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
 def write_result(name: str, record: dict) -> Path:
-    """Write ``bench/results/<name>-<stamp>.json`` with the device, versions and date added."""
-    now = _dt.datetime.now()
+    """Write ``bench/results/<name>-<stamp>.json`` (atomically; the stamp is this process's start) with the
+    device, versions and date added; a later call of the same process with the same name replaces it."""
     full = {"benchmark": name, **versions(), **record}
-    return atomic_write_json(RESULTS_DIR / f"{name}-{now.strftime('%Y%m%d-%H%M%S')}.json", full)
+    return atomic_write_json(RESULTS_DIR / f"{name}-{_STAMP}.json", full)

@@ -34,6 +34,7 @@ from ktg_fast.recipe import TrainConfig
 from ktg_fast.steps import make_step
 from ktg_fast.nodes import teacher_path
 from ktg_fast.pack import pack_graphs
+from ktg_fast.search.budget import expected_epochs_per_trial
 from ktg_fast.search.space import FrozenTargetError, SearchSpace
 
 __all__ = ["sample_graph", "measure_epoch_seconds"]
@@ -61,12 +62,17 @@ def _sync(device: Any) -> None:
 
 def measure_epoch_seconds(graph: Any, *, device: str = "auto", step: str = "auto", window_s: float = 20.0,
                           warmup: int = 3, barrier: Optional[tuple[Path, int, int]] = None,
-                          val_sample: int = 1000) -> dict[str, Any]:
+                          val_sample: int = 1000, total_steps: Optional[int] = None) -> dict[str, Any]:
     """Time ``graph``'s training step and validation pass; extrapolate one search epoch.
 
     Args:
         barrier: (folder, workers, my index): wait until every worker is warm before timing.
         val_sample: validation images actually run (scaled to 10,000).
+        total_steps: the step choice's hint, as a search trial passes it (a lone trial: its expected steps
+            under ASHA; a pack: the budget's), so the step path timed is the one the search trains with.
+
+    Returns one record; ``setup_s`` is building the step and its warm-up (compiling, capturing): what
+    each new trial pays before its first timed step.
     """
     dev = use_device(resolve_device(device))
     with tempfile.TemporaryDirectory() as teachers:
@@ -78,15 +84,18 @@ def measure_epoch_seconds(graph: Any, *, device: str = "auto", step: str = "auto
         nets = build_nodes(graph, num_classes=CLASSES, in_channels=3, dataset="cifar100", device=dev,
                            teacher_dir=teachers)
     cfg = TrainConfig(epochs=200, batch_size=BATCH)
-    st = make_step(step, graph, nets, cfg)
-    st.set_lrs([cfg.lr] * len(graph.trainable))
     x = torch.rand(BATCH, 3, 32, 32, device=dev)
     y = torch.randint(0, CLASSES, (BATCH,), device=dev)
     progress = torch.full((), 0.5, device=dev)
-    # Never time the CUDA-graph capture: warm up past the call that captures.
-    for _ in range(max(warmup, st.steady_after)):
+    _sync(dev)
+    t_setup = time.perf_counter()
+    st = make_step(step, graph, nets, cfg, total_steps=total_steps)
+    st.set_lrs([cfg.lr] * len(graph.trainable))
+    # Never time the CUDA-graph capture or the compile: warm up past the steady state.
+    for _ in range(max(warmup, st.steady_after + 1)):
         st(x, y, progress)
     _sync(dev)
+    setup_s = time.perf_counter() - t_setup
     if barrier is not None:
         folder, workers, me = barrier
         (folder / f"ready{me}").touch()
@@ -118,7 +127,7 @@ def measure_epoch_seconds(graph: Any, *, device: str = "auto", step: str = "auto
     train_s = step_s * (TRAIN_IMAGES // BATCH)
     return {"graph": graph.to_dict(), "frozen": graph.frozen, "step_path": st.kind, "device": str(dev),
             "steps_timed": n, "step_s": step_s, "train_epoch_s": train_s, "val_epoch_s": val_s,
-            "epoch_s": train_s + val_s}
+            "epoch_s": train_s + val_s, "setup_s": setup_s, "total_steps": total_steps}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -141,8 +150,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     barrier = (Path(a.barrier), a.workers, a.index) if a.barrier else None
     graphs = [sample_graph(a.graph_seed + i) for i in range(a.pack)]
     graph = graphs[0] if a.pack == 1 else pack_graphs(graphs).graph
+    # As the search passes it: a lone trial its expected steps under the paper's ASHA, a pack the budget's.
+    epochs = expected_epochs_per_trial(200, 1, 2, 0) if a.pack == 1 else 200
     res = measure_epoch_seconds(graph, device=a.device, step=a.step, window_s=a.window,
-                                warmup=a.warmup, barrier=barrier, val_sample=a.val_sample)
+                                warmup=a.warmup, barrier=barrier, val_sample=a.val_sample,
+                                total_steps=round(epochs * (TRAIN_IMAGES // BATCH)))
     res["graph_seed"], res["pack"] = a.graph_seed, a.pack
     res["pid"] = os.getpid()
     print(json.dumps(res), flush=True)

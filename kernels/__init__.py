@@ -13,7 +13,8 @@ since Triton decides how to build a kernel when it is defined.
 """
 from .graph_loss import (graph_loss_triton, graph_loss_triton_blocks, graph_loss_triton_blocks_with_grad,
                          graph_loss_triton_with_grad)
-from .launch import MAX_NODES, Plan, grad_dtype, is_available, plan
+from .launch import MAX_NODES, Plan, grad_dtype, interpreter_problem, is_available, plan
 
 __all__ = ["MAX_NODES", "Plan", "grad_dtype", "graph_loss_triton", "graph_loss_triton_with_grad",
-           "graph_loss_triton_blocks", "graph_loss_triton_blocks_with_grad", "is_available", "plan"]
+           "graph_loss_triton_blocks", "graph_loss_triton_blocks_with_grad", "interpreter_problem", "is_available",
+           "plan"]

@@ -100,8 +100,9 @@ def _fused_kernel(
 def _scale_loop(src_ptr, dst_ptr, node, g, N, BLOCK: tl.constexpr):
     """dst[node, :] = src[node, :] * g over blocks pid, pid + P, ... (a stride loop over a fixed grid)."""
     base = node.to(tl.int64) * N
-    # The loop variable takes N's integer width: int64 once a node holds 2^31 elements or more.
-    for start in range(tl.program_id(0) * BLOCK, N, tl.num_programs(0) * BLOCK):
+    # An int64 loop variable: an int32 one wraps past 2^31 when N is within one stride (P * BLOCK) of it,
+    # and the loop then runs on at negative offsets.
+    for start in range(tl.program_id(0).to(tl.int64) * BLOCK, N, tl.num_programs(0) * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < N
         x = tl.load(src_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)

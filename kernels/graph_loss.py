@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from . import ops  # noqa: F401  (registers the torch.ops.ktg_fast operators)
-from .launch import DTYPES, MAX_NODES, grad_dtype, is_available, plan
+from .launch import DTYPES, MAX_NODES, grad_dtype, interpreter_problem, is_available, plan
 
 __all__ = ["grad_dtype", "graph_loss_triton", "graph_loss_triton_with_grad", "graph_loss_triton_blocks",
            "graph_loss_triton_blocks_with_grad", "is_available", "plan"]
@@ -41,10 +41,11 @@ def _check_inputs(
     if b < 1 or c < 1:
         raise ValueError(f"logits must have at least one row and one class, got shape {tuple(logits.shape)}")
     if not is_available(logits.device):
+        problem = interpreter_problem() if logits.device.type == "cpu" else None
         raise RuntimeError(
-            f"graph_loss_triton cannot run on {logits.device}: it needs a CUDA device, or CPU tensors "
-            "with TRITON_INTERPRET=1 set before ktg_fast.kernels is first imported"
-        )
+            f"graph_loss_triton cannot run on {logits.device}: " + (problem or (
+                "it needs a CUDA device, or CPU tensors with TRITON_INTERPRET=1 set before ktg_fast.kernels "
+                "is first imported")))
     if labels.shape != (b,) or labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be ({b},) int64 or int32 class indices, got shape {tuple(labels.shape)} "
                          f"{labels.dtype}")

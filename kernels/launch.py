@@ -9,10 +9,11 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 
 from . import _triton_graph_loss as K
 
-__all__ = ["Plan", "plan", "single_block", "grad_dtype", "is_available", "interpreted", "DTYPES", "MAX_NODES", "LABEL_BLOCK",
+__all__ = ["Plan", "plan", "single_block", "grad_dtype", "is_available", "interpreted", "interpreter_problem", "DTYPES", "MAX_NODES", "LABEL_BLOCK",
            "SCALE_BLOCK", "SCALE_GRID"]
 
 
@@ -52,18 +53,59 @@ def interpreted() -> bool:
     return INTERPRETED
 
 
+@triton.jit
+def _probe_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    # The one construct the interpreter has broken (a loop bound that is a kernel argument).
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i0 in range(0, n, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0))
+
+
+def _probe_interpreter() -> str | None:
+    if not INTERPRETED:
+        return None
+    x = torch.arange(5, dtype=torch.float32)
+    out = torch.zeros(1)
+    try:
+        _probe_kernel[(1,)](x, out, 5, BLOCK=4)
+    except Exception as e:  # noqa: BLE001 -- any failure means the interpreter is unusable here
+        import numpy
+        return (f"Triton {triton.__version__}'s interpreter fails with NumPy {numpy.__version__} "
+                f"({type(e).__name__}: {str(e)[:160]}); install numpy<2.4, or Triton 3.7 or later")
+    if out.item() != 10.0:
+        return f"Triton {triton.__version__}'s interpreter computed a wrong sum in a probe kernel ({out.item()} != 10)"
+    return None
+
+
+# Found once at import (a few milliseconds, interpreter only), so a traced call reads a constant.
+_INTERPRETER_PROBLEM = _probe_interpreter()
+
+
+def interpreter_problem() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels on CPU tensors, or None when it can (or when
+    the kernels are not interpreted).
+
+    Triton 3.6's interpreter calls ``int()`` on a one-element array for a loop bound that is a kernel
+    argument, which NumPy 2.4 and later refuse; a tiny kernel run at import finds it.
+    """
+    return _INTERPRETER_PROBLEM
+
+
 def is_available(device: torch.device | str) -> bool:
     """Whether ``graph_loss_triton`` can run on tensors of ``device``.
 
     True on CUDA devices (when CUDA is usable), and on the CPU when the kernels
     were built under the Triton interpreter (``TRITON_INTERPRET=1`` set before
-    ``ktg_fast.kernels`` was first imported).
+    ``ktg_fast.kernels`` was first imported) and that interpreter works with the
+    installed NumPy (:func:`interpreter_problem`).
     """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and not interpreted()
     if device.type == "cpu":
-        return interpreted()
+        return interpreted() and interpreter_problem() is None
     return False
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["resolve_device", "use_device"]
+__all__ = ["resolve_device", "use_device", "autotune_convolutions"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -38,3 +38,14 @@ def use_device(dev: torch.device) -> torch.device:
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
     return dev
+
+
+def autotune_convolutions(dev: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per input shape (``cudnn.benchmark``).
+
+    Training repeats a handful of shapes (the batch, the evaluation batch), so the timing is paid once;
+    vmap's grouped convolutions (one per node group) are where cuDNN's default choice is weakest.
+    A CUDA graph captures after its warm-up calls, so the algorithms are chosen before it.
+    """
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True

@@ -115,8 +115,10 @@ class _ChunkedGraphLinear(torch.autograd.Function):
             del z
             # The chunk was averaged over its own counted rows; weigh it by its share of the batch's.
             share = valid[n0:n1].sum().to(ldtype) / total
-            node_loss += res.node_loss.to(ldtype) * share
-            edge_loss += res.edge_loss.to(ldtype) * share
+            # Out of place: under torch.compile, torch 2.11 hands backward a zero grad_output for an output
+            # that was updated in place after it was made (tests/test_linear_loss.py catches it).
+            node_loss = node_loss + res.node_loss.to(ldtype) * share
+            edge_loss = edge_loss + res.edge_loss.to(ldtype) * share
             if not (any(need_h) or any(need_w) or any(need_b)):
                 continue
             g = g.to(gdtype)

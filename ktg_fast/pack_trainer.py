@@ -46,7 +46,7 @@ from torch import nn
 
 from .checkpoint import checkpoint_payload, run_fingerprint
 from .data.spec import DataSpec
-from .device import resolve_device, use_device
+from .device import autotune_convolutions, resolve_device, use_device
 from .epoch_stats import EpochStats, evaluate_nodes
 from . import gates as _gates
 from .graph import Graph
@@ -131,6 +131,7 @@ class PackTrainer:
         data.validate()
         self.data, self.batch_size, self.augment, self.data_seed = data, batch_size, augment, data_seed
         self.device = use_device(resolve_device(device))
+        autotune_convolutions(self.device)
         self.step_kind, self.loss_impl, self.teacher_dir = step, loss_impl, teacher_dir
         self.precision = precision or default_precision(self.device)
         self.compile_cache, self.save_checkpoints = compile_cache, save_checkpoints

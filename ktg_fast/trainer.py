@@ -27,7 +27,7 @@ from .checkpoint import (RunExistsError, checkpoint_to_resume, read_checkpoint, 
                          run_fingerprint, save_checkpoint)
 from .data import canonical_name
 from .data.spec import DataSpec
-from .device import resolve_device, use_device
+from .device import autotune_convolutions, resolve_device, use_device
 from .distributed import DistContext, distributed_step_kind
 from .epoch_stats import EpochStats, evaluate_nodes
 from .graph import Graph
@@ -80,6 +80,9 @@ class Trainer:
         dist: this process's place in a data-parallel run (torchrun; :mod:`.distributed`): the loaders
             shard every global batch and evaluation set, gradients are summed over the ranks, rank 0
             alone writes files; ``device`` is then the rank's own.  None: one process.
+        expected_epochs: the epochs the run is expected to train, when a pruner may stop it early (a
+            search trial: :func:`ktg_fast.search.budget.expected_epochs_per_trial`, 4.8 of the paper's
+            200); weighs ``step="auto"``'s compile decision.  None: ``cfg.epochs``.
     """
 
     def __init__(self, graph: Graph, data: DataSpec, cfg: TrainConfig, out_dir: str | os.PathLike, *,
@@ -87,7 +90,7 @@ class Trainer:
                  teacher_dir: Optional[str | os.PathLike] = None,
                  on_epoch_end: Optional[Callable[[dict], None]] = None, progress: bool = True,
                  save_checkpoints: bool = True, compile_cache: Optional[str | os.PathLike] = None,
-                 dist: Optional[DistContext] = None):
+                 dist: Optional[DistContext] = None, expected_epochs: Optional[float] = None):
         cfg.validate()
         data.validate()
         self.graph, self.data, self.cfg = graph, data, cfg
@@ -95,8 +98,10 @@ class Trainer:
         self.dist = dist
         self.writes = dist is None or dist.is_main  # rank 0 alone writes the run's files
         self.device = use_device(dist.device if dist is not None else resolve_device(device))
+        autotune_convolutions(self.device)
         self.step_kind, self.loss_impl = step, loss_impl
         self.compile_cache = compile_cache
+        self.expected_epochs = cfg.epochs if expected_epochs is None else min(float(expected_epochs), cfg.epochs)
         self.teacher_dir = teacher_dir
         self.on_epoch_end = on_epoch_end
         self.show_progress = progress
@@ -131,8 +136,10 @@ class Trainer:
             if self.dist.sync_bn:
                 for t in self.graph.trainable:
                     convert_sync_batchnorm(nets[t - 1])
+        # The steps the run will likely take (not k_end where a pruner may stop it): compiling must pay for them.
+        expected_steps = max(1, round(self.expected_epochs * self.iters_per_epoch))
         self.train_step: TrainStep = make_step(
-            kind, self.graph, nets, self.cfg, loss_impl=self.loss_impl, total_steps=self.k_end,
+            kind, self.graph, nets, self.cfg, loss_impl=self.loss_impl, total_steps=expected_steps,
             precision=self.precision, channels_last=self.cfg.channels_last, compile_cache=self.compile_cache)
         self.train_step.dist = self.dist
         log.info("step path: %s (%s)%s", self.train_step.kind, self.precision,

@@ -66,13 +66,27 @@ def pytest_report_header(config):
     return None
 
 
+def _interpreter_problem() -> str | None:
+    """Why the Triton kernels cannot run on CPU tensors here (ktg_fast.kernels.interpreter_problem)."""
+    try:
+        from ktg_fast.kernels import interpreter_problem
+    except ImportError as e:
+        return f"ktg_fast.kernels cannot be imported: {e}"
+    return interpreter_problem()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    problem = _interpreter_problem()
+    skip_kernel = pytest.mark.skip(reason=f"the Triton kernels cannot run here: {problem}")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if problem and ("triton" in (params.get("impl"), params.get("loss_impl")) or "kernel" in item.keywords):
+            item.add_marker(skip_kernel)
 
 
 @pytest.fixture

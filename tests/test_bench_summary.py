@@ -49,3 +49,41 @@ def test_summary_reads_counts_and_ratios(tmp_path):
     assert "loaders: no result file" in out and "search: no result file" in out
     assert "pack loss, 4 trials: ranges/blocks 1.50x (one block launch is faster)" in out
     assert "pack loss, 8 trials: ranges/blocks 0.80x (launches per range is faster)" in out
+
+
+def test_search_lines_judge_two_hours_with_and_without_the_set_up(tmp_path):
+    """Issue 15's target (1,500 trials in 2 h) on the best row, and again counting each trial's step set-up."""
+    rows = [{"pack": 1, "workers": 1, "trials_per_hour": 600.0, "hours_for_1500": 2.5, "setup_s": [20.0],
+             "hours_for_1500_with_setup": 10.8},
+            {"pack": 4, "workers": 1, "trials_per_hour": 1000.0, "hours_for_1500": 1.5, "setup_s": [30.0],
+             "hours_for_1500_with_setup": 14.0}]
+    (tmp_path / "search_trials_per_hour_cuda.json").write_text(json.dumps({"rows": rows}))
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "summary.py"), str(tmp_path)], capture_output=True,
+                         text=True, check=True).stdout
+    best = next(line for line in out.splitlines() if "1,500 trials (best row)" in line)
+    assert "1.5 h" in best and "target 2 h: met" in best and "pack 4, 1 worker(s)" in best
+    setup = next(line for line in out.splitlines() if "set-up per trial" in line)
+    assert "10.8 h" in setup and "NOT met" in setup and "pack 1" in setup and "set-up 20.0 s" in setup
+
+
+def test_a_phase_stopped_at_its_cap_is_counted_from_its_log(tmp_path):
+    """No JUnit file when the time cap stops pytest: the verbose log's per-test lines are counted, and the
+    failed tests are named (from the JUnit file when there is one)."""
+    (tmp_path / "kernels.log").write_text(
+        "[gw0] [ 10%] PASSED tests/test_kernel.py::test_a[1] \n"
+        "tests/test_kernel.py::test_b PASSED                                      [ 20%]\n"
+        "[gw1] [ 30%] FAILED tests/test_kernel.py::test_c \n"
+        "[gw1] [ 40%] SKIPPED tests/test_kernel.py::test_d \n"
+        "FAILED tests/test_kernel.py::test_c - AssertionError: off by one\n"
+        "KeyboardInterrupt\n")
+    (tmp_path / "gpu.xml").write_text(
+        '<testsuites><testsuite tests="2" failures="1" errors="0" skipped="0">'
+        '<testcase classname="tests.test_pack" name="test_gpu_pack"><failure message="boom"/></testcase>'
+        '<testcase classname="tests.test_pack" name="test_ok"/></testsuite></testsuites>')
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "summary.py"), str(tmp_path)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "kernels  2 passed, 1 failed, 0 errors, 1 skipped (stopped before its end: counted from the log)" in out
+    assert "failed: tests/test_kernel.py::test_c" in out
+    assert "gpu      1 passed, 1 failed, 0 errors, 0 skipped\n" in out
+    assert "failed: tests.test_pack::test_gpu_pack" in out
+    assert "step     not run" in out

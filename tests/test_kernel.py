@@ -33,7 +33,8 @@ from ktg_fast.gates import CORRECT, CUTOFF, LINEAR, THROUGH  # noqa: E402
 from brute_force import analytic_grad, brute_force_graph_loss  # noqa: E402  (tests/, on pytest's path)
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-pytestmark = pytest.mark.skipif(not kernels.is_available(DEV), reason="Triton kernels unavailable on this device")
+pytestmark = pytest.mark.skipif(not kernels.is_available(DEV), reason="Triton kernels unavailable on this device"
+                                + (f": {kernels.interpreter_problem()}" if kernels.interpreter_problem() else ""))
 
 # Gradient tolerance relative to the largest reference gradient, per logits dtype
 # (half types are compared after rounding to their own precision, as in Liger-Kernel's tests).

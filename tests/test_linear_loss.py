@@ -146,6 +146,7 @@ def test_stacked_inputs_and_leading_dimensions():
     torch.testing.assert_close(ga_w, gb_w, rtol=0, atol=1e-12)
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("seed", range(3))
 def test_triton_path_under_the_interpreter(seed):
     """impl='triton' (the kernel writes each chunk's gradient) in float32 against the float64 reference."""

@@ -348,6 +348,28 @@ def test_auto_falls_back_to_reference_with_one_warning_when_the_kernel_fails(mon
         kf.graph_loss(z, y, g, temperature=2.0, impl="triton")
 
 
+def test_an_interpreter_that_cannot_run_the_kernels_is_named(monkeypatch):
+    """Triton 3.6's interpreter fails under NumPy >= 2.4 (an int() of a one-element array): the kernels
+    then count as unavailable on the CPU and impl='triton' says why and what to install."""
+    import ktg_fast.kernels as kernels
+    from ktg_fast.kernels import launch
+
+    if not launch.interpreted():
+        pytest.skip("the kernels are compiled here, not interpreted")
+    found = launch._probe_interpreter()  # the real probe: None, or a reason naming the fix
+    assert found is None or "install numpy<2.4" in found
+    assert kernels.is_available("cpu") == (found is None)
+    monkeypatch.setattr(launch, "_INTERPRETER_PROBLEM", "Triton 3.6.0's interpreter fails with NumPy 2.5.5 (...); "
+                                                        "install numpy<2.4, or Triton 3.7 or later")
+    assert not kernels.is_available("cpu")
+    z, y = torch.randn(2, 4, 5), torch.tensor([0, 1, 2, 3])
+    g = [["cutoff", "through", "through"], ["cutoff", "cutoff", "through"], ["cutoff", "through", "cutoff"]]
+    with pytest.raises(RuntimeError, match=r"cannot run on cpu: Triton 3\.6\.0's interpreter .* install numpy<2\.4"):
+        kernels.graph_loss_triton(z, y, G.gate_codes(g), 2.0, torch.tensor(0.0))
+    ref = kf.graph_loss(z, y, g, temperature=2.0, impl="reference")
+    torch.testing.assert_close(kf.graph_loss(z, y, g, temperature=2.0).edge_loss, ref.edge_loss)  # auto still runs
+
+
 # --------------------------------------------------------------- GraphLoss: bound once
 def test_graph_loss_module_binds_the_gates_once(monkeypatch):
     """GraphLoss validates and plans the gate matrix at construction; calls only check the batch and

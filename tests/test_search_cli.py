@@ -223,3 +223,23 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tmp_path, keep_thread
     assert book.complete and book.counts["failed"] == 2 and book.counts["complete"] == 2
     table = (cli.main(["export", "--out", str(out)]), (out / "trials.md").read_text())[1]
     assert "non-finite loss" in table and "out of memory" in table
+
+
+def test_a_trial_weighs_compiling_against_its_expected_epochs(tmp_path, keep_threads, monkeypatch):
+    """A lone trial tells its trainer the epochs ASHA lets a trial train on average (budget.py), not the
+    budget: compiling must pay for those."""
+    from ktg_fast import trainer as trainer_mod
+
+    seen, real_init = [], trainer_mod.Trainer.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen.append((self.expected_epochs, self.cfg.epochs))
+
+    monkeypatch.setattr(trainer_mod.Trainer, "__init__", init)
+    out = tmp_path / "e"
+    args = ["--nodes", "2", "--target", "resnet8", "--models", "resnet8", "--trials", "1", "--epochs", "8",
+            "--pack", "1", "--out", str(out), *TINY]
+    assert cli.main(args) == 0
+    assert seen == [(pytest.approx(SearchConfig(out=str(out), epochs=8).expected_epochs_per_trial()), 8)]
+    assert seen[0][0] == pytest.approx(2.5)  # rungs 1, 2, 4: 1/2 + 2/4 + 4/8 + 8/8 epochs

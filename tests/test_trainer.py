@@ -122,6 +122,27 @@ def test_linear_gate_progress_runs_from_1_over_kend_to_1(tmp_path):
     assert seen == pytest.approx([k / k_end for k in range(1, k_end + 1)])
 
 
+def test_step_choice_weighs_the_expected_steps_not_the_budget(tmp_path, monkeypatch):
+    """A pruned search trial trains far fewer steps than its epoch budget: the step choice (compile or not)
+    sees the expected steps; the linear gate's schedule still runs over the whole budget."""
+    from ktg_fast import trainer as trainer_mod
+
+    seen, make_step = [], trainer_mod.make_step
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["total_steps"])
+        return make_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "make_step", spy)
+    monkeypatch.setattr(trainer_mod.Trainer, "run", lambda self, resume=False: self._load_data() or self._build())
+    g = preset("dml", models=["resnet8", "resnet8"])
+    for expected, steps in ((None, 10 * 4), (2.5, 10), (0.1, 1), (50, 10 * 4)):  # 4 iterations per epoch
+        t = Trainer(g, synth(train_subset=128), small_cfg(epochs=10), tmp_path / f"r{expected}", step="eager",
+                    progress=False, expected_epochs=expected)
+        t.run()
+        assert seen[-1] == steps and t.k_end == 10 * 4
+
+
 def test_nan_loss_names_node_and_step(tmp_path):
     with exploding_model(from_call=3):
         g = Graph([Node("resnet8"), Node("exploding")],
@@ -332,3 +353,13 @@ def test_one_seed_table_has_no_std():
     assert "of seed 0 (one seed: no std)" in one and "| 81.50 |" in one and "+-" not in one
     two = seeds_table([{"graph": graph, "seed": s, "test_acc": [80.0 + s, 79.0]} for s in (0, 1)])
     assert "over seeds 0, 1" in two and "| 80.50 +- 0.71 |" in two
+
+
+def test_convolution_autotuning_is_set_for_cuda_runs_only(monkeypatch):
+    from ktg_fast.device import autotune_convolutions
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    autotune_convolutions(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    autotune_convolutions(torch.device("cuda", 0))  # a device object needs no GPU
+    assert torch.backends.cudnn.benchmark is True

@@ -25,6 +25,7 @@ from ..data.synthetic import DEFAULT_SIZE
 from ..io import atomic_write_json
 from ..recipe import TrainConfig
 from ..nodes import default_teacher_dir
+from .budget import expected_epochs_per_trial
 from .space import DEFAULT_GATES, DEFAULT_MODELS, SearchError, SearchSpace
 from .storage import default_storage_url, sqlite_path
 
@@ -154,6 +155,12 @@ class SearchConfig:
                            milestones=self.milestones, gamma=self.gamma, seed=seed, augment=self.augment,
                            precision=self.precision, channels_last=self.channels_last, data_seed=data_seed,
                            data_offset=data_offset)
+
+    def expected_epochs_per_trial(self) -> float:
+        """Mean epochs a trial trains under this search's ASHA rungs (:mod:`.budget`; 4.78 of 200 in the
+        paper's setting)."""
+        return expected_epochs_per_trial(self.epochs, self.min_resource, self.reduction_factor,
+                                         self.min_early_stopping_rate)
 
     def compile_cache_folder(self) -> Path:
         """Inductor's cache folder for every trial's compiled step (``--compile-cache``)."""

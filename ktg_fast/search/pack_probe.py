@@ -61,7 +61,9 @@ def _rate(cfg: SearchConfig, graph: Graph, k: int, device: torch.device, steps: 
     y = torch.randint(0, classes, (cfg.batch_size,), device=device)
     progress = torch.zeros(packed.graph.num_nodes, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):  # warm-up: compilation, capture, allocator
+    # Warm-up: every call up to the steady state (a CUDA-graph step's eager calls and capture, a compiled
+    # step's compile) and one more for the allocator; timing any of them would make a pack look slow.
+    for _ in range(max(2, step.steady_after + 1)):
         step(x, y, progress)
     sync()
     t0 = time.perf_counter()

@@ -289,7 +289,8 @@ class Worker(TrialOutcomes):
             ensure_teachers(graph, cfg, device=self.device, step=cfg.step)
             trainer = Trainer(graph, cfg.data_spec(), self._recipe(seed, info), out, device=self.device,
                               step=cfg.step, teacher_dir=cfg.teacher_dir(), on_epoch_end=reporter,
-                              progress=False, compile_cache=cfg.compile_cache_folder())
+                              progress=False, compile_cache=cfg.compile_cache_folder(),
+                              expected_epochs=cfg.expected_epochs_per_trial())
             reporter.trainer = trainer
             final = trainer.run(resume=resumed)
             self._complete(trial, out, info, t0, final, graph.target)

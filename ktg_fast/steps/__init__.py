@@ -80,8 +80,9 @@ def make_step(kind: str, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConf
     compile time is then paid back; the log says what was picked and why).
     ``cudagraph`` with nets off CUDA falls back to the fused step with one
     warning; on CUDA it captures the compiled step's body
-    (:class:`~.compiled.CompiledCudaGraphStep`) unless ``compile`` is False or
-    ``total_steps`` is below :data:`CUDA_COMPILE_MIN_STEPS`.
+    (:class:`~.compiled.CompiledCudaGraphStep`) when ``compile`` is True, or
+    when it is None and ``total_steps`` is known and at least
+    :data:`CUDA_COMPILE_MIN_STEPS`; otherwise it captures the fused step.
 
     Args:
         kind: one of :data:`STEP_KINDS`.

@@ -133,6 +133,7 @@ class CompiledStep(FusedStep):
     """
 
     kind = "compiled"
+    steady_after = 2  # the first call runs eagerly, the second compiles
 
     def __init__(self, graph: Graph, nets: Sequence[nn.Module], cfg: TrainConfig, *, loss_impl: str = "auto",
                  use_vmap: Optional[bool] = None, precision: str = "fp32", channels_last: bool = False,
