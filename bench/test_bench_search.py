@@ -13,7 +13,10 @@ Each worker is a separate process training its own sampled graphs
 processes share the device and time the same window.  Pack sizes 1, 2, 4, 8
 with 1 and 2 workers (on the CPU, where each row takes minutes, packs 1, 2
 and 4 with one worker and pack 1 with two, unless ``KTG_BENCH_FULL=1``).  The input loader is left out (static on-device
-batch), so this is the training-step bound.
+batch), so this is the training-step bound.  Each worker builds the step the search would (``--step auto`` with
+a trial's expected steps, or a pack's budget) and reports its set-up (build, compile, capture) beside the steady
+figure; on the CPU the rows use the uncompiled CPU step unless ``KTG_BENCH_FULL=1`` (compiling a pack there
+takes minutes per row).
 
 Target on one H100/H200: the paper's 1,500 trials in under 2 hours (about 750
 trials/hour).  On a CPU the sizes are the paper's too, so figures are tiny and
@@ -33,6 +36,7 @@ import torch
 
 from benchutil import QUICK, RESULTS_DIR, versions
 from ktg_fast.search.budget import expected_epochs_per_trial, trials_per_hour
+from ktg_fast.steps import CPU_AUTO_KIND
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -61,6 +65,10 @@ def run_workers(k: int, seeds: list[int], pack: int = 1) -> list[dict]:
                    "--warmup", "3" if CUDA else "1", "--val-sample", "1000" if CUDA else "100"]
             if threads:
                 cmd += ["--threads", str(threads)]
+            if not CUDA and not FULL:
+                # On the CPU `auto` compiles a pack (its budget repays it), minutes per row for 6-12 ResNet32s:
+                # the uncompiled CPU step here, the search's own choice with KTG_BENCH_FULL=1.
+                cmd += ["--step", CPU_AUTO_KIND]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                           env={**os.environ, "PYTHONPATH": str(REPO)}))
         out = []
