@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "Gate",
+    "UnknownGateError",
     "GateContext",
     "CUTOFF",
     "THROUGH",
@@ -125,14 +126,23 @@ def gate_names() -> list[str]:
     return [g.name for g in sorted(_BY_NAME.values(), key=lambda g: g.code)]
 
 
+class UnknownGateError(KeyError, ValueError):
+    """A gate name or code that is not registered: a ``KeyError`` (a registry lookup) and a ``ValueError``
+    (bad input, as every other input check raises), printed without ``KeyError``'s quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def get_gate(key: str | int) -> Gate:
-    """Look a gate up by name or integer code; unknown keys raise ``KeyError`` naming the choices."""
+    """Look a gate up by name or integer code; unknown keys raise :class:`UnknownGateError` (a ``KeyError``
+    and a ``ValueError``) naming the choices."""
     if isinstance(key, str):
         gate = _BY_NAME.get(key.strip().lower())
     else:
         gate = _BY_CODE.get(int(key))
     if gate is None:
-        raise KeyError(f"unknown gate {key!r}; known gates: {', '.join(gate_names())}")
+        raise UnknownGateError(f"unknown gate {key!r}; known gates: {', '.join(gate_names())}")
     return gate
 
 

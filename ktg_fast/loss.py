@@ -146,6 +146,9 @@ class GraphLoss(torch.nn.Module):
     def __init__(self, gates: GatesLike, temperature: float = 1.0, *, impl: str = "auto", ignore_index: int = -100,
                  blocks: Optional[Sequence[tuple[int, int]]] = None, device: torch.device | str = "cpu"):
         super().__init__()
+        from .device import resolve_device
+
+        resolve_device(device)  # an unknown device, or CUDA where there is none, is refused here, not ignored
         codes = _gates.gate_codes(gates)
         if blocks is None:
             self.plan = edge_plan(prepare_gates(codes, codes.shape[0] - 1))

@@ -91,6 +91,9 @@ def check_labels(labels: torch.Tensor, z: torch.Tensor, ignore_index: int) -> No
 
 
 def check_temperature(temperature: float) -> float:
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError(f"temperature must be a Python number (a constant of the graph), not a tensor; got "
+                        f"{temperature!r}: pass float(temperature)")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a positive finite number, got {temperature!r}")
     t = float(temperature)

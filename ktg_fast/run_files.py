@@ -137,12 +137,19 @@ def early_estimate_line(done: int, seconds: float, iters_per_epoch: int, epochs_
             f"{'' if epochs_left == 1 else 's'} left takes about {format_duration(total)}, plus evaluation")
 
 
-def estimate_line(epoch: int, seconds: float, epochs: int) -> str:
-    """After epoch ``epoch`` (0-based) took ``seconds``: the whole run's time and when it ends."""
+def estimate_line(epoch: int, seconds: float, epochs: int, warmup_s: float = 0.0) -> str:
+    """After epoch ``epoch`` (0-based) took ``seconds``: the whole run's time and when it ends.
+
+    ``warmup_s``: the part of ``seconds`` that later epochs do not pay (compiling, capturing a CUDA graph).
+    """
     left = epochs - epoch - 1
     if not left:
         return f"epoch {epoch + 1} took {format_duration(seconds)} with evaluation"
-    finish = time.strftime("%H:%M", time.localtime(time.time() + seconds * left))
-    what = (f"the whole run ({epochs} epochs) takes about {format_duration(seconds * epochs)}" if epoch == 0 else
-            f"epochs {epoch + 1}-{epochs} of this resumed run take about {format_duration(seconds * (left + 1))}")
-    return f"epoch {epoch + 1} took {format_duration(seconds)} with evaluation: {what} at this speed, done around {finish}"
+    per_epoch = max(seconds - warmup_s, 0.0)
+    finish = time.strftime("%H:%M", time.localtime(time.time() + per_epoch * left))
+    what = (f"the whole run ({epochs} epochs) takes about {format_duration(seconds + per_epoch * left)}"
+            if epoch == 0 else
+            f"epochs {epoch + 1}-{epochs} of this resumed run take about {format_duration(seconds + per_epoch * left)}")
+    warm = f" ({format_duration(warmup_s)} of it compiling, paid once)" if warmup_s >= 1 else ""
+    return (f"epoch {epoch + 1} took {format_duration(seconds)} with evaluation{warm}: {what} at this speed, "
+            f"done around {finish}")

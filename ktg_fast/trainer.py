@@ -107,6 +107,11 @@ class Trainer:
         self.show_progress = progress
         self.save_checkpoints = save_checkpoints
         self.milestones = cfg.resolved_milestones(canonical_name(data.dataset))
+        late = [m for m in self.milestones if m >= cfg.epochs]
+        if late and cfg.milestones is not None:  # the defaults scale with the epochs; a user's list may not
+            log.warning("learning-rate milestone%s %s never reached in %d epoch%s: the rate never decays there",
+                        "s" if len(late) > 1 else "", ", ".join(map(str, late)), cfg.epochs,
+                        "s" if cfg.epochs != 1 else "")
         self.node_lrs: dict[int, float] = {}  # node -> learning rate of the running epoch
         self._early_eta = False  # the in-epoch time estimate was logged
 
@@ -226,17 +231,22 @@ class Trainer:
             first_epoch = epoch == start_epoch
             batches = tqdm(self.train_loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
                            disable=not bars)
+            # The speed is measured from the steady state on: the calls before it compile or capture.
+            steady_at, t_steady, warmup_s = self.train_step.steady_after, t0, 0.0
             for i, (x, y) in enumerate(batches):
                 step += 1
                 progress_t.fill_(step / self.k_end)
                 node_loss, logits = self.train_step(x, y, progress_t)
+                if first_epoch and i + 1 == steady_at:
+                    t_steady = time.perf_counter()
+                    warmup_s = t_steady - t0
                 stats.add(step, node_loss, logits, y)  # on the device; the host reads once per check_every steps
                 if (i + 1) % self.cfg.check_every == 0 or i + 1 == self.iters_per_epoch:
                     self._check_finite(stats, epoch)
                     if bars:
                         batches.set_postfix(loss=f"{(stats.loss_sum.sum() / (i + 1)).item():.3f}")
-                    if first_epoch and i + 1 < self.iters_per_epoch and not self._early_eta:
-                        self._early_estimate(i + 1, time.perf_counter() - t0, epoch)
+                    if first_epoch and i + 1 < self.iters_per_epoch and not self._early_eta and i + 1 > steady_at:
+                        self._early_estimate(i + 1 - steady_at, time.perf_counter() - t_steady, epoch)
             batches.close()
             self._check_finite(stats, epoch)
             stats.reduce_(self.dist)
@@ -254,7 +264,8 @@ class Trainer:
             if self.save_checkpoints:
                 self._save_checkpoint(epoch + 1, step)
             if first_epoch:
-                self._estimate(epoch, time.perf_counter() - run_t0)
+                # Compiling or capturing (steps before the steady state) is paid once, not every epoch.
+                self._estimate(epoch, time.perf_counter() - run_t0, warmup_s if steady_at > 1 else 0.0)
             if bars:
                 bar.set_postfix(short_record(record, self.graph.target))
             else:
@@ -289,9 +300,10 @@ class Trainer:
             self._early_eta = True
             log.info("%s", early_estimate_line(done, seconds, self.iters_per_epoch, self.cfg.epochs - epoch))
 
-    def _estimate(self, epoch: int, seconds: float) -> None:
-        """After the first epoch of this process: the run's total time at the measured speed."""
-        log.info("%s", estimate_line(epoch, seconds, self.cfg.epochs))
+    def _estimate(self, epoch: int, seconds: float, warmup_s: float = 0.0) -> None:
+        """After the first epoch of this process: the run's total time at the measured speed (``warmup_s``:
+        compiling or capturing, paid once)."""
+        log.info("%s", estimate_line(epoch, seconds, self.cfg.epochs, warmup_s))
 
     def _check_finite(self, stats: EpochStats, epoch: int) -> None:
         """Raise :class:`NonFiniteLossError` if a node's loss was NaN or infinite at a step of ``stats``."""

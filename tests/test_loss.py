@@ -167,8 +167,20 @@ def test_custom_gate_registry():
     ],
 )
 def test_bad_gate_matrices(gates, match):
-    with pytest.raises((ValueError, KeyError), match=match):
+    with pytest.raises(ValueError, match=match) as e:  # an unknown gate too (UnknownGateError is a ValueError)
         kf.graph_loss(torch.randn(1, 2, 3), torch.tensor([0, 1]), gates)
+    assert not str(e.value).startswith(('"', "'"))  # no KeyError quotes around the message
+
+
+def test_a_tensor_temperature_and_an_absent_device_are_named():
+    g = [["cutoff", "through"], ["cutoff", "cutoff"]]
+    with pytest.raises(TypeError, match=r"not a tensor; got tensor\(2\.\): pass float\(temperature\)"):
+        kf.graph_loss(torch.randn(1, 2, 3), torch.tensor([0, 1]), g, temperature=torch.tensor(2.0))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available"):
+            kf.GraphLoss(g, 2.0, device="cuda")  # refused, not ignored, also without blocks
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        kf.GraphLoss(g, 2.0, device="gpu0")
 
 
 def test_bad_shapes_and_args():

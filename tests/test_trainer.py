@@ -363,3 +363,25 @@ def test_convolution_autotuning_is_set_for_cuda_runs_only(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
     autotune_convolutions(torch.device("cuda", 0))  # a device object needs no GPU
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_time_estimates_leave_the_compile_out():
+    """A first epoch of 100 s of which 90 s compiled: 9 more epochs take 90 s, not 900 s."""
+    from ktg_fast.run_files import early_estimate_line, estimate_line
+
+    line = estimate_line(0, 100.0, 10, warmup_s=90.0)
+    assert "(1 min 30 s of it compiling, paid once)" in line and "(10 epochs) takes about 3 min 10 s" in line, line
+    plain = estimate_line(0, 100.0, 10)
+    assert "paid once" not in plain and "(10 epochs) takes about 16 min 40 s" in plain, plain
+    assert "takes about 16 min 40 s" in early_estimate_line(10, 1.0, 1000, 10)  # 10 batches/s, 10 x 1000
+
+
+def test_milestones_past_the_last_epoch_are_warned_about(tmp_path, caplog):
+    g = preset("dml", models=["resnet8", "resnet8"])
+    with caplog.at_level("WARNING", logger="ktg_fast"):
+        Trainer(g, synth(train_subset=64), small_cfg(epochs=3, milestones=[2, 3, 5]), tmp_path / "r", progress=False)
+    assert "learning-rate milestones 3, 5 never reached in 3 epochs" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ktg_fast"):
+        Trainer(g, synth(train_subset=64), small_cfg(epochs=3, milestones=[1, 2]), tmp_path / "s", progress=False)
+    assert "never reached" not in caplog.text

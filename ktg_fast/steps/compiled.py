@@ -48,6 +48,10 @@ from .fused import FusedStep
 __all__ = ["CompiledStep", "CompiledCudaGraphStep", "compile_cache_dir", "graph_breaks"]
 
 log = logging.getLogger("ktg_fast")
+# Inductor's CPU path imports torch.utils.cpp_extension, which warns "No CUDA runtime is found, using
+# CUDA_HOME=..." on every machine without a GPU: noise there, not a fault.
+if not torch.cuda.is_available():
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def compile_cache_dir(path: Union[str, os.PathLike]) -> Path:
