@@ -147,9 +147,9 @@ def estimate_line(epoch: int, seconds: float, epochs: int, warmup_s: float = 0.0
         return f"epoch {epoch + 1} took {format_duration(seconds)} with evaluation"
     per_epoch = max(seconds - warmup_s, 0.0)
     finish = time.strftime("%H:%M", time.localtime(time.time() + per_epoch * left))
-    what = (f"the whole run ({epochs} epochs) takes about {format_duration(seconds + per_epoch * left)}"
-            if epoch == 0 else
-            f"epochs {epoch + 1}-{epochs} of this resumed run take about {format_duration(seconds + per_epoch * left)}")
-    warm = f" ({format_duration(warmup_s)} of it compiling, paid once)" if warmup_s >= 1 else ""
+    total = format_duration(seconds + per_epoch * left)
+    what = (f"the whole run ({epochs} epochs) takes about {total}" if epoch == 0 else
+            f"epochs {epoch + 1}-{epochs} of this resumed run take about {total}")
+    warm = f" ({format_duration(warmup_s)} of it compiling or capturing, paid once)" if warmup_s >= 1 else ""
     return (f"epoch {epoch + 1} took {format_duration(seconds)} with evaluation{warm}: {what} at this speed, "
             f"done around {finish}")

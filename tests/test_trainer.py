@@ -370,7 +370,7 @@ def test_time_estimates_leave_the_compile_out():
     from ktg_fast.run_files import early_estimate_line, estimate_line
 
     line = estimate_line(0, 100.0, 10, warmup_s=90.0)
-    assert "(1 min 30 s of it compiling, paid once)" in line and "(10 epochs) takes about 3 min 10 s" in line, line
+    assert "(1 min 30 s of it compiling or capturing, paid once)" in line and "(10 epochs) takes about 3 min 10 s" in line, line
     plain = estimate_line(0, 100.0, 10)
     assert "paid once" not in plain and "(10 epochs) takes about 16 min 40 s" in plain, plain
     assert "takes about 16 min 40 s" in early_estimate_line(10, 1.0, 1000, 10)  # 10 batches/s, 10 x 1000
@@ -385,3 +385,25 @@ def test_milestones_past_the_last_epoch_are_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="ktg_fast"):
         Trainer(g, synth(train_subset=64), small_cfg(epochs=3, milestones=[1, 2]), tmp_path / "s", progress=False)
     assert "never reached" not in caplog.text
+
+
+def test_the_trainer_leaves_a_steps_warm_up_out_of_its_estimate(tmp_path, monkeypatch):
+    """A step whose first calls compile (steady_after 2): the epoch-end estimate gets their time as warm-up."""
+    import time as time_mod
+
+    from ktg_fast import trainer as trainer_mod
+
+    seen, real_call = [], EagerStep.__call__
+    monkeypatch.setattr(EagerStep, "steady_after", 2)
+
+    def slow_first(self, *a, **k):
+        self._n = getattr(self, "_n", 0) + 1
+        if self._n <= 2:
+            time_mod.sleep(0.7)  # "compiling"
+        return real_call(self, *a, **k)
+
+    monkeypatch.setattr(EagerStep, "__call__", slow_first)
+    monkeypatch.setattr(trainer_mod, "estimate_line", lambda epoch, s, epochs, warmup_s=0.0: seen.append(warmup_s) or "")
+    g = preset("dml", models=["resnet8", "resnet8"])
+    Trainer(g, synth(train_subset=128), small_cfg(epochs=2), tmp_path / "r", step="eager", progress=False).run()
+    assert len(seen) == 1 and 1.4 <= seen[0] < 1.4 + 5.0, seen
