@@ -9,6 +9,7 @@ import sys
 import threading
 import tempfile
 import traceback
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,11 +20,12 @@ from .data.factory import LOADER_KINDS
 from .data.spec import DataSpec
 from .distributed import RankLostError, init_from_env
 from .io import CheckpointError
+from .locks import RUN_LOCK, FolderBusyError, folder_lock
 from .recipe import TrainConfig
 from .steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .trainer import NonFiniteLossError
 
-__all__ = ["CliParser", "step_flag", "Terminated", "interrupted_exit", "raise_terminated", "add_data_args", "add_recipe_args", "apply_cpu_threads", "check_out_dir", "dataset_flag", "error_line", "positive_int",
+__all__ = ["CliParser", "step_flag", "Terminated", "interrupted_exit", "raise_terminated", "add_data_args", "add_recipe_args", "apply_cpu_threads", "check_out_dir", "out_dir_lock", "dataset_flag", "error_line", "positive_int",
            "run_cli", "setup_logging", "start_distributed", "stop_distributed", "remove_if_empty"]
 
 
@@ -193,6 +195,17 @@ def remove_if_empty(out: Path) -> None:
         pass
 
 
+def out_dir_lock(out: Path) -> AbstractContextManager:
+    """The lock a training run holds on its ``--out`` while it writes there (:func:`ktg_fast.locks.folder_lock`).
+
+    Under torchrun only global rank 0 takes it: the other ranks write nothing, and share the folder with it.
+    Raises :class:`ktg_fast.locks.FolderBusyError` on entry when another run holds it.
+    """
+    if os.environ.get("WORLD_SIZE", "1") != "1" and int(os.environ.get("RANK", "0") or 0) != 0:
+        return nullcontext()
+    return folder_lock(out)
+
+
 def check_out_dir(out: str | Path, *, seeds: int = 1) -> Path:
     """Make ``--out`` ready for a training run, before any data is loaded; return it.
 
@@ -205,7 +218,8 @@ def check_out_dir(out: str | Path, *, seeds: int = 1) -> Path:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder: choose a folder path for the run")
     if out.is_dir():
-        names = sorted(p.name for p in out.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp")))
+        names = sorted(p.name for p in out.iterdir()  # temporary files and a killed run's lock file are not the run's
+                       if not (p.name.startswith(".") and p.name.endswith(".tmp")) and p.name != RUN_LOCK)
         search = [n for n in names if n in SEARCH_FILES or n.startswith("study.db")]
         if search:
             raise ValueError(f"--out {out} holds a graph search ({_describe_entries(search)}): a training run "
@@ -258,7 +272,7 @@ def non_negative_int(text: str) -> int:
 def _expected(e: BaseException) -> bool:
     """Failures a user can fix (bad input, files, storage, diverging training): one line, exit 2."""
     if isinstance(e, (OSError, ValueError, KeyError, CheckpointError, NonFiniteLossError, DaliUnavailableError,
-                      RankLostError)):
+                      RankLostError, FolderBusyError)):
         return True
     # Storage errors (sqlalchemy's, optuna's) without importing those packages here.
     return any(c.__module__.split(".")[0] in ("sqlalchemy", "optuna") for c in type(e).__mro__[:-2])

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     work = check_out_dir(args.out if args.out else dest.with_suffix(".run"))  # before any data is loaded
     dist = start_distributed(args)  # several processes under torchrun: data-parallel, rank 0 writes
     finished = False
-    try:
+    try:  # (pretrain_teacher refuses a second pretraining into the same folder)
         dest = pretrain_teacher(model, data, recipe_from_args(args, args.seed), teacher_dir=teachers,
                                 device=args.device, step=args.step, progress=not args.no_progress, work_dir=work,
                                 compile_cache=args.compile_cache or work / "inductor-cache", dist=dist)

@@ -14,6 +14,7 @@ from typing import Optional
 from .data import canonical_name
 from .data.spec import DataSpec
 from .graph import preset
+from .locks import folder_lock
 from .nodes import default_teacher_dir, teacher_path
 from .recipe import TrainConfig
 from .distributed import DistContext
@@ -31,10 +32,24 @@ def pretrain_teacher(model: str, data: DataSpec, cfg: TrainConfig, *, teacher_di
     The run itself (resumable) lives in ``work_dir`` (default: beside the
     checkpoint, ``<model>.run/``); the checkpoint is written atomically at the end
     (by rank 0 of a data-parallel run, ``dist``).
+
+    Raises:
+        ktg_fast.locks.FolderBusyError: another process pre-trains into ``work_dir`` now.
     """
     teacher_dir = default_teacher_dir() if teacher_dir is None else Path(teacher_dir)
     dest = teacher_path(teacher_dir, canonical_name(data.dataset), model, data.val_size)
     run_dir = Path(work_dir) if work_dir else dest.with_suffix(".run")
+    if dist is None or dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with folder_lock(run_dir, what=f"pre-training of teacher {model}", else_=None):
+            return _pretrain(model, data, cfg, dest, run_dir, device=device, step=step, progress=progress,
+                             compile_cache=compile_cache, dist=dist)
+    return _pretrain(model, data, cfg, dest, run_dir, device=device, step=step, progress=progress,
+                     compile_cache=compile_cache, dist=dist)
+
+
+def _pretrain(model: str, data: DataSpec, cfg: TrainConfig, dest: Path, run_dir: Path, *, device: str, step: str,
+              progress: bool, compile_cache: Optional[str | os.PathLike], dist: Optional[DistContext]) -> Path:
     finished = (run_dir / "final.json").is_file() and any((run_dir / "nodes").glob("node1_*.pt"))
     if not finished or (run_dir / "checkpoint.pt").is_file():  # (a finished run's checkpoint may be gone)
         trainer = Trainer(preset("vanilla", model=model), data, cfg, run_dir, device=device, step=step,

@@ -16,9 +16,9 @@ import logging
 from pathlib import Path
 
 from .cli_common import (CliParser, add_data_args, add_recipe_args, apply_cpu_threads, check_out_dir, data_from_args,
-                         recipe_from_args, remove_if_empty, run_cli, setup_logging, start_distributed,
+                         out_dir_lock, recipe_from_args, remove_if_empty, run_cli, setup_logging, start_distributed,
                          stop_distributed)
-from .graph import PRESETS, load_graph
+from .graph import PRESETS, Graph, load_graph
 from .io import atomic_write_json, atomic_write_text
 from .report import seeds_table
 from .trainer import Trainer
@@ -66,14 +66,21 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--seeds repeats a seed: {args.seeds}")
     created = not Path(args.out).exists()
     out = check_out_dir(args.out, seeds=len(args.seeds))  # before any data is loaded
-    finished = False
     try:
-        dist = start_distributed(args)  # several processes under torchrun: data-parallel, rank 0 writes
+        with out_dir_lock(out):  # a second run into the same --out is refused
+            _train(args, graph, out)
     except BaseException:
-        if created:
+        if created:  # refused before anything was written (a batch too small to split, a bad device...)
             remove_if_empty(out)
         raise
+    return 0
+
+
+def _train(args: argparse.Namespace, graph: Graph, out: Path) -> None:
+    """Train one run per seed into ``out`` and write the table of their final accuracies."""
+    dist = start_distributed(args)  # several processes under torchrun: data-parallel, rank 0 writes
     main_rank = dist is None or dist.is_main
+    finished = False
     try:
         finals = []
         for seed in args.seeds:
@@ -88,20 +95,14 @@ def main(argv: list[str] | None = None) -> int:
             if main_rank:
                 print(f"seed {seed}: {metric} {accs}  ({run_dir})")
         finished = True
-    except BaseException:
-        if created:  # refused before anything was written (a batch too small to split, a bad device...)
-            remove_if_empty(out)
-        raise
     finally:
         stop_distributed(dist, finished=finished)
-    if not main_rank:
-        return 0
-    metric = "test_acc" if "test_acc" in finals[0] else "val_acc"
-    table = seeds_table(finals, metric=metric)
-    atomic_write_text(out / "results.md", table)
-    atomic_write_json(out / "results.json", finals)
-    print(table, end="")
-    return 0
+    if main_rank:
+        metric = "test_acc" if "test_acc" in finals[0] else "val_acc"
+        table = seeds_table(finals, metric=metric)
+        atomic_write_text(out / "results.md", table)
+        atomic_write_json(out / "results.json", finals)
+        print(table, end="")
 
 
 if __name__ == "__main__":

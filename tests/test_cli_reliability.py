@@ -476,3 +476,39 @@ def test_a_stopped_train_says_how_to_resume_and_resumes(tmp_path, signal_name, c
                        capture_output=True, text=True, env=env, timeout=180, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     assert [m["epoch"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2]
+
+
+# ------------------------------------------------------------ one run at a time per --out
+HOLD = ("import sys, time; from pathlib import Path; from ktg_fast.locks import folder_lock\n"
+        "with folder_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(300)\n")
+
+
+def test_a_second_run_into_a_busy_out_is_refused_and_a_killed_holder_frees_it(tmp_path, monkeypatch, capsys):
+    out, work = tmp_path / "run", tmp_path / "teacher-run"
+    out.mkdir()
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holders = [subprocess.Popen([sys.executable, "-c", HOLD, str(d)], stdout=subprocess.PIPE, text=True, env=env)
+               for d in (out, work)]
+    try:
+        assert [h.stdout.readline().strip() for h in holders] == ["held", "held"]
+        code, _, err = train_cli(["--graph", "vanilla", "--model", "resnet8", *TINY, "--out", str(out)],
+                                 monkeypatch, capsys)
+        line = one_error_line(code, err)
+        assert f"another training run is writing to {out} (process {holders[0].pid})" in line, line
+        assert "choose another --out folder" in line
+        code, _, err = run_main(pretrain.main, ["--model", "resnet8", "--teachers", str(tmp_path / "t"),
+                                                "--out", str(work), *TINY], monkeypatch, capsys)
+        line = one_error_line(code, err)
+        assert f"another pre-training of teacher resnet8 is writing to {work} (process {holders[1].pid})" in line
+        assert sorted(p.name for p in out.iterdir()) == [".ktg-run.lock"]  # the refused run wrote nothing
+        assert not (tmp_path / "t" / "synthetic" / "resnet8.pt").exists()
+    finally:
+        for h in holders:
+            h.kill()  # as a crash: the lock file stays behind, the flock goes with the process
+            h.wait()
+    assert (out / ".ktg-run.lock").exists()
+    code, _, err = train_cli(["--graph", "vanilla", "--model", "resnet8", *TINY, "--out", str(out)],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    assert (out / "final.json").is_file() and not (out / ".ktg-run.lock").exists()

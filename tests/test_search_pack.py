@@ -106,9 +106,9 @@ def test_newcomers_of_the_same_kinds_take_free_places_in_place(tmp_path, keep_th
     with caplog.at_level(logging.INFO, logger="ktg_fast"):
         assert cli.main([*base, "--gates", "through", "linear", "--epochs", "2", "--trials", "6", "--pack", "2",
                          "--heartbeat", "2", "--out", str(out)]) == 0
-    said = [r.getMessage() for r in caplog.records if "free node places of the pack in place" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "joined the running pack" in r.getMessage()]
     assert len(said) == 1, said
-    refills, builds = (int(w) for w in re.findall(r"(\d+) trials? took.*built (\d+) times?", said[0])[0])
+    refills, builds = (int(w) for w in re.findall(r"(\d+) trials? joined.*built (\d+) times?", said[0])[0])
     assert refills == 4 and builds <= 2, said  # trials 2..5 joined in place; a tail compaction at most
     trials = [t for t in _trials(out) if ATTR_REJECTED not in t.user_attrs]
     late = max(trials, key=lambda t: int(t.user_attrs["data_offset"]))

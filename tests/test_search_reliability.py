@@ -399,6 +399,12 @@ def test_plots_mark_the_best_trials(finished):
     rung = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
     pruned_marks = [ln for ln in ax.get_lines() if ln.get_marker() == "x" and ln.get_label().startswith("_")]
     assert rung and pruned_marks and min(m.get_zorder() for m in pruned_marks) > max(r.get_zorder() for r in rung)
+    assert "running / failed" not in labels  # no such trial: the legend names only what is drawn
+    states = {r["state"] for r in rows}
+    assert ("pruned (x: where)" in labels) == ("PRUNED" in states)
+    running = {**rows[-1], "number": 100, "state": "RUNNING", "value": None, "intermediate": {1: 2.0}}
+    labels = [t.get_text() for t in intermediate_figure(rows + [running], rungs=[]).axes[0].get_legend().get_texts()]
+    assert "running / failed" in labels and "rung (pruning decision)" not in labels
 
 
 def test_graph_drawing_says_what_the_node_figure_is(tmp_path):

@@ -96,7 +96,8 @@ def _table(rows: list[dict], book: Ledger, study: Any, url: str, space: Optional
              ""]
     if s["rejected"]:
         lines += ["Rejected before training (not counted): " + ", ".join(f"{k} {v}" for k, v in sorted(s["rejected"].items()))
-                  + ".", ""]
+                  + ". Trial numbers are Optuna's, so each rejected graph leaves a gap in the table's numbers "
+                  "(they are listed in trials.json).", ""]
     legend = ", ".join(f"{v} {k}" for k, v in letters.items())
     lines += [f"Gates: one group per source (label, then nodes 1..N), one letter per destination 1..N: {legend}; "
               "· no self edge. `*` marks a frozen (pre-trained) node.", "",
@@ -193,6 +194,7 @@ def intermediate_figure(rows: list[dict], *, rungs: list[int], best: int = 3) ->
     colour = {r["number"]: c for r, c in zip(ranked, BEST_COLOURS)}
     shown = 0
     handles = []
+    kinds = set()  # the kinds of line drawn, so that the legend names no kind that is absent
     for r in rows:
         if not r["intermediate"] or r["state"] == "REJECTED":
             continue
@@ -200,6 +202,7 @@ def intermediate_figure(rows: list[dict], *, rungs: list[int], best: int = 3) ->
         ys = [r["intermediate"][x] for x in xs]
         if r["number"] in colour:
             continue  # drawn last, on top
+        kinds.add(r["state"] if r["state"] in ("COMPLETE", "PRUNED") else "OTHER")
         style = {"COMPLETE": dict(c="#1f77b4", alpha=0.6, lw=1.0), "PRUNED": dict(c="#999999", alpha=0.5, lw=0.8)}.get(
             r["state"], dict(c="#ff7f0e", alpha=0.7, lw=1.0))
         ax.plot(xs, ys, marker="." if len(xs) < 30 else None, zorder=3, **style)
@@ -215,6 +218,7 @@ def intermediate_figure(rows: list[dict], *, rungs: list[int], best: int = 3) ->
         shown += 1
     for x in rungs:
         ax.axvline(x, ls=":", c="#cc0000", lw=0.8, alpha=0.6, zorder=1)
+        kinds.add("RUNG")
     ax.set_xscale("log", base=2)
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter  # local: only plots need matplotlib
 
@@ -226,12 +230,14 @@ def intermediate_figure(rows: list[dict], *, rungs: list[int], best: int = 3) ->
     ax.set_xlabel("epoch")
     ax.set_ylabel("target validation accuracy (%)")
     ax.set_title("Target validation accuracy after each epoch")
-    handles += [Line2D([], [], c="#1f77b4", lw=1.0, label="other complete"),
-                Line2D([], [], c="#999999", lw=0.8, marker="x", mec="#555555", label="pruned (x: where)"),
-                Line2D([], [], c="#ff7f0e", lw=1.0, label="running / failed"),
-                Line2D([], [], c="#cc0000", ls=":", lw=0.8, label="rung (pruning decision)")]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8,
-              title="best trials" if ranked else None, title_fontsize=8)
+    handles += [h for kind, h in (
+        ("COMPLETE", Line2D([], [], c="#1f77b4", lw=1.0, label="other complete")),
+        ("PRUNED", Line2D([], [], c="#999999", lw=0.8, marker="x", mec="#555555", label="pruned (x: where)")),
+        ("OTHER", Line2D([], [], c="#ff7f0e", lw=1.0, label="running / failed")),
+        ("RUNG", Line2D([], [], c="#cc0000", ls=":", lw=0.8, label="rung (pruning decision)"))) if kind in kinds]
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8,
+                  title="best trials" if ranked else None, title_fontsize=8)
     if not shown:
         ax.text(0.5, 0.5, "no epoch reported yet", ha="center", va="center", transform=ax.transAxes)
     ax.grid(alpha=0.3, zorder=0)

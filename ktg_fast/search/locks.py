@@ -1,18 +1,16 @@
 """Cross-worker locks: the study-wide admission lock (a file lock on SQLite, an advisory lock on
-PostgreSQL) and a self-removing file lock."""
+PostgreSQL); the self-removing file lock itself is :func:`ktg_fast.locks.locked_file`."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
-import os
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import sqlalchemy as sa
 
+from ..locks import locked_file, poll_until
 from .storage_url import normalise_url, sqlite_path
 
 __all__ = ["LOCK_WAIT_S", "admission_lock", "sqlite_lock_path", "locked_file"]
@@ -44,7 +42,7 @@ def admission_lock(storage: Any, url: str, name: str, *, wait_s: float = LOCK_WA
         yield False
         return
     with engine.connect() as conn:
-        got = _wait(lambda: bool(conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()),
+        got = poll_until(lambda: bool(conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()),
                     wait_s)
         conn.commit()
         if not got:
@@ -63,63 +61,3 @@ def sqlite_lock_path(url: str, name: str) -> Optional[Path]:
     if path is None:
         return None
     return path.with_name(path.name + f".{hashlib.sha1(name.encode()).hexdigest()[:8]}.lock")
-
-
-@contextlib.contextmanager
-def locked_file(path: Path, *, wait_s: Optional[float] = None) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``path`` and remove the file when done: no lock file stays behind.
-
-    The holder unlinks the file before unlocking; a process that meanwhile
-    locked the unlinked inode notices it is no longer at ``path`` and tries
-    again, so two processes never hold the lock at once.  ``wait_s`` None
-    waits as long as it takes; otherwise yields False when not obtained in
-    time (the file is then left alone).
-    """
-    deadline = None if wait_s is None else time.monotonic() + wait_s
-    path = Path(path)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        if deadline is None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            got = True
-        else:
-            got = _wait(lambda: _try_flock(fd), max(0.0, deadline - time.monotonic()))
-        if not got:
-            os.close(fd)
-            yield False
-            return
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # the previous holder removed this file: lock the new one
-    try:
-        yield True
-    finally:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        os.close(fd)  # (closing releases the lock)
-
-
-def _try_flock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-
-
-def _wait(try_once: Callable[[], bool], wait_s: float) -> bool:
-    deadline = time.monotonic() + wait_s
-    delay = 0.01
-    while True:
-        if try_once():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.5)

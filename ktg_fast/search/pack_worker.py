@@ -110,8 +110,9 @@ class PackWorker(Worker):
             raise
         if self.pack is not None:
             r, b = self.pack.refills, self.pack.rebuilds
-            log.info("worker %d: %d trial%s took free node places of the pack in place; the pack's step was built "
-                     "%d time%s", self.worker_id, r, "" if r == 1 else "s", b, "" if b == 1 else "s")
+            log.info("worker %d: %d trial%s joined the running pack in the place of a trial that ended, reusing "
+                     "its step; the step was built %d time%s (at the start, and when the pack's node shapes changed)",
+                     self.worker_id, r, "" if r == 1 else "s", b, "" if b == 1 else "s")
 
     def _one_trial(self) -> None:
         trial = self.study.ask()

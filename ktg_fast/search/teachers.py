@@ -23,7 +23,7 @@ from ..io import atomic_write_json
 from ..nodes import TeacherNotFoundError, teacher_path
 from ..trainer import NonFiniteLossError
 from .config import SearchConfig
-from .storage import locked_file
+from ..locks import locked_file
 
 __all__ = ["ensure_teachers", "missing_teachers", "teacher_file", "TeacherPretrainError"]
 
