@@ -19,9 +19,9 @@ class FolderBusyError(RuntimeError):
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, *, what: str = "training run",
-                else_: Optional[str] = "choose another --out folder") -> Iterator[None]:
-    """Hold ``folder``'s run lock (``.ktg-run.lock``, removed on release) or fail at once.
+def folder_lock(folder: Path, *, what: str = "training run", else_: Optional[str] = "choose another --out folder",
+                name: str = RUN_LOCK) -> Iterator[None]:
+    """Hold ``folder``'s run lock (file ``name``, removed on release) or fail at once.
 
     ``what`` names the holder in the message, ``else_`` the way out besides waiting (None: none).
 
@@ -32,7 +32,7 @@ def folder_lock(folder: Path, *, what: str = "training run",
     Raises:
         FolderBusyError: another process holds the lock (its process id is named where it wrote it).
     """
-    path = Path(folder) / RUN_LOCK
+    path = Path(folder) / name
     with locked_file(path, wait_s=0) as got:
         if not got:
             try:

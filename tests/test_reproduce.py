@@ -130,6 +130,28 @@ def test_out_holding_something_else_is_refused(tmp_path, keep_logging):
         main([*TINY, "--out", str(out)])
 
 
+def test_a_second_reproduction_into_a_busy_folder_is_refused(tmp_path, keep_logging):
+    from ktg_fast.locks import FolderBusyError, folder_lock
+    from ktg_fast.reproduce.runner import LOCK_FILE
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    hold = ("import sys, time; from pathlib import Path; from ktg_fast.locks import folder_lock\n"
+            f"with folder_lock(Path(sys.argv[1]), name={LOCK_FILE!r}):\n    print('held', flush=True); time.sleep(300)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusyError, match=rf"another python -m ktg_fast.reproduce is writing to {out} "
+                                                  rf"\(process {holder.pid}\): wait for it to finish or stop it$"):
+            main([*TINY, "--out", str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / LOCK_FILE).exists()  # a killed holder's file: taken over by the next run
+    with folder_lock(out, name=LOCK_FILE):
+        pass
+
+
 # ------------------------------------------------------------------------------------------- dry run
 def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys, keep_logging):
     out = tmp_path / "dry"

@@ -21,6 +21,7 @@ from typing import Callable
 
 from ..graph import Graph
 from ..io import atomic_write_json, atomic_write_text, current_umask
+from ..locks import folder_lock
 from ..run_files import format_duration, is_tty
 from .plan import Plan, Run, settings_key
 from .table import write_results
@@ -150,17 +151,13 @@ class Runner:
     # -------------------------------------------------------------------- run
     def run(self) -> int:
         """Run every sub-run not finished yet; write the results after each; return 0."""
-        import fcntl
-
-        from tqdm.auto import tqdm
-
         self.out.mkdir(parents=True, exist_ok=True)
-        lock = open(self.out / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ReproduceError(f"another python -m ktg_fast.reproduce is running in {self.out}: wait for it, or "
-                                 "stop it first") from None
+        with folder_lock(self.out, what="python -m ktg_fast.reproduce", else_=None, name=LOCK_FILE):
+            return self._run()
+
+    def _run(self) -> int:
+        from tqdm.auto import tqdm  # local: only a run draws a bar
+
         prev = signal.signal(signal.SIGTERM, _interrupt)
         try:
             atomic_write_json(self.out / SETTINGS_FILE, {"command": ["python", "-m", "ktg_fast.reproduce", *self.argv],
@@ -186,7 +183,6 @@ class Runner:
             signal.signal(signal.SIGTERM, prev)
             if self.bar is not None:
                 self.bar.close()
-            lock.close()
         return 0
 
     def _do(self, run: Run, tag: str) -> None:
