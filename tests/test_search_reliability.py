@@ -263,6 +263,32 @@ pretrain.pretrain_teacher = diverge
 """
 
 
+def test_a_teacher_pretrained_by_another_command_now_stops_the_search_with_what_to_do(tmp_path, keep_threads,
+                                                                                       monkeypatch):
+    """`python -m ktg_fast.pretrain` holds the teacher's run folder: the search says so, charges no graph."""
+    from ktg_fast import teachers as pretrain
+    from ktg_fast.locks import folder_lock
+    from ktg_fast.nodes import teacher_path
+
+    real = pretrain.pretrain_teacher
+
+    def busy(model, data, cfg, *, teacher_dir=None, **kw):
+        run_dir = teacher_path(teacher_dir, data.dataset, model, data.val_size).with_suffix(".run")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with folder_lock(run_dir):  # as the other command would (another open file: the flock conflicts)
+            return real(model, data, cfg, teacher_dir=teacher_dir, **kw)
+
+    monkeypatch.setattr(pretrain, "pretrain_teacher", busy)
+    out = tmp_path / "busy"
+    with pytest.raises(SearchError, match=r"teacher wrn10_1 \(frozen node 2 of this graph\) is being pre-trained by "
+                                          r"another command: another pre-training of teacher wrn10_1 is writing to "
+                                          r".*wrn10_1\.run \(process \d+\).*Start the search again when"):
+        cli.main([*TINY, "--models", "wrn10_1", "--gates", "cutoff", "through", "--trials", "10", "--out", str(out)])
+    study = study_of(out, "busy")
+    assert not any(ATTR_FAIL in t.user_attrs for t in study.trials)
+    assert not list((out / "teachers").rglob("*.failed.json"))  # not recorded as the teacher's failure
+
+
 def test_teacher_failure_stops_every_worker_once(tmp_path, keep_threads, monkeypatch):
     """With --workers 2 the teacher is tried once and the search stops with the teacher's error."""
     hook = tmp_path / "hook"

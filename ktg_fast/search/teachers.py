@@ -20,10 +20,10 @@ from .. import teachers as teacher_lib  # teacher_lib.pretrain_teacher is looked
 from ..data import canonical_name
 from ..graph import Graph
 from ..io import atomic_write_json
+from ..locks import FolderBusyError, locked_file
 from ..nodes import TeacherNotFoundError, teacher_path
 from ..trainer import NonFiniteLossError
 from .config import SearchConfig
-from ..locks import locked_file
 
 __all__ = ["ensure_teachers", "missing_teachers", "teacher_file", "TeacherPretrainError"]
 
@@ -134,6 +134,11 @@ def _pretrain_locked(model: str, dest: Path, cfg: SearchConfig, *, node: int, de
                                          teacher_dir=cfg.teacher_dir(), device=device, step=step, progress=False)
         except KeyboardInterrupt:
             raise
+        except FolderBusyError as e:  # python -m ktg_fast.pretrain trains this very teacher now
+            raise TeacherPretrainError(f"teacher {model} (frozen node {node} of this graph) is being pre-trained by "
+                                       f"another command: {e}. The search stops here; no graph is charged for it. "
+                                       "Start the search again when that command has finished: it then uses the "
+                                       "teacher written there") from None
         except NonFiniteLossError as e:  # deterministic: record it so that no worker trains it again
             reason = _teacher_reason(e)
             atomic_write_json(marker, {"model": model, "reason": reason, "epochs": cfg.resolved_teacher_epochs(),
