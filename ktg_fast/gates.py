@@ -15,6 +15,7 @@ import torch
 __all__ = [
     "Gate",
     "UnknownGateError",
+    "gates_with_codes",
     "GateContext",
     "CUTOFF",
     "THROUGH",
@@ -126,6 +127,12 @@ def gate_names() -> list[str]:
     return [g.name for g in sorted(_BY_NAME.values(), key=lambda g: g.code)]
 
 
+def gates_with_codes() -> str:
+    """``cutoff (0), through (1), linear (2), correct (3)``: every registered gate's name and integer code,
+    for messages about a gate that is not one."""
+    return ", ".join(f"{g.name} ({g.code})" for g in sorted(_BY_NAME.values(), key=lambda g: g.code))
+
+
 class UnknownGateError(KeyError, ValueError):
     """A gate name or code that is not registered: a ``KeyError`` (a registry lookup) and a ``ValueError``
     (bad input, as every other input check raises), printed without ``KeyError``'s quotes."""
@@ -142,7 +149,7 @@ def get_gate(key: str | int) -> Gate:
     else:
         gate = _BY_CODE.get(int(key))
     if gate is None:
-        raise UnknownGateError(f"unknown gate {key!r}; known gates: {', '.join(gate_names())}")
+        raise UnknownGateError(f"unknown gate {key!r}; known gates (name and integer code): {gates_with_codes()}")
     return gate
 
 

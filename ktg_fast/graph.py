@@ -105,6 +105,13 @@ class Graph:
         return frozen_nodes(self.gate_codes())
 
     @property
+    def label_free(self) -> bool:
+        """True when nothing in the graph ever sees a label: no edge leaves node 0 and no node is a frozen
+        (pre-trained) teacher, so every node can only learn from untrained peers (chance accuracy)."""
+        codes = self.gate_codes()
+        return not bool((codes[0, 1:] != _gates.CUTOFF).any()) and not self.frozen
+
+    @property
     def trainable(self) -> list[int]:
         """1-based indices of trainable nodes."""
         return [t for t in range(1, self.num_nodes + 1) if not self.is_frozen(t)]

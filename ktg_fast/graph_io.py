@@ -141,15 +141,15 @@ def parse_gate_name(g: Any, s: int, t: int) -> str:
         try:
             g = operator.index(g)  # an integer code; floats are refused, never truncated (1.7 is not through)
         except TypeError:
-            codes = ", ".join(f"{i} {n}" for i, n in enumerate(_gates.gate_names()))
             raise GraphError(
-                f"gate[{s}][{t}]: {show_value(g)} is not a gate: write a gate name ({known}) "
-                f"or an integer code ({codes})"
+                f"gate[{s}][{t}]: {show_value(g)} is not a gate: write a gate name or its integer code "
+                f"({_gates.gates_with_codes()})"
             ) from None
     try:
         return _gates.get_gate(g).name
     except (KeyError, ValueError, TypeError):
-        raise GraphError(f"gate[{s}][{t}]: unknown gate {show_value(g)}; known gates: {known}") from None
+        raise GraphError(f"gate[{s}][{t}]: unknown gate {show_value(g)}; known gates (name and integer code): "
+                         f"{_gates.gates_with_codes()}") from None
 
 
 # ------------------------------------------------------------------- parsing

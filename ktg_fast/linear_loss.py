@@ -157,7 +157,7 @@ class _ChunkedGraphLinear(torch.autograd.Function):
 class GraphLinearLoss(nn.Module):
     """The graph loss of M nodes' output layers, from their hidden states, without holding all logits.
 
-    ``loss(hidden, weights, labels, bias=None, progress=0.0)`` returns what
+    ``loss(hidden, weights, labels, bias=None, progress=1.0)`` returns what
     :func:`~ktg_fast.loss.graph_loss` returns on the materialized logits
     ``hidden[m] @ weights[m].T + bias[m]``: ``node_loss`` (M,) and ``edge_loss``
     (M+1, M+1), float32 (float64 for float64 inputs), with gradients for every hidden state, weight and bias
@@ -167,8 +167,8 @@ class GraphLinearLoss(nn.Module):
     accumulate the loss in float32.
 
     Args:
-        gates: (M+1, M+1) gate matrix [source][destination] (names or integer codes).
-        temperature: T of the KL edges.
+        gates: (M+1, M+1) gate matrix [source][destination] (names or integer codes), or a Graph.
+        temperature: T of the KL edges (None: the Graph's, or 1.0), as in :class:`~ktg_fast.loss.GraphLoss`.
         chunk_size: rows per chunk; ``None`` picks it from the free memory of the
             device: a quarter of it (512 MiB on the CPU) over one row's cost,
             M * V * (element size + 24) bytes (:func:`auto_chunk_size`).
@@ -182,7 +182,8 @@ class GraphLinearLoss(nn.Module):
         labels: (N,) or (*) int64 / int32.
         bias: None, or M biases (V,) (None entries allowed), or one (M, V).
         progress: k / k_end of linear gates, a float or a 0-dim tensor, or an (M,) tensor with one
-            value per destination node (edges s -> t weigh progress[t-1]), as in ``graph_loss``.
+            value per destination node (edges s -> t weigh progress[t-1]), as in ``graph_loss``
+            (default 1.0 there and here: a linear gate then passes its whole loss).
 
     Memory: one chunk's logits (M, chunk, V) and their gradient, plus the gradients
     returned (hidden-sized and weight-sized, in the inputs' dtype, float32 for
@@ -194,7 +195,7 @@ class GraphLinearLoss(nn.Module):
         devices that do not agree, a chunk size below 1.
     """
 
-    def __init__(self, gates: GatesLike, temperature: float = 1.0, *, chunk_size: Optional[int] = None,
+    def __init__(self, gates: GatesLike, temperature: Optional[float] = None, *, chunk_size: Optional[int] = None,
                  impl: str = "auto", ignore_index: int = -100):
         super().__init__()
         self.loss = GraphLoss(gates, temperature, impl=impl, ignore_index=ignore_index)
@@ -204,7 +205,7 @@ class GraphLinearLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, hidden: TensorList, weights: TensorList, labels: torch.Tensor,
-                bias: Optional[TensorList] = None, progress: Union[float, torch.Tensor] = 0.0) -> GraphLossResult:
+                bias: Optional[TensorList] = None, progress: Union[float, torch.Tensor] = 1.0) -> GraphLossResult:
         m = self.loss.num_nodes
         hs = _as_list(hidden, m, "hidden")
         ws = _as_list(weights, m, "weights")
@@ -221,12 +222,19 @@ class GraphLinearLoss(nn.Module):
                              f"got {tuple(labels.shape)}")
         hs = [h.reshape(-1, h.shape[-1]) for h in hs]
         labels = labels.reshape(-1)
-        v = ws[0].shape[0] if ws[0].dim() == 2 else -1
+        for i, (h, w) in enumerate(zip(hs, ws)):
+            d = h.shape[1]
+            if w.dim() != 2 or w.shape[1] != d:
+                flipped = " (it looks transposed: pass nn.Linear.weight, (V, D), or w.T)" \
+                    if w.dim() == 2 and w.shape[0] == d else ""
+                raise ValueError(f"weights[{i}] must be (V, D) with D = {d}, the size of hidden[{i}], "
+                                 f"got {tuple(w.shape)}{flipped}")
+        v = ws[0].shape[0]
         dev = hs[0].device
         for i, (h, w, b) in enumerate(zip(hs, ws, bs)):
-            if w.dim() != 2 or w.shape != (v, h.shape[1]):
-                raise ValueError(f"weights[{i}] must be (V, D) = ({v}, {h.shape[1]}) for hidden[{i}] of size "
-                                 f"{h.shape[1]}, got {tuple(w.shape)}")
+            if w.shape[0] != v:
+                raise ValueError(f"weights[{i}] has V = {w.shape[0]} rows, weights[0] has {v}: every node must "
+                                 "share one vocabulary")
             if b is not None and b.shape != (v,):
                 raise ValueError(f"bias[{i}] must be ({v},), got {tuple(b.shape)}")
             for name, x in (("hidden", h), ("weights", w), ("bias", b)):

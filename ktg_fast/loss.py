@@ -14,7 +14,7 @@ import torch
 
 from . import gates as _gates
 from .loss_inputs import (GatesLike, GraphLossResult, LogitsLike, check_labels, check_temperature, flatten_batch,
-                          prepare_gates, progress_tensor, stack_logits)
+                          gates_and_temperature, prepare_gates, progress_tensor, stack_logits)
 from .live_gates import LiveGates, kernel_node_limit
 from .loss_blocks import block_key, node_blocks, run_in_blocks
 from .reference import (EdgePlan, cached_codes, edge_plan, graph_loss_reference, live_plan, reference_loss,
@@ -124,8 +124,10 @@ class GraphLoss(torch.nn.Module):
 
     Args:
         gates: (M+1, M+1) gate matrix [source][destination] of gate names or
-            integer codes (a nested list or an integer tensor); node 0 is the label.
-        temperature: T of the KL edges, positive and finite (the label edge always uses T = 1).
+            integer codes (a nested list or an integer tensor); node 0 is the label. Or a
+            :class:`~ktg_fast.graph.Graph` (``kf.preset("kd")``, a graph file's): its gates and temperature.
+        temperature: T of the KL edges, positive and finite (the label edge always uses T = 1); None:
+            the Graph's, or 1.0 for a gate matrix.
         impl: "auto" (Triton kernel on CUDA, reference elsewhere; if the
             kernel cannot build or launch, the reference with one warning),
             "triton" (force the kernel, errors raised; on CPU only under
@@ -143,12 +145,14 @@ class GraphLoss(torch.nn.Module):
     Semantics: docs/SEMANTICS.md (the paper's Eq. 1-3 with the gates of Sec. 3.2).
     """
 
-    def __init__(self, gates: GatesLike, temperature: float = 1.0, *, impl: str = "auto", ignore_index: int = -100,
-                 blocks: Optional[Sequence[tuple[int, int]]] = None, device: torch.device | str = "cpu"):
+    def __init__(self, gates: GatesLike, temperature: Optional[float] = None, *, impl: str = "auto",
+                 ignore_index: int = -100, blocks: Optional[Sequence[tuple[int, int]]] = None,
+                 device: torch.device | str = "cpu"):
         super().__init__()
         from .device import resolve_device
 
         resolve_device(device)  # an unknown device, or CUDA where there is none, is refused here, not ignored
+        gates, temperature = gates_and_temperature(gates, temperature)
         codes = _gates.gate_codes(gates)
         if blocks is None:
             self.plan = edge_plan(prepare_gates(codes, codes.shape[0] - 1))
@@ -309,7 +313,7 @@ def graph_loss(
     labels: torch.Tensor,
     gates: GatesLike,
     *,
-    temperature: float = 1.0,
+    temperature: Optional[float] = None,
     progress: Union[float, torch.Tensor] = 1.0,
     ignore_index: int = -100,
     impl: str = "auto",
@@ -325,6 +329,7 @@ def graph_loss(
     Semantics: docs/SEMANTICS.md (the paper's Eq. 1-3 with the gates of Sec. 3.2).
     """
     z = stack_logits(logits)
+    gates, temperature = gates_and_temperature(gates, temperature)
     codes = prepare_gates(gates, z.shape[0])
     loss = GraphLoss(codes, temperature, impl=impl, ignore_index=ignore_index)
     return loss(z, labels, progress, check_finite=check_finite)
@@ -344,6 +349,12 @@ def _raise_if_not_finite(res: GraphLossResult, z: torch.Tensor, labels: torch.Te
         r = masked[0]
         msg += (f": row {r}'s label {int(labels[r])} is a masked class (logit -inf) of node {t}, so its "
                 "cross-entropy is infinite; mask such rows with ignore_index or leave the label class unmasked")
-    elif not bool(torch.isfinite(z[t - 1].detach()).all()):
-        msg += f": node {t}'s logits hold NaN or inf"
+    else:  # -inf is a masked class, allowed; NaN or +inf is a diverged node, maybe one node t learns from
+        zd = z.detach()
+        broken = [m + 1 for m in range(zd.shape[0]) if bool((torch.isnan(zd[m]) | (zd[m] == float("inf"))).any())]
+        if broken:
+            which = ", ".join(map(str, broken))
+            msg += f": the logits of node{'s' if len(broken) > 1 else ''} {which} hold NaN or +inf"
+            if t not in broken:
+                msg += f" (node {t} learns from {'them' if len(broken) > 1 else 'it'})"
     raise FloatingPointError(msg)

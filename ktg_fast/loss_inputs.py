@@ -13,13 +13,21 @@ from typing import NamedTuple, Sequence, Union
 import torch
 
 from . import gates as _gates
-from .graph import check_gate_structure
+from .graph import Graph, check_gate_structure
 
 __all__ = ["GraphLossResult", "LogitsLike", "GatesLike", "stack_logits", "flatten_batch", "check_labels",
            "check_temperature", "prepare_gates", "progress_tensor"]
 
 LogitsLike = Union[torch.Tensor, Sequence[torch.Tensor]]
-GatesLike = Union[torch.Tensor, Sequence[Sequence[Union[str, int]]]]
+GatesLike = Union[torch.Tensor, Sequence[Sequence[Union[str, int]]], Graph]
+
+
+def gates_and_temperature(gates: GatesLike, temperature: float | None) -> tuple[GatesLike, float]:
+    """A :class:`~ktg_fast.graph.Graph`'s gate matrix and temperature (a ``temperature`` given wins), or
+    ``gates`` as they are with ``temperature`` (None: 1.0)."""
+    if isinstance(gates, Graph):
+        return gates.gates, gates.temperature if temperature is None else temperature
+    return gates, 1.0 if temperature is None else temperature
 
 
 class GraphLossResult(NamedTuple):

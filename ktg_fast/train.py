@@ -54,6 +54,10 @@ def load_graph_arg(args: argparse.Namespace):
     if args.temperature is not None:
         g.temperature = float(args.temperature)
         g.validate()
+    if g.label_free:
+        log.warning("no edge of --graph %s leaves the label (node 0) and no node is a pre-trained teacher: no node "
+                    "ever sees a label, so all stay near chance accuracy; give a node a label edge (gates[0][t])",
+                    args.graph)
     return g
 
 

@@ -32,7 +32,7 @@ from .distributed import DistContext, distributed_step_kind
 from .epoch_stats import EpochStats, evaluate_nodes
 from .graph import Graph
 from .io import CheckpointError, append_jsonl, atomic_write_json
-from .nodes import build_nodes, save_model_checkpoint
+from .nodes import build_nodes, default_teacher_dir, resolve_checkpoint, save_model_checkpoint
 from .recipe import TrainConfig, lr_at_epoch
 from .run_data import load_run_data
 from .run_files import (early_estimate_line, epoch_line, estimate_line, fingerprint_diff, format_duration, is_tty,
@@ -200,6 +200,11 @@ class Trainer:
         cannot be read or was written with other settings) is checked before any file is written.
         """
         ckpt = self._checkpoint_to_resume(resume)
+        teachers = default_teacher_dir() if self.teacher_dir is None else self.teacher_dir
+        for node in self.graph.nodes:  # a missing teacher is named before minutes of loading data
+            if node.checkpoint:
+                resolve_checkpoint(node.checkpoint, model=node.model, dataset=canonical_name(self.data.dataset),
+                                   teacher_dir=teachers, val_size=self.data.val_size)
         self._load_data()
         self._build()
         start_epoch, step = self._restore(ckpt) if ckpt is not None else (0, 0)

@@ -512,3 +512,39 @@ def test_a_second_run_into_a_busy_out_is_refused_and_a_killed_holder_frees_it(tm
                              monkeypatch, capsys)
     assert code == 0, err
     assert (out / "final.json").is_file() and not (out / ".ktg-run.lock").exists()
+
+
+def test_a_graph_where_no_node_sees_a_label_is_warned_about(tmp_path, caplog):
+    from ktg_fast.graph import Graph
+
+    ring = Graph.from_dict({"nodes": ["resnet8"] * 3, "gates": [["cutoff"] * 4,
+                                                                ["cutoff", "cutoff", "through", "cutoff"],
+                                                                ["cutoff", "cutoff", "cutoff", "through"],
+                                                                ["cutoff", "through", "cutoff", "cutoff"]]})
+    assert ring.label_free and not preset("dml", nodes=3).label_free
+    assert not preset("kd").label_free  # the teacher was trained on labels
+    path = tmp_path / "ring.yaml"
+    ring.save(path)
+    for graph, warned in ((str(path), True), ("dml", False)):
+        caplog.clear()
+        args = train.build_parser().parse_args(["--graph", graph, "--dataset", "synthetic", "--out", str(tmp_path)])
+        with caplog.at_level("WARNING", logger="ktg_fast"):
+            train.load_graph_arg(args)
+        said = [r.getMessage() for r in caplog.records if "sees a label" in r.getMessage()]
+        assert bool(said) == warned, said
+        assert all("give a node a label edge (gates[0][t])" in m for m in said)
+
+
+def test_a_missing_teacher_is_named_before_the_data_loads(tmp_path, monkeypatch):
+    from ktg_fast.nodes import TeacherNotFoundError
+
+    def no_data(self):
+        raise AssertionError("the data was loaded before the teacher was checked")
+
+    monkeypatch.setattr(Trainer, "_load_data", no_data)
+    graph = preset("kd", model="resnet8", teacher="resnet14")
+    trainer = Trainer(graph, synth(), small(), tmp_path / "run", teacher_dir=tmp_path / "t", progress=False)
+    with pytest.raises(TeacherNotFoundError, match=r"no pre-trained resnet14 for synthetic at .*python -m "
+                                                   r"ktg_fast.pretrain --model resnet14"):
+        trainer.run()
+    assert not (tmp_path / "run").exists()

@@ -54,6 +54,10 @@ def bad(mutator, match):
 
 def test_validation_messages():
     bad(lambda d: d["gates"][1].__setitem__(2, "sometimes"), r"gate\[1\]\[2\]: unknown gate 'sometimes'")
+    bad(lambda d: d["gates"][1].__setitem__(2, 7), r"gate\[1\]\[2\]: unknown gate 7; known gates \(name and integer "
+                                                   r"code\): cutoff \(0\), through \(1\), linear \(2\), correct \(3\)$")
+    bad(lambda d: d["gates"][1].__setitem__(2, 1.5), r"gate\[1\]\[2\]: 1.5 is not a gate: write a gate name or its "
+                                                     r"integer code \(cutoff \(0\), through \(1\)")
     bad(lambda d: d["nodes"][2].__setitem__("model", "resnet1000x"), r"node 3: unknown model 'resnet1000x'")
     bad(lambda d: d["gates"].pop(), r"gate matrix must be 4x4 .*; got 3 rows$")
     bad(lambda d: d["gates"][1].pop(), r"gate matrix must be 4x4 .*; row 1 has 3 entries$")  # a ragged row named

@@ -226,8 +226,13 @@ def test_auto_chunk_size_and_bad_arguments():
     loss = kf.GraphLinearLoss(gates)
     with pytest.raises(ValueError, match="hidden must hold one entry per network node \\(2\\), got 1"):
         loss(h[:1], w, y)
-    with pytest.raises(ValueError, match=r"weights\[1\] must be \(V, D\) = \(6, 3\)"):
+    with pytest.raises(ValueError, match=r"weights\[1\] has V = 5 rows, weights\[0\] has 6: every node must share"):
         loss(h, [w[0], torch.randn(5, 3)], y)
+    with pytest.raises(ValueError, match=r"weights\[0\] must be \(V, D\) with D = 3, the size of hidden\[0\], got "
+                                         r"\(3, 6\) \(it looks transposed: pass nn.Linear.weight, \(V, D\), or w.T\)$"):
+        loss(h, [x.T for x in w], y)
+    with pytest.raises(ValueError, match=r"weights\[1\] must be \(V, D\) with D = 3, .* got \(6, 4\)$"):
+        loss(h, [w[0], torch.randn(6, 4)], y)
     with pytest.raises(ValueError, match=r"labels must be \(4,\)"):
         loss(h, w, y[:3])
     with pytest.raises(TypeError, match=r"hidden\[0\] must be a floating-point tensor"):
@@ -258,3 +263,19 @@ def test_gpu_kernel_chunks_match_the_reference(dtype):
         for g, r in zip(grads, ref_grads):
             scale = max(1.0, r.abs().max().item())
             torch.testing.assert_close(g.double().cpu(), r, rtol=tol * 5, atol=tol * 5 * scale)
+
+
+def test_default_progress_is_graph_loss_s():
+    """Left out, ``progress`` means the same in both front doors (1.0): a linear edge passes its whole loss."""
+    gen = torch.Generator().manual_seed(3)
+    gates = [["cutoff", "through", "through"], ["cutoff", "cutoff", "linear"], ["cutoff", "linear", "cutoff"]]
+    hs = [torch.randn(6, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
+    ws = [torch.randn(9, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
+    labels = torch.randint(0, 9, (6,), generator=gen)
+    got = kf.GraphLinearLoss(gates, temperature=2.0, impl="reference")(hs, ws, labels)
+    want = kf.graph_loss(torch.stack([h @ w.T for h, w in zip(hs, ws)]), labels, gates, temperature=2.0,
+                         impl="reference")
+    torch.testing.assert_close(got.node_loss, want.node_loss)
+    none = kf.graph_loss(torch.stack([h @ w.T for h, w in zip(hs, ws)]), labels, gates, temperature=2.0,
+                         progress=0.0, impl="reference")
+    assert (got.node_loss - none.node_loss).abs().min() > 1e-3  # the linear edges count

@@ -253,6 +253,22 @@ def test_masked_label_class_gives_infinite_ce_and_a_clear_error_when_asked():
     kf.graph_loss(z, labels, gates, check_finite=True)  # finite: no error
 
 
+def test_a_nan_loss_names_the_node_whose_logits_diverged():
+    """Node 1 learns from node 2, whose logits hold NaN: the error names node 2, not only node 1's loss."""
+    z = torch.randn(3, 4, 5, dtype=torch.float64)
+    z[1, 2, 3] = float("nan")
+    labels = torch.randint(0, 5, (4,))
+    gates = [["cutoff", "through", "through", "through"], ["cutoff", "cutoff", "cutoff", "cutoff"],
+             ["cutoff", "through", "cutoff", "cutoff"], ["cutoff", "cutoff", "cutoff", "cutoff"]]
+    with pytest.raises(FloatingPointError, match=r"the loss of node 1 is nan: the logits of node 2 hold NaN or \+inf "
+                                                 r"\(node 1 learns from it\)$"):
+        kf.graph_loss(z, labels, gates, check_finite=True)
+    z[1, 2, 3] = 0.0
+    z[0, 1, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"the loss of node 1 is nan: the logits of node 1 hold NaN or \+inf$"):
+        kf.graph_loss(z, labels, gates, check_finite=True)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_cutoff_edges_are_zero_whatever_the_source_holds(bad):
     """Node 1 diverged (NaN / inf logits); node 3 takes nothing from it: its loss and gradient stay
@@ -408,6 +424,23 @@ def test_graph_loss_module_binds_the_gates_once(monkeypatch):
         kf.GraphLoss(gates, temperature=0)
     with pytest.raises(ValueError, match="impl must be"):
         kf.GraphLoss(gates, impl="fast")
+
+
+def test_a_graph_gives_its_gates_and_temperature_and_a_given_temperature_wins():
+    """``graph_loss(z, y, kf.preset("kd"))`` uses KD's T = 2, as the graph would train with; GraphLoss and
+    GraphLinearLoss take a Graph alike."""
+    graph = kf.preset("kd")
+    assert graph.temperature == 2.0
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 7, (5,), generator=gen)
+    want = kf.graph_loss(z, y, graph.gates, temperature=2.0)
+    for got in (kf.graph_loss(z, y, graph), kf.GraphLoss(graph)(z, y)):
+        torch.testing.assert_close(got.edge_loss, want.edge_loss, rtol=0, atol=0)
+    t1 = kf.graph_loss(z, y, graph.gates)  # a bare gate matrix: T = 1
+    assert not torch.allclose(t1.edge_loss, want.edge_loss)
+    torch.testing.assert_close(kf.graph_loss(z, y, graph, temperature=1.0).edge_loss, t1.edge_loss, rtol=0, atol=0)
+    assert kf.GraphLinearLoss(graph).loss.temperature == 2.0
 
 
 @pytest.mark.parametrize("seed", range(12))

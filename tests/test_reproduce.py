@@ -163,6 +163,16 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys, keep_loggi
     assert not out.exists()  # nothing written, no run folder
 
 
+def test_the_plan_says_which_images_a_teacher_trains_on():
+    from types import SimpleNamespace
+
+    from ktg_fast.reproduce.__main__ import _what
+
+    teacher = SimpleNamespace(kind="pretrain", epochs=2)
+    assert _what(teacher, None) == "teacher: 2 epochs on the whole training set"
+    assert _what(teacher, 500) == "teacher: 2 epochs on the first 500 training images (--train-subset)"
+
+
 # ------------------------------------------------------------------------------ a real reproduction
 def _processes_with(text: str) -> list[int]:
     found = []

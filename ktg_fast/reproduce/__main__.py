@@ -200,12 +200,14 @@ def _n(count: float, word: str) -> str:
     return f"{count:g} {word}{'' if count == 1 else 's'}"
 
 
-def _what(run: Run) -> str:
+def _what(run: Run, train_subset: Optional[int]) -> str:
     if run.kind == "search":
         return (f"{_n(run.trials, 'trial')} x ~{_n(round(run.work.epochs, 1), 'epoch')} (successive halving) on the "
                 "search split, then export")
     if run.kind == "pretrain":
-        return f"teacher: {_n(run.epochs, 'epoch')} on the whole training set"
+        images = f"the first {train_subset} training images (--train-subset)" if train_subset \
+            else "the whole training set"
+        return f"teacher: {_n(run.epochs, 'epoch')} on {images}"
     extra = " (+ teachers of its frozen nodes, if any)" if run.kind == "retrain" else ""
     return f"{_n(len(run.seeds), 'seed')} x {_n(run.epochs, 'epoch')}{extra}"
 
@@ -231,7 +233,7 @@ def dry_run_text(plan: Plan, probe: Probe, estimate: Callable[[Run], float]) -> 
         state = "finished" if run.finished() else ("started" if run.started() else "pending")
         total += sec
         left += 0.0 if state == "finished" else sec
-        lines.append(f"  {state:<9}{format_duration(sec):>12}  {run.id:<{width}} {_what(run)}")
+        lines.append(f"  {state:<9}{format_duration(sec):>12}  {run.id:<{width}} {_what(run, s.train_subset)}")
     kind = "GPU" if probe.device.startswith("cuda") else "CPU"
     lines += ["", f"Total: {len(plan.runs)} sub-runs, about {format_duration(total)}: {device_hours(total)} "
                   f"{kind}-hours on {device_label(probe.device)}; {format_duration(left)} of it left to run.",
