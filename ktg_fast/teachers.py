@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -39,13 +40,12 @@ def pretrain_teacher(model: str, data: DataSpec, cfg: TrainConfig, *, teacher_di
     teacher_dir = default_teacher_dir() if teacher_dir is None else Path(teacher_dir)
     dest = teacher_path(teacher_dir, canonical_name(data.dataset), model, data.val_size)
     run_dir = Path(work_dir) if work_dir else dest.with_suffix(".run")
-    if dist is None or dist.is_main:
+    writes = dist is None or dist.is_main  # (the other ranks of a data-parallel run write nothing)
+    if writes:
         run_dir.mkdir(parents=True, exist_ok=True)
-        with folder_lock(run_dir, what=f"pre-training of teacher {model}", else_=None):
-            return _pretrain(model, data, cfg, dest, run_dir, device=device, step=step, progress=progress,
-                             compile_cache=compile_cache, dist=dist)
-    return _pretrain(model, data, cfg, dest, run_dir, device=device, step=step, progress=progress,
-                     compile_cache=compile_cache, dist=dist)
+    with folder_lock(run_dir, what=f"pre-training of teacher {model}", else_=None) if writes else nullcontext():
+        return _pretrain(model, data, cfg, dest, run_dir, device=device, step=step, progress=progress,
+                         compile_cache=compile_cache, dist=dist)
 
 
 def _pretrain(model: str, data: DataSpec, cfg: TrainConfig, dest: Path, run_dir: Path, *, device: str, step: str,
