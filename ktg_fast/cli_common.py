@@ -316,7 +316,7 @@ def run_cli(main: Callable[[], int], *, resume_hint: str = "rerun with --resume 
     errors, unreadable checkpoints, a diverging run) print one ``error:`` line and exit 2, with the
     traceback too under ``-v``/``--verbose`` (or ``KTG_DEBUG=1``); anything else is a bug and keeps
     its traceback. Ctrl-C exits 130 with ``resume_hint`` (how this command continues); SIGTERM stops it
-    the same way and exits 143.
+    the same way and exits 143. A closed stdout pipe (``| head``) exits 141 without a message.
     """
     verbose = bool(os.environ.get("KTG_DEBUG")) or any(a in ("-v", "--verbose") for a in sys.argv[1:])
     # Under torchrun, ranks > 0 leave the messages every rank would print alike to rank 0.
@@ -329,6 +329,12 @@ def run_cli(main: Callable[[], int], *, resume_hint: str = "rerun with --resume 
         signal.signal(signal.SIGTERM, raise_terminated)
     try:
         code = main()
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then handled below
+    except BrokenPipeError:
+        # The reader went away (``... | head``): stop quietly, as other command-line tools do, with the
+        # status of a process ended by SIGPIPE; stdout goes to /dev/null so that the exit's flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
     except KeyboardInterrupt as e:
         if rank == 0:
             sys.exit(interrupted_exit(e, resume_hint))

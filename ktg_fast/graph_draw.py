@@ -23,7 +23,13 @@ def to_dot(graph: "Graph", *, title: Optional[str] = None, accuracies: Optional[
     The target node is red, frozen nodes blue, edges labelled by gate,
     cutoff edges left out.  ``accuracies`` (percent, one per network node)
     are printed in the node labels as e.g. ``val 73.9 %`` (``metric`` names the split).
+
+    Raises:
+        ValueError: ``accuracies`` does not hold one value per network node.
     """
+    if accuracies is not None and len(accuracies) != graph.num_nodes:
+        raise ValueError(f"accuracies must hold one value per network node ({graph.num_nodes}), got "
+                         f"{len(accuracies)}")
     out = ["digraph KTG {", "  rankdir=LR;", '  node [shape=ellipse, style=filled, fillcolor="white", fontname="Helvetica"];']
     if title:
         out.append(f'  labelloc="t"; label="{title}";')

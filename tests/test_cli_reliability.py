@@ -548,3 +548,16 @@ def test_a_missing_teacher_is_named_before_the_data_loads(tmp_path, monkeypatch)
                                                    r"ktg_fast.pretrain --model resnet14"):
         trainer.run()
     assert not (tmp_path / "run").exists()
+
+
+def test_a_closed_stdout_pipe_ends_quietly():
+    """``python -m ktg_fast.search export ... | head -3``: no "error: Broken pipe", the status of SIGPIPE."""
+    code = ("from ktg_fast.cli_common import run_cli\n"
+            "def main():\n    for i in range(200000):\n        print('line', i)\n    return 0\n"
+            "run_cli(main)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.stdout.readline() == b"line 0\n"
+    p.stdout.close()  # as head does after its lines
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141 and err == "", err

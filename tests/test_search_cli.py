@@ -17,6 +17,7 @@ from ktg_fast.search.config import SearchConfig
 from ktg_fast.search.ledger import ATTR_REJECTED
 from ktg_fast.search.space import SearchError
 from ktg_fast.search.study import create_or_join
+from ktg_fast.search.trial_files import trial_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "fashion-mnist", "--train-subset", "128", "--eval-subset", "200", "--cpu-threads", "1",
@@ -74,6 +75,10 @@ def test_real_search_prunes_at_rungs_exports_and_retrains(tmp_path, keep_threads
     g = Graph.load(out / "best" / "graph.yaml")
     assert g.to_dict() == best.user_attrs["graph"]
     assert "#c00000" in (out / "best" / "graph.dot").read_text()  # target drawn red
+    best_json = json.loads((out / "best" / "trial.json").read_text())  # as every trial.json: the lone-run command
+    assert best_json["number"] == best.number
+    assert best_json["replay"] == json.loads((trial_dir(out, best.number) / "trial.json").read_text())["replay"]
+    assert best_json["replay"].startswith("python -m ktg_fast.train ")
     for png in ("history.png", "intermediate.png", "best/graph.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     table = (out / "trials.md").read_text()
@@ -243,3 +248,14 @@ def test_a_trial_weighs_compiling_against_its_expected_epochs(tmp_path, keep_thr
     assert cli.main(args) == 0
     assert seen == [(pytest.approx(SearchConfig(out=str(out), epochs=8).expected_epochs_per_trial()), 8)]
     assert seen[0][0] == pytest.approx(2.5)  # rungs 1, 2, 4: 1/2 + 2/4 + 4/8 + 8/8 epochs
+
+
+def test_the_retrain_estimate_says_when_the_trial_shared_the_machine():
+    from ktg_fast.search.cli import _retrain_note
+
+    alone = _retrain_note({"trial": 3, "time_s": 9.0, "packed": False}, False)
+    assert alone.startswith(" (about 9s, as long as trial 3 took; --seeds 0 1 2 3 4")
+    assert "as long as trial 3 took in a pack: alone, less;" in _retrain_note({"trial": 3, "time_s": 9.0,
+                                                                               "packed": True}, False)
+    assert "took beside other workers: alone, less;" in _retrain_note({"trial": 3, "time_s": 9.0}, True)
+    assert _retrain_note({"trial": 3, "time_s": None}, True) == " (--seeds 0 1 2 3 4 for mean +- std takes 5x as long)"

@@ -440,6 +440,9 @@ def test_graph_drawing_says_what_the_node_figure_is(tmp_path):
     g.draw(tmp_path / "g", accuracies=[73.91, 12.0])
     dot = (tmp_path / "g.dot").read_text()
     assert 'label="1: resnet8\\nval 73.9 %"' in dot and 'label="2: resnet8\\nval 12.0 %"' in dot
+    for wrong in ([73.9], [73.9, 12.0, 5.0]):  # one value per network node, or a clear error
+        with pytest.raises(ValueError, match=rf"accuracies must hold one value per network node \(2\), got {len(wrong)}"):
+            g.draw(tmp_path / "h", accuracies=wrong)
 
 
 # ----------------------------------------------------------------- item 25

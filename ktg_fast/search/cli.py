@@ -252,7 +252,7 @@ def export_main(argv: list[str]) -> int:
     if res["top"]:
         print(f"best graph: {dest / 'best' / 'graph.yaml'}")
         if cfg is not None:
-            print("retrain it with the search's settings" + _retrain_note(res["top"][0]) + ":\n  "
+            print("retrain it with the search's settings" + _retrain_note(res["top"][0], cfg.workers > 1) + ":\n  "
                   + retrain_command(cfg, dest / "best" / "graph.yaml", res["top"][0].get("frozen", False)))
     else:
         print("no completed trial yet: no graph exported")
@@ -262,10 +262,15 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
-def _retrain_note(top: dict) -> str:
+def _retrain_note(top: dict, several_workers: bool) -> str:
+    """How long the retrain takes, from the trial's own time (``several_workers``: they shared the machine)."""
     t = top.get("time_s")
-    return f" (about {format_duration(t)}, as long as trial {top['trial']} took; --seeds 0 1 2 3 4 for " \
-           "mean +- std takes 5x that)" if t else " (--seeds 0 1 2 3 4 for mean +- std takes 5x as long)"
+    if not t:
+        return " (--seeds 0 1 2 3 4 for mean +- std takes 5x as long)"
+    shared = " in a pack" if top.get("packed") else " beside other workers" if several_workers else ""
+    alone = ": alone, less" if shared else ""
+    return (f" (about {format_duration(t)}, as long as trial {top['trial']} took{shared}{alone}; "
+            "--seeds 0 1 2 3 4 for mean +- std takes 5x that)")
 
 
 def _quiet(verbose: bool) -> None:

@@ -14,6 +14,7 @@ that reaches the storage.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -29,6 +30,7 @@ from .progress import format_duration
 from .space import SearchSpace, gate_letters
 from .storage import mask_url
 from .study import BUDGET_ATTR, SPEC_ATTR
+from .trial_files import trial_dir
 
 __all__ = ["export_study", "ExportResult"]
 
@@ -293,10 +295,15 @@ def export_study(study: Any, out: str | os.PathLike, *, top: int = 5, url: str =
         result["files"] += _write_graph(graph, top_dir / f"{rank}-trial{t.number}", title, t.user_attrs.get("val_acc"),
                                         skipped)
         result["top"].append({"rank": rank, "trial": t.number, "value": t.value, "frozen": bool(graph.frozen),
-                              "time_s": t.user_attrs.get("time_s")})
+                              "time_s": t.user_attrs.get("time_s"), "packed": "data_seed" in t.user_attrs})
         if rank == 1:
             best_dir = out / "best"
             result["files"] += _write_graph(graph, best_dir, title, t.user_attrs.get("val_acc"), skipped)
-            atomic_write_json(best_dir / "trial.json", _row(t, book))
+            row = _row(t, book)
+            try:  # the trial's own lone-run command (its folder's trial.json), as every trial.json holds it
+                row["replay"] = json.loads((trial_dir(out, t.number) / "trial.json").read_text())["replay"]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # a trial of an older version, or its folder gone
+            atomic_write_json(best_dir / "trial.json", row)
     result["notes"] = list(dict.fromkeys(skipped))[:1]
     return result

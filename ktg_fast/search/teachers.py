@@ -125,8 +125,9 @@ def _pretrain_locked(model: str, dest: Path, cfg: SearchConfig, *, node: int, de
         if marker.is_file():  # diverged before: not again
             reason = json.loads(marker.read_text()).get("reason", "see this file")
             raise _pretrain_failure(cfg, model, node, dest, f"{reason} (recorded in {marker})")
-        log.info("pre-training teacher %s for %s on the search split (%d epochs) -> %s",
-                 model, cfg.dataset, cfg.resolved_teacher_epochs(), dest)
+        epochs = cfg.resolved_teacher_epochs()
+        log.info("pre-training teacher %s for %s on the search split (%d epoch%s) -> %s",
+                 model, cfg.dataset, epochs, "" if epochs == 1 else "s", dest)
         t0 = time.monotonic()
         try:
             teacher_lib.pretrain_teacher(model, cfg.data_spec(),
