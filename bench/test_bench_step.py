@@ -19,9 +19,9 @@ Step variants, timed in the same run on the same synthetic on-device batches (no
     authors_compiled  the authors' style as a torch.compile user would run it: each net and the
              per-node loss compiled (bench/authors.py), backward and SGD as they are.
 On CUDA every variant runs in fp32 and in bf16 (autocast forward; rows "<variant>-bf16"); on the CPU in
-fp32 only (KTG_BENCH_PRECISIONS=fp32,bf16 adds bf16).  Compiled variants compile before the timed
-rounds, into a fresh Inductor cache for the session; test_compile_time_cold_warm measures a cold and
-a warm compile in two processes sharing one cache folder.
+fp32 only (KTG_BENCH_PRECISIONS=fp32,bf16 adds bf16), with one thread (KTG_BENCH_CPU_THREADS=2 for
+two).  Compiled variants compile before the timed rounds, into a fresh Inductor cache for the session;
+test_compile_time_cold_warm measures a cold and a warm compile in two processes sharing one cache folder.
 The eager, fused and graph variants use ``graph_loss(impl="auto")``: the fused Triton loss kernel on
 CUDA when it is available, the PyTorch reference elsewhere.
 
@@ -117,13 +117,17 @@ def inductor_cache(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- timing
+# On the CPU, one thread by default: OpenMP workers spin-wait when other processes share the cores, which
+# turns timings into noise (a step 40x slower now and then).  KTG_BENCH_CPU_THREADS=2 times every variant
+# with two threads (an idle machine's own setting).
+CPU_THREADS = int(os.environ.get("KTG_BENCH_CPU_THREADS", "1"))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def cpu_threads():
-    """On the CPU, one thread: OpenMP workers spin-wait when other processes share the cores, which
-    turns timings into noise (a step 40x slower now and then)."""
     before = torch.get_num_threads()
     if not CUDA:
-        torch.set_num_threads(1)
+        torch.set_num_threads(CPU_THREADS)
     yield
     torch.set_num_threads(before)
 
@@ -138,6 +142,7 @@ def _time(fn: Callable[[], None], rounds: int) -> list[float]:
 def _save(rows: dict, complete: bool = False) -> Path:
     """Write the record so far (after every row: a run cut short by its time cap keeps its rows)."""
     record = {"batch": BATCH, "image": IMAGE, "classes": CLASSES, "complete": complete,
+              "cpu_threads": None if CUDA else CPU_THREADS,
               "graphs": GRAPHS, "rows": [{"graph": g, "variant": v, **r} for (g, v), r in rows.items()],
               "paired": [{"graph": g, "fast": v, "base": k, **r} for (g, v, k), r in PAIRED.items()],
               "table": _format(rows)}
@@ -171,7 +176,8 @@ def _label(variant: str, precision: str) -> str:
 
 def _format(rows: dict) -> list[str]:
     clock = "CUDA events, median of rounds" if CUDA else \
-        "wall clock on CPU, 1 thread, small nets; graph = fused (no CUDA): GPU targets unmeasured"
+        f"wall clock on CPU, {CPU_THREADS} thread{'s' if CPU_THREADS > 1 else ''}, small nets; graph = fused (no CUDA): " \
+        "GPU targets unmeasured"
     lines = [f"training step, batch {BATCH}, {IMAGE}x{IMAGE}, {CLASSES} classes, on {DEVICE} ({clock})",
              f"{'graph':<6}{'variant':<23}{'ms/step':>9}{'img/s/node':>12}{'x authors':>10}{'x auth.comp':>12}"
              f"{'x eager':>9}{'compile s':>10}" + ("  bf16 peak  tf32 peak" if _peaks() else "")]

@@ -16,7 +16,7 @@ from . import gates as _gates
 from .graph import Graph, check_gate_structure
 
 __all__ = ["GraphLossResult", "LogitsLike", "GatesLike", "stack_logits", "flatten_batch", "check_labels",
-           "check_temperature", "prepare_gates", "progress_tensor"]
+           "check_temperature", "prepare_gates", "progress_tensor", "gates_and_temperature"]
 
 LogitsLike = Union[torch.Tensor, Sequence[torch.Tensor]]
 GatesLike = Union[torch.Tensor, Sequence[Sequence[Union[str, int]]], Graph]
