@@ -25,7 +25,7 @@ from .recipe import TrainConfig
 from .steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .trainer import NonFiniteLossError
 
-__all__ = ["CliParser", "step_flag", "Terminated", "interrupted_exit", "raise_terminated", "add_data_args", "add_recipe_args", "apply_cpu_threads", "check_out_dir", "out_dir_lock", "dataset_flag", "error_line", "positive_int",
+__all__ = ["CliParser", "step_flag", "Terminated", "interrupted_exit", "raise_terminated", "add_data_args", "add_recipe_args", "apply_cpu_threads", "check_out_dir", "out_dir_lock", "dataset_flag", "error_line", "positive_int", "subset_size",
            "run_cli", "setup_logging", "start_distributed", "stop_distributed", "remove_if_empty"]
 
 
@@ -89,9 +89,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--download", action="store_true", help="download CIFAR or Fashion-MNIST into --data-root when missing (needs internet)")
     g.add_argument("--val-size", type=int, default=0,
                    help="hold out this many training images as a validation split (default 0: train on all)")
-    g.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
+    g.add_argument("--train-subset", type=subset_size, default=None, metavar="N",
                    help="use only the first N training images (N >= 1)")
-    g.add_argument("--eval-subset", type=positive_int, default=None, metavar="N",
+    g.add_argument("--eval-subset", type=subset_size, default=None, metavar="N",
                    help="evaluate on only the first N images of each evaluated split (N >= 1)")
     g.add_argument("--loader", default="auto", choices=LOADER_KINDS,
                    help="input pipeline (auto: tensor on GPU for in-memory data, DALI for image folders)")
@@ -201,9 +201,12 @@ def out_dir_lock(out: Path) -> AbstractContextManager:
     Under torchrun only global rank 0 takes it: the other ranks write nothing, and share the folder with it.
     Raises :class:`ktg_fast.locks.FolderBusyError` on entry when another run holds it.
     """
-    if os.environ.get("WORLD_SIZE", "1") != "1" and int(os.environ.get("RANK", "0") or 0) != 0:
-        return nullcontext()
-    return folder_lock(out)
+    return folder_lock(out) if _launcher_rank() == 0 else nullcontext()
+
+
+def _launcher_rank() -> int:
+    """This process's global rank as torchrun sets it in the environment (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0") or 0) if os.environ.get("WORLD_SIZE", "1") != "1" else 0
 
 
 def check_out_dir(out: str | Path, *, seeds: int = 1) -> Path:
@@ -254,11 +257,19 @@ def _whole_number(text: str) -> int:
 
 
 def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1 (``--train-subset``, ``--eval-subset``)."""
+    """argparse type of a count that must be at least 1 (``--cpu-threads``, ``export --top``)."""
     value = _whole_number(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value} (leave the flag out to use every image)")
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def subset_size(text: str) -> int:
+    """argparse type of ``--train-subset`` / ``--eval-subset``: at least 1 image."""
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (leave the flag out to use every image)") from None
 
 
 def non_negative_int(text: str) -> int:
@@ -320,7 +331,7 @@ def run_cli(main: Callable[[], int], *, resume_hint: str = "rerun with --resume 
     """
     verbose = bool(os.environ.get("KTG_DEBUG")) or any(a in ("-v", "--verbose") for a in sys.argv[1:])
     # Under torchrun, ranks > 0 leave the messages every rank would print alike to rank 0.
-    rank = int(os.environ.get("RANK", "0") or 0) if os.environ.get("WORLD_SIZE", "1") != "1" else 0
+    rank = _launcher_rank()
     distributed = os.environ.get("WORLD_SIZE", "1") != "1"
     if (not distributed and threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):

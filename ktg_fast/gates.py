@@ -155,12 +155,13 @@ def get_gate(key: str | int) -> Gate:
 
 def _code_of(g: object, s: int, t: int) -> int:
     """The code of one gate-matrix entry: a gate name or an integer code (never a float or a bool)."""
-    if isinstance(g, str):
-        return get_gate(g).code
-    if isinstance(g, bool) or not isinstance(g, int):
+    if isinstance(g, bool) or not isinstance(g, (str, int)):
         # 1.7 must not silently become through (1), nor True/yes become a code.
-        raise ValueError(f"gate[{s}][{t}] is {g!r}: a gate is a name ({', '.join(gate_names())}) or an integer code")
-    return get_gate(g).code
+        raise ValueError(f"gate[{s}][{t}] is {g!r}: a gate is a name or its integer code ({gates_with_codes()})")
+    try:
+        return get_gate(g).code
+    except UnknownGateError as e:
+        raise UnknownGateError(f"gate[{s}][{t}]: {e}") from None
 
 
 def gate_codes(gates: Union[torch.Tensor, Sequence[Sequence[Union[str, int]]]]) -> torch.Tensor:
@@ -177,11 +178,14 @@ def gate_codes(gates: Union[torch.Tensor, Sequence[Sequence[Union[str, int]]]]) 
                              "codes are 0 cutoff, 1 through, 2 linear, 3 correct")
         codes = gates.detach().to("cpu", torch.int64)
         for c in set(codes.flatten().tolist()):  # a handful of entries: cheaper than unique()
-            get_gate(c)
+            if c not in _BY_CODE:
+                s, t = (codes == c).nonzero()[0].tolist()
+                _code_of(c, s, t)  # raises, naming the entry
         return codes
     rows = [list(r) for r in gates]
     n = len(rows)
     if n == 0 or any(len(r) != n for r in rows):
-        raise ValueError(f"gate matrix must be square (M+1, M+1), got row lengths {[len(r) for r in rows]}")
+        raise ValueError(f"gate matrix must be square (M+1, M+1), got {n} row{'s' if n != 1 else ''} of lengths "
+                         f"{[len(r) for r in rows]}")
     return torch.tensor([[_code_of(g, s, t) for t, g in enumerate(r)] for s, r in enumerate(rows)],
                         dtype=torch.int64)

@@ -73,6 +73,8 @@ class Graph:
     # Models are checked against the registry unless a caller opts out
     # (graphs naming models registered later, e.g. in a user's script).
     check_models: bool = field(default=True, repr=False, compare=False)
+    # The folder relative checkpoint paths are read from: the graph file's (Graph.load), else the cwd.
+    base_dir: Optional[Path] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.nodes = [parse_node(n, i) for i, n in enumerate(as_list(self.nodes, "nodes", NODES_HELP), start=1)]
@@ -226,7 +228,11 @@ class Graph:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, check_models: bool = True) -> "Graph":
-        """Read a YAML or JSON graph file; errors name the file and the fault."""
+        """Read a YAML or JSON graph file; errors name the file and the fault.
+
+        A node's relative ``checkpoint`` path is read from the file's folder (``base_dir``); the graph
+        itself keeps the path as written, so saving it again gives the same text.
+        """
         path = Path(path)
         if not path.is_file():
             raise GraphError(f"graph file {str(path)!r} not found; give a preset name ({', '.join(PRESETS)}) or a path")
@@ -247,9 +253,11 @@ class Graph:
         except GraphError as e:
             raise GraphError(f"{path}: {e}") from None
         try:
-            return cls.from_dict(data, check_models=check_models)
+            graph = cls.from_dict(data, check_models=check_models)
         except GraphError as e:
             raise GraphError(f"{path}: {e}") from None
+        graph.base_dir = path.parent.absolute()  # relative checkpoint paths are read from here, not the cwd
+        return graph
 
     # ------------------------------------------------------------------ drawing
     def to_dot(self, *, title: Optional[str] = None, accuracies: Optional[Sequence[float]] = None,

@@ -66,8 +66,9 @@ def load_model_checkpoint(path: str | os.PathLike, model: nn.Module, *, expect_m
 
 
 def resolve_checkpoint(checkpoint: str, *, model: str, dataset: str, teacher_dir: str | os.PathLike,
-                       val_size: int = 0) -> Path:
-    """A node's checkpoint path: itself, or the teacher folder's when it reads ``pretrained``."""
+                       val_size: int = 0, base_dir: Optional[str | os.PathLike] = None) -> Path:
+    """A node's checkpoint path: itself (a relative one taken from ``base_dir``, the graph file's folder,
+    when given), or the teacher folder's when it reads ``pretrained``."""
     if checkpoint == PRETRAINED:
         path = teacher_path(teacher_dir, dataset, model, val_size)
         if not path.is_file():
@@ -77,7 +78,9 @@ def resolve_checkpoint(checkpoint: str, *, model: str, dataset: str, teacher_dir
                 f"--dataset {dataset}{split} --teachers {teacher_dir}` first"
             )
         return path
-    path = Path(checkpoint)
+    path = Path(checkpoint).expanduser()
+    if base_dir is not None and not path.is_absolute():
+        path = Path(base_dir) / path
     if not path.is_file():
         raise TeacherNotFoundError(f"checkpoint {path} not found (from the graph file); fix the path or retrain it")
     return path
@@ -97,7 +100,7 @@ def build_nodes(graph: Graph, *, num_classes: int, in_channels: int, dataset: st
         net = get_model(node.model, num_classes=num_classes, in_channels=in_channels)
         if node.checkpoint:
             path = resolve_checkpoint(node.checkpoint, model=node.model, dataset=dataset,
-                                      teacher_dir=teacher_dir, val_size=val_size)
+                                      teacher_dir=teacher_dir, val_size=val_size, base_dir=graph.base_dir)
             load_model_checkpoint(path, net, expect_model=node.model)
         net.to(device)
         if graph.is_frozen(t):

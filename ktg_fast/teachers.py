@@ -54,7 +54,8 @@ def _pretrain(model: str, data: DataSpec, cfg: TrainConfig, dest: Path, run_dir:
     if not finished or (run_dir / "checkpoint.pt").is_file():  # (a finished run's checkpoint may be gone)
         trainer = Trainer(preset("vanilla", model=model), data, cfg, run_dir, device=device, step=step,
                           progress=progress, compile_cache=compile_cache, dist=dist)
-        trainer.run(resume=True)
+        # Resume what a killed pretraining left; a first run has nothing to resume and says nothing about it.
+        trainer.run(resume=(run_dir / "checkpoint.pt").is_file() or (run_dir / "final.json").is_file())
     if dist is not None and not dist.is_main:
         return dest
     src = next((run_dir / "nodes").glob("node1_*.pt"))

@@ -204,7 +204,7 @@ class Trainer:
         for node in self.graph.nodes:  # a missing teacher is named before minutes of loading data
             if node.checkpoint:
                 resolve_checkpoint(node.checkpoint, model=node.model, dataset=canonical_name(self.data.dataset),
-                                   teacher_dir=teachers, val_size=self.data.val_size)
+                                   teacher_dir=teachers, val_size=self.data.val_size, base_dir=self.graph.base_dir)
         self._load_data()
         self._build()
         start_epoch, step = self._restore(ckpt) if ckpt is not None else (0, 0)

@@ -101,6 +101,7 @@ def test_14_pretrain_has_out_and_readme_semantics_in_repo(tmp_path, monkeypatch,
     code, out, err = run_main(pretrain.main, ["--model", "resnet8", "--teachers", str(tmp_path / "t"),
                                               "--out", str(work), *TINY], monkeypatch, capsys)
     assert code == 0, err
+    assert "to resume" not in err  # a first pretraining has nothing to resume and does not say so
     assert (work / "checkpoint.pt").is_file() and (tmp_path / "t" / "synthetic" / "resnet8.pt").is_file()
     # Its "use another --out folder" advice now names a flag pretrain has.
     code, _, err = run_main(pretrain.main, ["--model", "resnet8", "--teachers", str(tmp_path / "t"),
@@ -120,7 +121,8 @@ def test_5_nonpositive_subsets_are_refused(tmp_path, monkeypatch, capsys, flag, 
     with pytest.raises(SystemExit) as exc:
         train.main(args)
     assert exc.value.code == 2
-    assert f"argument {flag}: must be at least 1, got {value}" in capsys.readouterr().err
+    assert f"argument {flag}: must be at least 1, got {value} (leave the flag out to use every image)" \
+        in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match=f"{flag} must be a whole number >= 1"):
         Trainer(preset("vanilla", model="resnet8"), synth(**{flag[2:].replace("-", "_"): int(value)}), small(),
@@ -561,3 +563,14 @@ def test_a_closed_stdout_pipe_ends_quietly():
     p.stdout.close()  # as head does after its lines
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 141 and err == "", err
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_export_top_below_one_is_refused(tmp_path, capsys, value):
+    from ktg_fast.search import cli as search_cli
+
+    with pytest.raises(SystemExit) as exc:
+        search_cli.main(["export", "--out", str(tmp_path), "--top", value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"argument --top: must be at least 1, got {value}" in err
+    assert "every image" not in err

@@ -42,6 +42,33 @@ def test_good_file_loads(tmp_path):
     assert g.target == 1 and g.temperature == 1.0 and g.gates[0] == ["cutoff", "through", "through"]
 
 
+def test_relative_checkpoint_paths_are_read_from_the_graph_files_folder(tmp_path, monkeypatch):
+    """``checkpoint: t.pt`` beside ``g.yaml`` is found from any working folder; the graph keeps the path as
+    written (and a run's fingerprint with it)."""
+    import torch
+
+    from ktg_fast.nodes import TeacherNotFoundError, build_nodes, save_model_checkpoint
+
+    folder = tmp_path / "graphs"
+    folder.mkdir()
+    save_model_checkpoint(folder / "t.pt", get_model("resnet8", num_classes=10), name="resnet8", num_classes=10,
+                          in_channels=3)
+    text = GOOD.replace("  - {model: resnet8}\n  - {model: resnet8}\n",
+                        "  - {model: resnet8, checkpoint: t.pt}\n  - {model: resnet8}\n")
+    (folder / "g.yaml").write_text(text)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    g = Graph.load(folder / "g.yaml")
+    assert g.to_dict()["nodes"][0] == {"model": "resnet8", "checkpoint": "t.pt"}  # as written
+    nets = build_nodes(g, num_classes=10, in_channels=3, dataset="synthetic", device=torch.device("cpu"))
+    want = torch.load(folder / "t.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(nets[0].state_dict()[k], v) for k, v in want.items())
+    bare = Graph.from_dict(g.to_dict())  # no file: relative to the working folder, which lacks it
+    with pytest.raises(TeacherNotFoundError, match=r"checkpoint t.pt not found"):
+        build_nodes(bare, num_classes=10, in_channels=3, dataset="synthetic", device=torch.device("cpu"))
+
+
 # ----------------------------------------------------------------- item 6 / 26: gates
 @pytest.mark.parametrize("value", ["1.7", "1.0", "true", "yes", "on", "no"])
 def test_gate_float_or_boolean_refused(tmp_path, value):

@@ -163,7 +163,10 @@ def test_custom_gate_registry():
         ([["cutoff", "through"], ["through", "cutoff"]], r"gate\[1\]\[0\].*label"),
         ([["cutoff", "through"], ["cutoff", "through"]], r"gate\[1\]\[1\].*itself"),
         ([["cutoff", "through", "cutoff"]] * 3, "3x3 but logits hold 1"),
-        ([["cutoff", "bogus"], ["cutoff", "cutoff"]], "unknown gate 'bogus'"),
+        ([["cutoff", "bogus"], ["cutoff", "cutoff"]], r"^gate\[0\]\[1\]: unknown gate 'bogus'"),
+        ([[0, 7], [0, 0]], r"^gate\[0\]\[1\]: unknown gate 7; known gates \(name and integer code\): cutoff \(0\)"),
+        (torch.tensor([[0, 1], [-1, 0]]), r"^gate\[1\]\[0\]: unknown gate -1"),
+        ([["cutoff", "through", "cutoff"]] * 2, r"must be square \(M\+1, M\+1\), got 2 rows of lengths \[3, 3\]"),
     ],
 )
 def test_bad_gate_matrices(gates, match):

@@ -87,6 +87,9 @@ def test_real_search_prunes_at_rungs_exports_and_retrains(tmp_path, keep_threads
         assert f"\n| {t.number} | {t.state.name} |" in table
     exported = json.loads((out / "trials.json").read_text())
     assert exported["summary"]["done"] == 10
+    rejected = sorted(t.number for t in study.trials if ATTR_REJECTED in t.user_attrs)
+    assert sorted(r["number"] for r in exported["trials"] if r["state"] == "REJECTED") == rejected
+    assert ("each rejected graph leaves a gap" in table) == bool(rejected)  # the numbers the table skips
     tops = sorted((out / "top").iterdir())
     assert tops[0].name == f"1-trial{best.number}" and len(tops) <= 3
 

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..cli_common import CliParser, positive_int, setup_logging, step_flag
+from ..cli_common import CliParser, positive_int, setup_logging, step_flag, subset_size
 from ..data.factory import LOADER_KINDS
 from ..steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .commands import retrain_command
@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-root", help="dataset folder (default $KTG_DATA_ROOT or ./data)")
     g.add_argument("--val-size", type=int, help="validation images held out of train (default: the dataset's "
                                                   "search split, 10000 for CIFAR/Tiny-ImageNet/Fashion-MNIST)")
-    g.add_argument("--train-subset", type=positive_int, metavar="N",
+    g.add_argument("--train-subset", type=subset_size, metavar="N",
                    help="train on only the first N training images (quick runs)")
-    g.add_argument("--eval-subset", type=positive_int, metavar="N",
+    g.add_argument("--eval-subset", type=subset_size, metavar="N",
                    help="validate on only the first N validation images (quick runs)")
     g.add_argument("--loader", choices=LOADER_KINDS, help="input pipeline (default auto)")
     g = p.add_argument_group("recipe (defaults: the paper's)")
@@ -128,7 +128,7 @@ def build_export_parser() -> argparse.ArgumentParser:
                   description="Best graphs (YAML, DOT, PNG), a table of trials and plots of a search. "
                               "Works while the search runs.")
     p.add_argument("--out", required=True, help="the search's output folder")
-    p.add_argument("--top", type=int, default=5, help="graphs to export (default 5)")
+    p.add_argument("--top", type=positive_int, default=5, help="graphs to export (default 5)")
     p.add_argument("--storage", default=None, help="storage URL (default: the one in <out>/search.json)")
     p.add_argument("--study", default=None, help="study name (default: the one in <out>/search.json)")
     p.add_argument("--to", default=None, help="write here instead of <out>")

@@ -111,8 +111,8 @@ class PackWorker(Worker):
         if self.pack is not None:
             r, b = self.pack.refills, self.pack.rebuilds
             log.info("worker %d: %d trial%s joined the running pack in the place of a trial that ended, reusing "
-                     "its step; the step was built %d time%s (once at the start, again whenever the pack's node "
-                     "shapes changed)",
+                     "its step; the step was built %d time%s (once at the start, again for a newcomer whose models "
+                     "had no free places, or to shrink the pack at the search's tail)",
                      self.worker_id, r, "" if r == 1 else "s", b, "" if b == 1 else "s")
 
     def _one_trial(self) -> None:
