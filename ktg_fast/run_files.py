@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .io import atomic_write_text
 
@@ -20,11 +20,18 @@ def is_tty(stream: Any) -> bool:
         return False
 
 
-def format_duration(seconds: float) -> str:
-    """``42 s``, ``7 min 5 s``, ``4 h 26 min``, ``3 d 2 h``."""
+def format_duration(seconds: Optional[float], *, compact: bool = False) -> str:
+    """A duration for people: ``42 s``, ``7 min 5 s``, ``4 h 26 min``, ``3 d 2 h`` in sentences;
+    ``42s``, ``3m05s``, ``1h02m`` with ``compact`` (status lines, table cells); ``?`` for None, NaN or inf."""
+    if seconds is None or seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return "?"
     s = int(round(seconds))
+    if compact:
+        if s >= 3600:
+            return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+        return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{max(s, 0)}s"
     if s < 60:
-        return f"{max(seconds, 0):.0f} s" if seconds >= 1 else f"{seconds:.1f} s"
+        return f"{max(seconds, 0):.0f} s" if seconds >= 1 else f"{max(seconds, 0):.1f} s"
     if s < 3600:
         return f"{s // 60} min {s % 60} s"
     if s < 86400:

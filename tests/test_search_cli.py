@@ -257,7 +257,7 @@ def test_the_retrain_estimate_says_when_the_trial_shared_the_machine():
     from ktg_fast.search.cli import _retrain_note
 
     alone = _retrain_note({"trial": 3, "time_s": 9.0, "packed": False}, False)
-    assert alone.startswith(" (about 9s, as long as trial 3 took; --seeds 0 1 2 3 4")
+    assert alone.startswith(" (about 9 s, as long as trial 3 took; --seeds 0 1 2 3 4")
     assert "as long as trial 3 took in a pack: alone, less;" in _retrain_note({"trial": 3, "time_s": 9.0,
                                                                                "packed": True}, False)
     assert "took beside other workers: alone, less;" in _retrain_note({"trial": 3, "time_s": 9.0}, True)

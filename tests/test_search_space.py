@@ -304,7 +304,7 @@ def test_config_validation_messages(tmp_path):
 def test_progress_line_and_eta():
     import io
 
-    from ktg_fast.search.progress import Progress, eta_seconds, format_duration, status_line
+    from ktg_fast.search.progress import Progress, eta_seconds, status_line
 
     C, P, R = TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING
     trials = [ft(0, C, key="a", value=70.5), ft(1, P, key="b"), ft(2, R, key="c"), ft(3, R, key="d")]
@@ -316,7 +316,6 @@ def test_progress_line_and_eta():
     assert eta_seconds(book, done_since_start=4, elapsed_s=100.0) == pytest.approx(8 * 25)
     line = status_line(book, eta_seconds(book))
     assert line == "2/10 done (complete 1, pruned 1, failed 0) | running 2 | best 70.50% (#0) | ETA 4m00s"
-    assert format_duration(3725) == "1h02m" and format_duration(None) == "?"
 
     class FakeStudy:
         def __init__(self):

@@ -376,6 +376,16 @@ def test_time_estimates_leave_the_compile_out():
     assert "takes about 16 min 40 s" in early_estimate_line(10, 1.0, 1000, 10)  # 10 batches/s, 10 x 1000
 
 
+def test_durations_read_the_same_everywhere():
+    """One formatter: sentences (run logs, export notes) and compact cells (status line, export table)."""
+    from ktg_fast.run_files import format_duration
+
+    assert [format_duration(s) for s in (0.25, 42, 425, 16000, 266400)] == \
+        ["0.2 s", "42 s", "7 min 5 s", "4 h 26 min", "3 d 2 h"]
+    assert [format_duration(s, compact=True) for s in (42, 185, 3725)] == ["42s", "3m05s", "1h02m"]
+    assert {format_duration(v, compact=c) for v in (None, float("nan"), float("inf")) for c in (False, True)} == {"?"}
+
+
 def test_milestones_past_the_last_epoch_are_warned_about(tmp_path, caplog):
     g = preset("dml", models=["resnet8", "resnet8"])
     with caplog.at_level("WARNING", logger="ktg_fast"):

@@ -36,7 +36,7 @@ from ..steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .commands import retrain_command
 from .config import CONFIG_FILE, SearchConfig, load_config, spec_differences
 from .export import export_study
-from .progress import format_duration
+from ..run_files import format_duration
 from .run import make_worker, run_search
 from .space import DEFAULT_GATES, DEFAULT_MODELS, SearchError
 from .storage import sqlite_path, storage_errors

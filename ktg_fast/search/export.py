@@ -26,7 +26,7 @@ from ..graph import Graph
 from ..io import atomic_write_json, atomic_write_text
 from .budget import rungs as budget_rungs
 from .ledger import ATTR_FAIL, ATTR_INTERRUPTED, ATTR_REJECTED, Ledger, is_retry, retry_history, root_of
-from .progress import format_duration
+from ..run_files import format_duration
 from .space import SearchSpace, gate_letters
 from .storage import mask_url
 from .study import BUDGET_ATTR, SPEC_ATTR
@@ -112,7 +112,7 @@ def _table(rows: list[dict], book: Ledger, study: Any, url: str, space: Optional
         models, gates = _compact(g, letters) if g else ("", "")
         acc = r["value"] if r["value"] is not None else r["last_val_acc"]
         lines.append(f"| {r['number']} | {r['state']} | {r['epochs']} | {'' if acc is None else f'{acc:.2f}'} | "
-                     f"{models} | `{gates}` | {format_duration(r['time_s']) if r['time_s'] is not None else ''} | "
+                     f"{models} | `{gates}` | {format_duration(r['time_s'], compact=True) if r['time_s'] is not None else ''} | "
                      f"{r['note'].replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 

@@ -17,23 +17,12 @@ from typing import Any, Callable, Optional, TextIO
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from ..run_files import format_duration
 from .ledger import Ledger
 
-__all__ = ["Progress", "eta_seconds", "format_duration", "status_line"]
+__all__ = ["Progress", "eta_seconds", "status_line"]
 
 log = logging.getLogger("ktg_fast.search")
-
-
-def format_duration(s: Optional[float]) -> str:
-    """``1h02m``, ``3m05s``, ``42s`` or ``?``."""
-    if s is None or s != s or s == float("inf"):
-        return "?"
-    s = int(round(s))
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
 
 
 def eta_seconds(book: Ledger, *, done_since_start: int = 0, elapsed_s: float = 0.0,
@@ -64,7 +53,7 @@ def status_line(book: Ledger, eta: Optional[float]) -> str:
     parts = [f"{book.done}/{book.budget} done (complete {c['complete']}, pruned {c['pruned']}, failed {c['failed']})",
              f"running {c['running']}" + (f", lost {c['lost']}" if c["lost"] else ""),
              "best " + (f"{best.value:.2f}% (#{best.number})" if best is not None else "-"),
-             f"ETA {format_duration(eta)}"]
+             f"ETA {format_duration(eta, compact=True)}"]
     return " | ".join(parts)
 
 
