@@ -6,8 +6,9 @@ import logging
 import os
 import signal
 import sys
-import threading
 import tempfile
+import threading
+import time
 import traceback
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -17,8 +18,9 @@ import torch
 
 from .data import DaliUnavailableError, available_datasets, canonical_name
 from .data.factory import LOADER_KINDS
+from .data.plan import check_batch_split
 from .data.spec import DataSpec
-from .distributed import RankLostError, init_from_env
+from .distributed import RankLostError, init_from_env, world_from_env
 from .io import CheckpointError
 from .locks import RUN_LOCK, FolderBusyError, folder_lock
 from .recipe import TrainConfig
@@ -26,7 +28,8 @@ from .steps import DEPRECATED_STEP_KINDS, PRECISIONS, STEP_KINDS
 from .trainer import NonFiniteLossError
 
 __all__ = ["CliParser", "step_flag", "Terminated", "interrupted_exit", "raise_terminated", "add_data_args", "add_recipe_args", "apply_cpu_threads", "check_out_dir", "out_dir_lock", "dataset_flag", "error_line", "positive_int", "subset_size",
-           "run_cli", "setup_logging", "start_distributed", "stop_distributed", "remove_if_empty"]
+           "run_cli", "setup_logging", "start_distributed", "stop_distributed", "remove_if_empty",
+           "is_launcher_main", "check_world_batch"]
 
 
 class CliParser(argparse.ArgumentParser):
@@ -143,6 +146,16 @@ def apply_cpu_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.cpu_threads)
 
 
+def check_world_batch(args: argparse.Namespace) -> None:
+    """Refuse, before anything is created or loaded, a ``--batch-size`` torchrun's processes cannot split.
+
+    Raises:
+        ValueError: fewer images in the global batch than processes (see
+            :func:`ktg_fast.data.plan.check_batch_split`), or a malformed ``WORLD_SIZE``.
+    """
+    check_batch_split(args.batch_size, world_from_env())
+
+
 def start_distributed(args: argparse.Namespace):
     """Join torchrun's process group when started by it (None for one process); quiet logs on ranks > 0."""
     ctx = init_from_env(args.device, sync_bn=args.sync_bn)
@@ -195,13 +208,18 @@ def remove_if_empty(out: Path) -> None:
         pass
 
 
+def is_launcher_main() -> bool:
+    """Whether this process is global rank 0 of torchrun's processes (True outside torchrun)."""
+    return _launcher_rank() == 0
+
+
 def out_dir_lock(out: Path) -> AbstractContextManager:
     """The lock a training run holds on its ``--out`` while it writes there (:func:`ktg_fast.locks.folder_lock`).
 
     Under torchrun only global rank 0 takes it: the other ranks write nothing, and share the folder with it.
     Raises :class:`ktg_fast.locks.FolderBusyError` on entry when another run holds it.
     """
-    return folder_lock(out) if _launcher_rank() == 0 else nullcontext()
+    return folder_lock(out) if is_launcher_main() else nullcontext()
 
 
 def _launcher_rank() -> int:
@@ -209,13 +227,14 @@ def _launcher_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0) if os.environ.get("WORLD_SIZE", "1") != "1" else 0
 
 
-def check_out_dir(out: str | Path, *, seeds: int = 1) -> Path:
+def check_out_dir(out: str | Path, *, seeds: int = 1, create: bool = True) -> Path:
     """Make ``--out`` ready for a training run, before any data is loaded; return it.
 
     Refuses a path that is a file, a folder holding a search or files a training run does not
     write (naming them), a single-seed run's folder reused for several seeds or the reverse, and
     a folder that cannot be created or written. A folder holding the same kind of run is
-    accepted (``--resume`` decides what happens to it).
+    accepted (``--resume`` decides what happens to it).  ``create`` False only checks what is
+    there (torchrun's ranks > 0: rank 0 alone creates, and removes after a refusal, the folder).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -238,6 +257,8 @@ def check_out_dir(out: str | Path, *, seeds: int = 1) -> Path:
         if seeds == 1 and seed_dirs:
             raise ValueError(f"--out {out} holds a multi-seed run ({_describe_entries(seed_dirs)}): pass the same "
                              "--seeds to resume it, or choose another --out folder")
+    if not create:
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=out)
@@ -278,6 +299,9 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
+
+
+RANK_EXIT_GRACE_S = 2.0  # how long a rank > 0 waits before exiting on a user error (see run_cli)
 
 
 def _expected(e: BaseException) -> bool:
@@ -357,5 +381,9 @@ def run_cli(main: Callable[[], int], *, resume_hint: str = "rerun with --resume 
             traceback.print_exc()
         if rank == 0 or isinstance(e, (RankLostError, OSError)):  # a rank's own trouble: it says so
             print(f"error: {error_line(e)}", file=sys.stderr)
+        if rank != 0:
+            # torchrun stops every rank once one exits: leave rank 0, which meets the same bad input, the
+            # moment it needs to say what it is and to clean up after itself.
+            time.sleep(RANK_EXIT_GRACE_S)
         sys.exit(2)
     sys.exit(code)

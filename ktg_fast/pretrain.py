@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_common import (CliParser, add_data_args, add_recipe_args, apply_cpu_threads, check_out_dir, data_from_args,
+from .cli_common import (CliParser, add_data_args, add_recipe_args, apply_cpu_threads, check_out_dir, check_world_batch,
+                         data_from_args, is_launcher_main,
                          recipe_from_args, run_cli, setup_logging, start_distributed, stop_distributed)
 from .data import canonical_name
 from .models import canonical_model_name
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     dest = teacher_path(teachers, data.dataset, model, data.val_size)
     if dest.is_dir():
         raise ValueError(f"{dest} is a folder, not a teacher checkpoint: move it away or choose other --teachers")
-    work = check_out_dir(args.out if args.out else dest.with_suffix(".run"))  # before any data is loaded
+    check_world_batch(args)
+    # Under torchrun rank 0 alone creates the run folder.
+    work = check_out_dir(args.out if args.out else dest.with_suffix(".run"), create=is_launcher_main())
     dist = start_distributed(args)  # several processes under torchrun: data-parallel, rank 0 writes
     finished = False
     try:  # (pretrain_teacher refuses a second pretraining into the same folder)

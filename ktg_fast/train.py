@@ -15,7 +15,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from .cli_common import (CliParser, add_data_args, add_recipe_args, apply_cpu_threads, check_out_dir, data_from_args,
+from .cli_common import (CliParser, add_data_args, add_recipe_args, apply_cpu_threads, check_out_dir, check_world_batch,
+                         data_from_args, is_launcher_main,
                          out_dir_lock, recipe_from_args, remove_if_empty, run_cli, setup_logging, start_distributed,
                          stop_distributed)
 from .graph import PRESETS, Graph, load_graph
@@ -68,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     graph = load_graph_arg(args)
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds repeats a seed: {args.seeds}")
-    created = not Path(args.out).exists()
-    out = check_out_dir(args.out, seeds=len(args.seeds))  # before any data is loaded
+    check_world_batch(args)
+    main_rank = is_launcher_main()  # under torchrun rank 0 alone creates --out (and removes it after a refusal)
+    created = main_rank and not Path(args.out).exists()
+    out = check_out_dir(args.out, seeds=len(args.seeds), create=main_rank)  # before any data is loaded
     try:
         with out_dir_lock(out):  # a second run into the same --out is refused
             _train(args, graph, out)

@@ -175,6 +175,37 @@ def test_batch_smaller_than_the_processes_is_refused(tmp_path):
     assert not (tmp_path / "b").exists()  # refused: nothing left behind
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_only_rank_0_creates_the_out_folder(tmp_path, monkeypatch, rank):
+    """Each rank deciding on its own whether it created --out raced: rank 1 made the folder, rank 0 then saw it
+    existing and, refused, left it behind.  Rank 0 alone creates it; any rank still checks what is there."""
+    from ktg_fast.cli_common import check_out_dir, is_launcher_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    main = is_launcher_main()
+    assert main == (rank == "0")
+    out = check_out_dir(tmp_path / "new", create=main)
+    assert out.is_dir() == main
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "study.db").write_text("")
+    with pytest.raises(ValueError, match="holds a graph search"):
+        check_out_dir(tmp_path / "search", create=main)
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_a_batch_torchrun_cannot_split_is_refused_before_anything_is_made(tmp_path, command):
+    """Checked from torchrun's WORLD_SIZE before --out is created or data loaded (no process group needed)."""
+    args = (["--model", "resnet8", "--teachers", str(tmp_path / "t")] if command == "pretrain"
+            else ["--graph", "dml", "--model", "resnet8"])
+    r = subprocess.run([sys.executable, "-m", f"ktg_fast.{command}", *args, "--dataset", "synthetic",
+                        "--batch-size", "2", "--out", str(tmp_path / "b")], capture_output=True, text=True,
+                       env={**env(), "WORLD_SIZE": "3", "RANK": "0"}, timeout=120, cwd=REPO)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "the global batch of 2 cannot be split over 3 processes: raise --batch-size to at least 3" in r.stderr
+    assert not (tmp_path / "b").exists() and not (tmp_path / "t").exists()
+
+
 def test_resuming_with_another_batchnorm_scope_says_so(tmp_path):
     """Without --sync-bn each process normalises its own slice: a 1-process resume warns that this changes."""
     out = tmp_path / "nosync"

@@ -63,6 +63,17 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (int(a) << 31) ^ int(b)
 
 
+def check_batch_split(batch_size: int, world: int) -> None:
+    """Refuse a global training batch smaller than the number of data-parallel processes.
+
+    Raises:
+        ValueError: ``batch_size < world``, naming the smallest ``--batch-size`` that works.
+    """
+    if batch_size < world:
+        raise ValueError(f"the global batch of {batch_size} cannot be split over {world} processes: "
+                         f"raise --batch-size to at least {world}")
+
+
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     """Batches per epoch: floor(n / B) when dropping the last incomplete batch, else ceil."""
     return n // batch_size if drop_last else math.ceil(n / batch_size)
@@ -183,9 +194,8 @@ class EpochLoader(ABC):
         rank's slice of it."""
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"need 0 <= rank < world, got rank {rank} of {world}")
-        if self.train and self.batch_size < world:
-            raise ValueError(f"the global batch of {self.batch_size} cannot be split over {world} processes: "
-                             f"raise --batch-size to at least {world}")
+        if self.train:
+            check_batch_split(self.batch_size, world)
         self.shard = (rank, world)
         self._fill_iter = None
 
