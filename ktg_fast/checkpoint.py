@@ -158,6 +158,8 @@ def checkpoint_to_resume(out: Path, fingerprint: dict, *, resume: bool,
             err = e
     if dist is not None:
         ckpt, err = dist.broadcast_object((ckpt, err))
+        if err is not None:
+            dist.raise_main_error(err)
     if err is not None:
         raise err
     return ckpt

@@ -20,7 +20,7 @@ from .data import DaliUnavailableError, available_datasets, canonical_name
 from .data.factory import LOADER_KINDS
 from .data.plan import check_batch_split
 from .data.spec import DataSpec
-from .distributed import RankLostError, init_from_env, world_from_env
+from .distributed import RankLostError, init_from_env, raised_by_main, world_from_env
 from .io import CheckpointError
 from .locks import RUN_LOCK, FolderBusyError, folder_lock
 from .recipe import TrainConfig
@@ -45,7 +45,9 @@ class CliParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (all options: {self.prog} --help)\n")
+        # Under torchrun every process parses the same flags: rank 0 alone says what is wrong.
+        self.exit(2, f"{self.prog}: error: {message} (all options: {self.prog} --help)\n" if _launcher_rank() == 0
+                  else None)
 
 
 def step_flag(name: str) -> str:
@@ -100,8 +102,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="input pipeline (auto: tensor on GPU for in-memory data, DALI for image folders)")
 
 
-def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int | None = None) -> None:
-    """The recipe's flags; every default is read from :class:`~ktg_fast.recipe.TrainConfig` (its one home)."""
+def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int | None = None, data_order: bool = True) -> None:
+    """The recipe's flags; every default is read from :class:`~ktg_fast.recipe.TrainConfig` (its one home).
+    ``data_order`` False leaves out ``--data-seed`` and ``--data-offset`` (one run's batches; ``reproduce``,
+    whose runs each draw theirs from their own seed, does not take them)."""
     d = TrainConfig()
     g = p.add_argument_group("recipe (defaults: the paper's)")
     g.add_argument("--epochs", type=int, default=d.epochs if epochs is None else epochs)
@@ -115,11 +119,13 @@ def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int | None = None) ->
                    help="epochs of the x0.1 learning-rate steps (default: the recipe's, scaled to --epochs)")
     g.add_argument("--gamma", type=float, default=d.gamma)
     g.add_argument("--no-augment", action="store_true")
-    g.add_argument("--data-seed", type=int, default=d.data_seed, metavar="S",
-                   help="seed of the batch order and augmentation (default: the run's seed); with --data-offset, "
-                        "a packed search trial's batches (its trial.json's data_seed, data_offset) to retrain it alone")
-    g.add_argument("--data-offset", type=non_negative_int, default=d.data_offset, metavar="P",
-                   help="epoch e trains on the batches of epoch e + P of --data-seed (default 0)")
+    if data_order:
+        g.add_argument("--data-seed", type=int, default=d.data_seed, metavar="S",
+                       help="seed of the batch order and augmentation (default: the run's seed); with --data-offset, "
+                            "a packed search trial's batches (its trial.json's data_seed, data_offset) to retrain it "
+                            "alone")
+        g.add_argument("--data-offset", type=non_negative_int, default=d.data_offset, metavar="P",
+                       help="epoch e trains on the batches of epoch e + P of --data-seed (default 0)")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="forward arithmetic (default: fp32 on the CPU, bf16 on a CUDA device that has it); the "
                         "graph loss, weights and checkpoints stay fp32")
@@ -379,7 +385,8 @@ def run_cli(main: Callable[[], int], *, resume_hint: str = "rerun with --resume 
             raise
         if verbose:
             traceback.print_exc()
-        if rank == 0 or isinstance(e, (RankLostError, OSError)):  # a rank's own trouble: it says so
+        own = isinstance(e, (RankLostError, OSError)) and not raised_by_main(e)  # a rank's own trouble: it says so
+        if rank == 0 or own:
             print(f"error: {error_line(e)}", file=sys.stderr)
         if rank != 0:
             # torchrun stops every rank once one exits: leave rank 0, which meets the same bad input, the

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_from_env", "world_from_env", "RankLostError", "distributed_step_kind"]
+__all__ = ["DistContext", "init_from_env", "world_from_env", "RankLostError", "distributed_step_kind", "raised_by_main"]
 
 log = logging.getLogger("ktg_fast")
 
@@ -115,8 +115,23 @@ class DistContext:
         self._run("a broadcast", dist.broadcast_object_list, box, src=0)
         return box[0]
 
+    def raise_main_error(self, err: BaseException) -> None:
+        """Raise ``err``, rank 0's error received by :meth:`broadcast_object`, marked as rank 0's: the command
+        line prints it once, from rank 0 (see :func:`raised_by_main`)."""
+        if not self.is_main:
+            setattr(err, _FROM_MAIN, True)
+        raise err
+
     def barrier(self) -> None:
         self._run("a barrier", dist.barrier)
+
+
+_FROM_MAIN = "ktg_raised_by_rank0"
+
+
+def raised_by_main(err: BaseException) -> bool:
+    """Whether ``err`` is rank 0's error re-raised on this rank (:meth:`DistContext.raise_main_error`)."""
+    return bool(getattr(err, _FROM_MAIN, False))
 
 
 def init_from_env(device: str = "auto", *, sync_bn: bool = False,
@@ -162,6 +177,6 @@ def distributed_step_kind(kind: str) -> str:
     ``auto``, become fused: their collectives are not captured or compiled yet)."""
     if kind in ("eager", "fused"):
         return kind
-    if kind != "auto":
+    if kind != "auto" and int(os.environ.get("RANK", "0") or 0) == 0:  # said once, not by every process
         log.warning("--step %s runs in one process only for now; several processes use the fused step", kind)
     return "fused"

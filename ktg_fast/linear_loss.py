@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .loss import GraphLoss
-from .loss_inputs import GatesLike, GraphLossResult
+from .loss_inputs import GatesLike, GraphLossResult, check_label_kind, progress_tensor
 
 __all__ = ["GraphLinearLoss"]
 
@@ -55,13 +55,20 @@ def auto_chunk_size(m: int, v: int, n: int, device: torch.device, dtype: torch.d
 
 
 def _as_list(x: Optional[TensorList], m: int, what: str, allow_none: bool = False) -> list:
+    """``x`` as a list of M entries (a tensor is split along dim 0), floating-point tensors (or None)."""
     if x is None:
         if allow_none:
             return [None] * m
         raise TypeError(f"{what} is required")
     items = list(x.unbind(0)) if isinstance(x, torch.Tensor) else list(x)
     if len(items) != m:
-        raise ValueError(f"{what} must hold one entry per network node ({m}), got {len(items)}")
+        if what == "hidden":  # the first one checked: the gate matrix fixed M when the loss was built
+            whose = "node's" if len(items) == 1 else "nodes'"
+            raise ValueError(f"hidden holds {len(items)} {whose} hidden states but the gate matrix is {m + 1}x{m + 1} "
+                             f"({m} network node{'s' if m != 1 else ''}): pass {m}, or build the loss with a "
+                             f"{len(items) + 1}x{len(items) + 1} gate matrix (label node 0 plus one row per network)")
+        raise ValueError(f"{what} must hold one entry per network node: {m}, as hidden and the {m + 1}x{m + 1} "
+                         f"gate matrix have, got {len(items)}")
     for i, t in enumerate(items):
         if t is None and allow_none:
             continue
@@ -177,9 +184,11 @@ class GraphLinearLoss(nn.Module):
 
     Call args:
         hidden: M tensors (N, D_m), each node its own hidden size, or one (M, N, D);
-            any leading dimensions (*, D) are flattened (labels (*) with them).
+            any leading dimensions (*, D) are flattened (labels (*) with them), but there must be one:
+            a single row is (1, D), not (D,).  N = 0 (or every row ignored) gives zero losses and
+            zero gradients (docs/SEMANTICS.md).
         weights: M output matrices (V, D_m) (``nn.Linear.weight``), or one (M, V, D).
-        labels: (N,) or (*) int64 / int32.
+        labels: (N,) or (*) int64 / int32, on the hidden states' device.
         bias: None, or M biases (V,) (None entries allowed), or one (M, V).
         progress: k / k_end of linear gates, a float or a 0-dim tensor, or an (M,) tensor with one
             value per destination node (edges s -> t weigh progress[t-1]), as in ``graph_loss``
@@ -191,8 +200,9 @@ class GraphLinearLoss(nn.Module):
     (fp32 accumulation inside each chunk's matmul).
 
     Raises:
-        ValueError / TypeError naming the argument: node counts, shapes, dtypes or
-        devices that do not agree, a chunk size below 1.
+        ValueError / TypeError naming the argument: a node count other than the gate
+        matrix's (named with its size), hidden states without a row dimension, shapes,
+        dtypes or devices that do not agree (labels included), a chunk size below 1.
     """
 
     def __init__(self, gates: GatesLike, temperature: Optional[float] = None, *, chunk_size: Optional[int] = None,
@@ -210,13 +220,17 @@ class GraphLinearLoss(nn.Module):
         hs = _as_list(hidden, m, "hidden")
         ws = _as_list(weights, m, "weights")
         bs = _as_list(bias, m, "bias", allow_none=True)
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be an int64 or int32 tensor, got {type(labels).__name__}")
-        lead = tuple(hs[0].shape[:-1])
         for i, h in enumerate(hs):
-            if h.dim() < 2 or tuple(h.shape[:-1]) != lead:
-                raise ValueError(f"hidden[{i}] must be (*, D) with the leading shape {lead} of hidden[0], "
-                                 f"got {tuple(h.shape)}")
+            if h.dim() < 2:
+                raise ValueError(f"hidden[{i}] is {tuple(h.shape)}: each node's hidden states need a row dimension, "
+                                 "(N, D) or (*, D); for one row pass h.unsqueeze(0), (1, D) (a stacked (M, D) tensor: "
+                                 ".unsqueeze(1)), with labels of shape (1,)")
+        lead = tuple(hs[0].shape[:-1])
+        for i, h in enumerate(hs[1:], start=1):
+            if tuple(h.shape[:-1]) != lead:
+                raise ValueError(f"hidden[{i}] is {tuple(h.shape)} but hidden[0] is {tuple(hs[0].shape)}: every node's "
+                                 f"hidden states must have the same rows, (*, D_m) with * = {lead}")
+        check_label_kind(labels, hs[0].device, "hidden[0]", "is")
         if tuple(labels.shape) != lead:
             raise ValueError(f"labels must be {lead} to match hidden states {tuple(hs[0].shape)}, "
                              f"got {tuple(labels.shape)}")
@@ -241,10 +255,10 @@ class GraphLinearLoss(nn.Module):
                 if x is not None and x.device != dev:
                     raise ValueError(f"{name}[{i}] is on {x.device} but hidden[0] is on {dev}")
         n = hs[0].shape[0]
-        if n == 0:
-            raise ValueError("hidden states hold no rows")
+        if n == 0:  # no row counts: zero losses and gradients (docs/SEMANTICS.md); progress is still checked
+            progress_tensor(progress, m, dev)
         chunk = self.chunk_size or auto_chunk_size(m, v, n, dev, hs[0].dtype)
-        node, edge = _ChunkedGraphLinear.apply(self.loss, min(chunk, n), labels.to(dev), progress, m,
+        node, edge = _ChunkedGraphLinear.apply(self.loss, max(1, min(chunk, n)), labels, progress, m,
                                                *hs, *ws, *bs)
         return GraphLossResult(node_loss=node, edge_loss=edge.detach())
 

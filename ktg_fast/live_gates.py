@@ -198,10 +198,11 @@ class LiveGates:
         cut = _gates.CUTOFF
         for s, t in (codes[1:, 1:] != cut).nonzero().tolist():
             if self._block_of[s] != self._block_of[t]:
-                raise ValueError(f"gate[{s + 1}][{t + 1}] is {_gates.get_gate(int(codes[s + 1, t + 1])).name!r} but "
-                                 f"nodes {s + 1} and {t + 1} lie in different blocks "
+                raise ValueError(f"gate[{s + 1}][{t + 1}] is {_gates.get_gate(int(codes[s + 1, t + 1])).name!r}: an "
+                                 f"edge from network {s} to network {t}, which lie in different blocks "
                                  f"{list(self.groups[self._block_of[s]])} and {list(self.groups[self._block_of[t]])} "
-                                 "(0-based nodes); edges between blocks must be cutoff")
+                                 "(networks counted from 0 as in blocks= and groups=; the gate matrix's rows and "
+                                 "columns from 1, after the label's 0); edges between blocks must be cutoff")
         self.key = tuple(map(tuple, codes.tolist()))
         dev = self.device
         self.codes.copy_(codes.to(torch.int32).to(dev))

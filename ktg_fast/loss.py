@@ -199,10 +199,11 @@ class GraphLoss(torch.nn.Module):
                 or (M, B, T, C) for sequences, or a list of M (*, C) tensors
                 (node order of the graph); float32, float64, bfloat16 or
                 float16.  Masked classes may hold -inf (0 * log 0 = 0).
-            labels: (*) int64 or int32 class labels; rows equal to
-                ``ignore_index`` are left out of every edge and of the batch
-                count.  A row whose label class has logit -inf gets an infinite
-                cross-entropy.
+            labels: (*) int64 or int32 class labels on the logits' device; rows
+                equal to ``ignore_index`` are left out of every edge and of the
+                batch count (no counted row, or no row at all: every loss is 0,
+                with zero gradients).  A row whose label class has logit -inf
+                gets an infinite cross-entropy.
             progress: k / k_end for linear gates in [0, 1]: a float or a 0-dim
                 tensor (every linear edge), or an (M,) tensor, one value per
                 destination node (edges s -> t weigh progress[t-1]; trials packed
@@ -216,13 +217,16 @@ class GraphLoss(torch.nn.Module):
 
         Returns:
             :class:`GraphLossResult`: ``node_loss`` (M,) and ``edge_loss``
-            (M+1, M+1), float32 (float64 for float64 logits).
+            (M+1, M+1), float32 (float64 for float64 logits).  ``node_loss``
+            backpropagates whenever the logits require grad, also when every
+            gate is cutoff (exact zeros, zero gradients).
 
         Raises:
             ValueError / TypeError naming the argument: logits that do not match
-            the gate matrix or are not floating point, labels of the wrong
-            shape, dtype or (on the CPU) range, progress outside [0, 1] or of a
-            shape other than () or (M,).
+            the gate matrix, have no row dimension (a (C,) row: pass
+            ``z.unsqueeze(0)``) or are not floating point, labels of the wrong
+            shape, dtype, device or (on the CPU) range, progress outside [0, 1]
+            or of a shape other than () or (M,).
         """
         z = stack_logits(logits)
         if z.shape[0] != self.num_nodes:
@@ -260,7 +264,7 @@ class GraphLoss(torch.nn.Module):
 
         Args:
             logits: (M, B, C) floating-point logits (not flattened here).
-            labels: (B,) int64 or int32 labels.
+            labels: (B,) int64 or int32 labels on the logits' device.
             progress: as in :meth:`forward`.
 
         Returns:

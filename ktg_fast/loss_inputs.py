@@ -16,7 +16,7 @@ from . import gates as _gates
 from .graph import Graph, check_gate_structure
 
 __all__ = ["GraphLossResult", "LogitsLike", "GatesLike", "stack_logits", "flatten_batch", "check_labels",
-           "check_temperature", "prepare_gates", "progress_tensor", "gates_and_temperature"]
+           "check_label_kind", "check_temperature", "prepare_gates", "progress_tensor", "gates_and_temperature"]
 
 LogitsLike = Union[torch.Tensor, Sequence[torch.Tensor]]
 GatesLike = Union[torch.Tensor, Sequence[Sequence[Union[str, int]]], Graph]
@@ -46,10 +46,22 @@ class GraphLossResult(NamedTuple):
 
 
 def stack_logits(logits: LogitsLike) -> torch.Tensor:
+    """(M, *, C) logits, or a list of M (*, C) tensors of one shape, as one (M, *, C) tensor.
+
+    Every node's logits need a row dimension: a (C,) row is refused (with the fix, ``unsqueeze``),
+    never guessed, since a stacked (M, C) tensor could as well be one node's (B, C).
+
+    Raises:
+        ValueError: no row dimension, an empty list, or nodes of different shapes (each named).
+        TypeError: something other than tensors, or logits that are not floating point.
+    """
     if isinstance(logits, torch.Tensor):
         if logits.dim() < 3:
+            hint = (": it has no row dimension. For one row per node pass logits.unsqueeze(1), (M, 1, C), with "
+                    "labels of shape (1,); one node's (B, C) logits are logits.unsqueeze(0), (1, B, C)"
+                    if logits.dim() == 2 else "")
             raise ValueError(f"logits must be (M, *, C) (e.g. (M, B, C) or (M, B, T, C)) or a list of M (*, C) "
-                             f"tensors, got shape {tuple(logits.shape)}")
+                             f"tensors, got shape {tuple(logits.shape)}{hint}")
         z = logits
     else:
         logits = list(logits)
@@ -57,9 +69,15 @@ def stack_logits(logits: LogitsLike) -> torch.Tensor:
             raise ValueError("logits is an empty list: pass one (B, C) tensor per network node")
         if not all(isinstance(x, torch.Tensor) for x in logits):
             raise TypeError("logits must be tensors: an (M, B, C) tensor or a list of M (B, C) tensors")
-        shapes = {tuple(x.shape) for x in logits}
-        if len(shapes) != 1 or len(next(iter(shapes))) < 2:
-            raise ValueError(f"every node's logits must be (*, C) of one shape, e.g. (B, C), got shapes {sorted(shapes)}")
+        for i, x in enumerate(logits):
+            if x.dim() < 2:
+                raise ValueError(f"logits[{i}] is {tuple(x.shape)}: each node's logits need a row dimension, "
+                                 "(B, C) or (*, C); for one row pass [z.unsqueeze(0) for z in logits], (1, C) "
+                                 "each, with labels of shape (1,)")
+        for i, x in enumerate(logits[1:], start=1):
+            if x.shape != logits[0].shape:
+                raise ValueError(f"every node's logits must be of one shape (*, C), e.g. (B, C): logits[0] is "
+                                 f"{tuple(logits[0].shape)} but logits[{i}] is {tuple(x.shape)}")
         z = torch.stack(logits)
     if not z.dtype.is_floating_point:
         raise TypeError(f"logits must be floating point (float32, float64, bfloat16 or float16), got {z.dtype}")
@@ -67,6 +85,26 @@ def stack_logits(logits: LogitsLike) -> torch.Tensor:
 
 
 _LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def check_label_kind(labels: torch.Tensor, device: torch.device, against: str = "logits",
+                     against_is: str = "are") -> None:
+    """``labels`` is an int64 or int32 tensor on ``device``, the device of ``against`` (the logits, or
+    ``hidden[0]`` for :class:`~ktg_fast.linear_loss.GraphLinearLoss`, with ``against_is="is"``), checked
+    before any of its values is read.
+
+    Raises:
+        TypeError: not a tensor.
+        ValueError: another dtype, or another device (both named, with the fix): labels are never moved
+            between devices behind the caller's back (a copy, or a synchronisation, every step).
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an int64 or int32 tensor of class indices, got {type(labels).__name__}")
+    if labels.dtype not in _LABEL_DTYPES:
+        raise ValueError(f"labels must be int64 or int32 class indices, got {labels.dtype}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but {against} {against_is} on {device}: move the labels "
+                         f"there, labels.to({against}.device)")
 
 
 def flatten_batch(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,14 +120,14 @@ def flatten_batch(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def check_labels(labels: torch.Tensor, z: torch.Tensor, ignore_index: int) -> None:
-    """Shape, dtype and (on the CPU, where it costs no synchronisation) range of the labels."""
+    """Shape, dtype, device (the logits') and (on the CPU, where it costs no synchronisation) range of the
+    labels."""
     m, b, c = z.shape
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a ({b},) int64 or int32 tensor of class indices, got {type(labels).__name__}")
     if labels.shape != (b,):
         raise ValueError(f"labels must be ({b},) to match logits {tuple(z.shape)}, got {tuple(labels.shape)}")
-    if labels.dtype not in _LABEL_DTYPES:
-        raise ValueError(f"labels must be int64 or int32 class indices, got {labels.dtype}")
+    check_label_kind(labels, z.device)
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= c))
         if bool(bad.any()):

@@ -1,6 +1,7 @@
 """Networks of a graph's nodes: building them, model checkpoints, teacher look-up."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -15,11 +16,15 @@ from .models import canonical_model_name, get_model
 __all__ = [
     "TeacherNotFoundError",
     "build_nodes",
+    "describe_checkpoint",
     "load_model_checkpoint",
     "save_model_checkpoint",
     "teacher_path",
     "default_teacher_dir",
 ]
+
+
+log = logging.getLogger("ktg_fast")
 
 
 class TeacherNotFoundError(FileNotFoundError):
@@ -65,6 +70,33 @@ def load_model_checkpoint(path: str | os.PathLike, model: nn.Module, *, expect_m
     return ckpt
 
 
+def describe_meta(ckpt: dict) -> str:
+    """What a model checkpoint says of itself: ``resnet8, 2 epochs on 1280 training images, test 38.6 %``
+    (the parts it records; older files lack the training-set size)."""
+    parts = [str(ckpt["model"])] if ckpt.get("model") else []
+    if ckpt.get("epochs") is not None:
+        n = int(ckpt["epochs"])
+        on = ""
+        if "train_subset" in ckpt:
+            on = f" on {ckpt['train_subset']} training images" if ckpt["train_subset"] else " on the whole training split"
+        parts.append(f"{n} epoch{'' if n == 1 else 's'}{on}")
+    for split in ("test", "val"):
+        acc = ckpt.get(f"{split}_acc")
+        if isinstance(acc, (int, float)):
+            parts.append(f"{split} {acc:.1f} %")
+    return ", ".join(parts) or "no description stored"
+
+
+def describe_checkpoint(path: str | os.PathLike) -> str:
+    """:func:`describe_meta` of the checkpoint file at ``path`` (read with ``weights_only=True``).
+
+    Raises:
+        CheckpointError: the file cannot be read as a checkpoint.
+    """
+    ckpt = load_checkpoint(Path(path))
+    return describe_meta(ckpt) if isinstance(ckpt, dict) else "a bare state dict"
+
+
 def resolve_checkpoint(checkpoint: str, *, model: str, dataset: str, teacher_dir: str | os.PathLike,
                        val_size: int = 0, base_dir: Optional[str | os.PathLike] = None) -> Path:
     """A node's checkpoint path: itself (a relative one taken from ``base_dir``, the graph file's folder,
@@ -101,7 +133,9 @@ def build_nodes(graph: Graph, *, num_classes: int, in_channels: int, dataset: st
         if node.checkpoint:
             path = resolve_checkpoint(node.checkpoint, model=node.model, dataset=dataset,
                                       teacher_dir=teacher_dir, val_size=val_size, base_dir=graph.base_dir)
-            load_model_checkpoint(path, net, expect_model=node.model)
+            ckpt = load_model_checkpoint(path, net, expect_model=node.model)
+            if graph.is_frozen(t):  # which teacher a run learns from, in its log
+                log.info("frozen node %d: %s (%s)", t, path, describe_meta(ckpt))
         net.to(device)
         if graph.is_frozen(t):
             net.eval()

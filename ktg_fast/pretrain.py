@@ -6,7 +6,8 @@
 The checkpoint lands at ``<teachers>/<dataset>[-val<N>]/<model>.pt``; a graph
 node with ``checkpoint: pretrained`` loads it. The training run itself (metrics,
 per-epoch checkpoint) lives in ``--out``, by default beside the checkpoint
-(``<model>.run/``); rerunning the same command resumes it.
+(``<model>.run/``); rerunning the same command resumes it. A teacher file that another run wrote is
+never replaced silently: that takes ``--replace`` (or another ``--teachers`` folder keeps both).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .cli_common import (CliParser, add_data_args, add_recipe_args, apply_cpu_th
 from .data import canonical_name
 from .models import canonical_model_name
 from .nodes import default_teacher_dir, teacher_path
-from .teachers import pretrain_teacher
+from .teachers import pretrain_teacher, refuse_replacing
 
 __all__ = ["main"]
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None,
                    help="folder of the training run (resumed when rerun; default <teachers>/<dataset>/<model>.run)")
+    p.add_argument("--replace", action="store_true",
+                   help="train a new teacher in place of an existing one that another run wrote (refused without)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks with errors")
     add_data_args(p)
     add_recipe_args(p)
@@ -47,14 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     if dest.is_dir():
         raise ValueError(f"{dest} is a folder, not a teacher checkpoint: move it away or choose other --teachers")
     check_world_batch(args)
+    work_path = Path(args.out) if args.out else dest.with_suffix(".run")
+    if not args.replace:  # before anything is made (pretrain_teacher checks again under the run's lock)
+        refuse_replacing(dest, work_path, model)
     # Under torchrun rank 0 alone creates the run folder.
-    work = check_out_dir(args.out if args.out else dest.with_suffix(".run"), create=is_launcher_main())
+    work = check_out_dir(work_path, create=is_launcher_main())
     dist = start_distributed(args)  # several processes under torchrun: data-parallel, rank 0 writes
     finished = False
     try:  # (pretrain_teacher refuses a second pretraining into the same folder)
         dest = pretrain_teacher(model, data, recipe_from_args(args, args.seed), teacher_dir=teachers,
                                 device=args.device, step=args.step, progress=not args.no_progress, work_dir=work,
-                                compile_cache=args.compile_cache or work / "inductor-cache", dist=dist)
+                                compile_cache=args.compile_cache or work / "inductor-cache", dist=dist,
+                                replace=args.replace)
         finished = True
     finally:
         stop_distributed(dist, finished=finished)

@@ -35,8 +35,10 @@ def graph_loss_reference(
 
     Computes in float32, or float64 when the logits are float64; gradients
     flow to each target's logits only (sources are detached).  Rows whose
-    label is ``ignore_index`` count nowhere; an all-ignored batch gives zero
-    losses.  Targets whose inputs are all cutoff cost nothing.
+    label is ``ignore_index`` count nowhere; a batch with no counted row (all
+    ignored, or empty) gives zero losses and zero gradients.  Targets whose inputs
+    are all cutoff cost nothing: their loss is an exact 0 (with every edge cutoff,
+    one that still backpropagates zero gradients when the logits require grad).
     """
     z = stack_logits(logits)
     codes = prepare_gates(gates, z.shape[0])
@@ -281,6 +283,11 @@ def _reference(z: torch.Tensor, labels: torch.Tensor, plan: EdgePlan, t: float,
     if parts:  # one scatter of every edge's loss into the (M+1, M+1) matrix
         vals = parts[0] if len(parts) == 1 else torch.cat(parts)
         edge = edge.view(-1).index_put((_index_tensor(plan.slots, str(dev)),), vals).view(m + 1, m + 1)
+    elif zf.requires_grad:
+        # Every edge cutoff: the losses are exact zeros that still backpropagate (zero gradients), as the
+        # kernel's do, so a training loop's node_loss.sum().backward() works whatever the gates.  A sum over
+        # no classes: 0 even where the logits hold inf or NaN (0 * z would not be).
+        edge = edge + zf[..., :0].sum()
     return GraphLossResult(node_loss=edge[:, 1:].sum(0), edge_loss=edge), w_kl, w_ce, safe_labels
 
 

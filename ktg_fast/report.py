@@ -7,13 +7,25 @@ from typing import Sequence
 from .gates import gate_codes
 from .graph import frozen_nodes
 
-__all__ = ["mean_std", "seeds_table"]
+__all__ = ["mean_std", "plural", "seeds_phrase", "seeds_table"]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     vals = list(values)
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def plural(count: float, word: str) -> str:
+    """``1 trial``, ``3 epochs``, ``0.5 epochs``."""
+    return f"{count:g} {word}{'' if count == 1 else 's'}"
+
+
+def seeds_phrase(seeds: Sequence[int]) -> str:
+    """What a table's accuracies are taken over: ``over seeds 0, 1, 2``, or ``of seed 0 (one seed: no std)``
+    (the cells of one seed then show no std)."""
+    listed = ", ".join(map(str, seeds))
+    return f"over seeds {listed}" if len(seeds) > 1 else f"of seed {listed} (one seed: no std)"
 
 
 def seeds_table(finals: Sequence[dict], *, metric: str = "test_acc") -> str:
@@ -23,8 +35,7 @@ def seeds_table(finals: Sequence[dict], *, metric: str = "test_acc") -> str:
     graph = finals[0]["graph"]
     frozen_set = set(frozen_nodes(gate_codes(graph["gates"])))
     frozen = [t in frozen_set for t in range(1, len(graph["nodes"]) + 1)]
-    seeds = ", ".join(str(f["seed"]) for f in finals)
-    over = f"over seeds {seeds}" if len(finals) > 1 else f"of seed {seeds} (one seed: no std)"
+    over = seeds_phrase([f["seed"] for f in finals])
     lines = [f"| node | model | role | {metric} (%) {over} |", "|---|---|---|---|"]
     for t, node in enumerate(graph["nodes"], start=1):
         vals = [f[metric][t - 1] for f in finals if metric in f]

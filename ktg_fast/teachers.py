@@ -6,6 +6,7 @@ find their checkpoints); :func:`pretrain_teacher` writes it.
 """
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 from contextlib import nullcontext
@@ -16,25 +17,34 @@ from .data import canonical_name
 from .data.spec import DataSpec
 from .graph import preset
 from .locks import folder_lock
-from .nodes import default_teacher_dir, teacher_path
+from .nodes import default_teacher_dir, describe_checkpoint, teacher_path
 from .recipe import TrainConfig
 from .distributed import DistContext
 from .trainer import Trainer
 
-__all__ = ["pretrain_teacher"]
+__all__ = ["TeacherExistsError", "pretrain_teacher", "refuse_replacing"]
+
+
+class TeacherExistsError(FileExistsError):
+    """Pre-training would replace a teacher checkpoint that another run wrote (every graph with
+    ``checkpoint: pretrained`` loads that file)."""
 
 
 def pretrain_teacher(model: str, data: DataSpec, cfg: TrainConfig, *, teacher_dir: Optional[str | os.PathLike] = None,
                      device: str = "auto", step: str = "auto", progress: bool = True,
                      work_dir: Optional[str | os.PathLike] = None,
-                     compile_cache: Optional[str | os.PathLike] = None, dist: Optional[DistContext] = None) -> Path:
+                     compile_cache: Optional[str | os.PathLike] = None, dist: Optional[DistContext] = None,
+                     replace: bool = False) -> Path:
     """Train ``model`` on the labels alone and write it to the teacher folder; return its path.
 
     The run itself (resumable) lives in ``work_dir`` (default: beside the
     checkpoint, ``<model>.run/``); the checkpoint is written atomically at the end
-    (by rank 0 of a data-parallel run, ``dist``).
+    (by rank 0 of a data-parallel run, ``dist``).  A teacher file already there is
+    replaced only by the run that wrote it (a rerun writes the same file) or with ``replace``.
 
     Raises:
+        TeacherExistsError: the teacher file exists, this run did not write it, and ``replace`` is False
+            (checked before any training).
         ktg_fast.locks.FolderBusyError: another process pre-trains into ``work_dir`` now.
     """
     teacher_dir = default_teacher_dir() if teacher_dir is None else Path(teacher_dir)
@@ -44,8 +54,31 @@ def pretrain_teacher(model: str, data: DataSpec, cfg: TrainConfig, *, teacher_di
     if writes:
         run_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(run_dir, what=f"pre-training of teacher {model}", else_=None) if writes else nullcontext():
+        if writes and not replace:
+            refuse_replacing(dest, run_dir, model)
         return _pretrain(model, data, cfg, dest, run_dir, device=device, step=step, progress=progress,
                          compile_cache=compile_cache, dist=dist)
+
+
+def _finished_node(run_dir: Path) -> Optional[Path]:
+    """The trained teacher of a finished pre-training run in ``run_dir`` (None if it has not finished)."""
+    if not (run_dir / "final.json").is_file():
+        return None
+    return next(iter(sorted((run_dir / "nodes").glob("node1_*.pt"))), None)
+
+
+def refuse_replacing(dest: Path, run_dir: Path, model: str) -> None:
+    """Raise :class:`TeacherExistsError` if writing ``dest`` from ``run_dir`` would replace another run's teacher
+    (a file the finished run in ``run_dir`` did not write)."""
+    if not dest.is_file():
+        return
+    mine = _finished_node(run_dir)
+    if mine is not None and filecmp.cmp(mine, dest, shallow=False):
+        return  # this run wrote it: a rerun rewrites the same teacher
+    raise TeacherExistsError(
+        f"teacher {dest} already exists ({describe_checkpoint(dest)}) and was not written by the run in {run_dir}: "
+        f"every graph with `checkpoint: pretrained` loads it. Pass --replace to train a new {model} in its place, "
+        "or --teachers DIR to keep both")
 
 
 def _pretrain(model: str, data: DataSpec, cfg: TrainConfig, dest: Path, run_dir: Path, *, device: str, step: str,

@@ -37,7 +37,7 @@ from .recipe import TrainConfig, lr_at_epoch
 from .run_data import load_run_data
 from .run_files import (early_estimate_line, epoch_line, estimate_line, fingerprint_diff, format_duration, is_tty,
                         read_json, read_metrics, short_record, truncate_metrics)
-from .steps import TrainStep, default_precision, make_step
+from .steps import TrainStep, default_precision, make_step, precision_warning
 from .sync_bn import convert_sync_batchnorm
 
 __all__ = ["Trainer", "CheckpointError", "NonFiniteLossError", "RunExistsError", "fingerprint_diff", "read_metrics"]
@@ -135,6 +135,9 @@ class Trainer:
         self.iters_per_epoch = len(self.train_loader)
         self.k_end = self.cfg.epochs * self.iters_per_epoch
         self.precision = self.cfg.precision or default_precision(self.device)
+        slow = precision_warning(self.device, self.precision)
+        if slow and self.writes:
+            log.warning("%s", slow)
         kind = self.step_kind
         if self.dist is not None:
             kind = distributed_step_kind(kind)
@@ -350,7 +353,7 @@ class Trainer:
             return final
         for t in range(1, m + 1):
             self.save_node(t, test_acc=record.get("test_acc", [None] * m)[t - 1],
-                           val_acc=record.get("val_acc", [None] * m)[t - 1])
+                           val_acc=record.get("val_acc", [None] * m)[t - 1], train_subset=self.data.train_subset)
         atomic_write_json(self.out / "final.json", final)
         return final
 

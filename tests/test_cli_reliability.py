@@ -112,6 +112,36 @@ def test_14_pretrain_has_out_and_readme_semantics_in_repo(tmp_path, monkeypatch,
     assert (REPO / "docs" / "SEMANTICS.md").is_file()
 
 
+def test_pretrain_never_replaces_another_runs_teacher_silently(tmp_path, monkeypatch, capsys, caplog):
+    """Following "use another --out folder" trained a new teacher over the one every `checkpoint: pretrained`
+    graph loads.  Now that takes --replace; a rerun of the run that wrote it still completes; the teacher
+    records its training-set size and a run that loads it says which file it took."""
+    teachers = tmp_path / "t"
+    dest = teachers / "synthetic" / "resnet8.pt"
+    first = ["--model", "resnet8", "--teachers", str(teachers), *TINY]
+    code, _, err = run_main(pretrain.main, first, monkeypatch, capsys)
+    assert code == 0, err
+    original = dest.read_bytes()
+    assert torch.load(dest, weights_only=True)["train_subset"] == 64
+    other = tmp_path / "other-run"
+    line = one_error_line(*run_main(pretrain.main, [*first, "--out", str(other), "--lr", "0.3"], monkeypatch,
+                                    capsys)[::2])
+    assert f"teacher {dest} already exists (resnet8, 1 epoch on 64 training images, test " in line, line
+    assert "Pass --replace to train a new resnet8 in its place, or --teachers DIR to keep both" in line
+    assert dest.read_bytes() == original and not other.exists()  # refused before anything was made
+    code, _, err = run_main(pretrain.main, first, monkeypatch, capsys)  # the run that wrote it: same file again
+    assert code == 0 and dest.read_bytes() == original, err
+    code, _, err = run_main(pretrain.main, [*first, "--out", str(other), "--lr", "0.3", "--replace"], monkeypatch,
+                            capsys)
+    assert code == 0 and dest.read_bytes() != original, err
+    with caplog.at_level("INFO", logger="ktg_fast"):
+        code, _, err = run_main(train.main, ["--graph", "kd", "--model", "resnet8", "--teacher", "resnet8",
+                                             "--teachers", str(teachers), "--out", str(tmp_path / "kd"), *TINY],
+                                monkeypatch, capsys)
+    assert code == 0, err
+    assert f"frozen node 2: {dest} (resnet8, 1 epoch on 64 training images, test " in caplog.text
+
+
 # ----------------------------------------------------------------------------- 5
 @pytest.mark.parametrize("flag,value", [("--eval-subset", "-5"), ("--train-subset", "0")])
 def test_5_nonpositive_subsets_are_refused(tmp_path, monkeypatch, capsys, flag, value):

@@ -175,6 +175,28 @@ def test_batch_smaller_than_the_processes_is_refused(tmp_path):
     assert not (tmp_path / "b").exists()  # refused: nothing left behind
 
 
+def test_errors_every_process_meets_are_said_once(tmp_path):
+    """An unknown flag (every process parses it) and rank 0's refusal of an --out holding a run (re-raised on
+    every rank) were printed by every process; rank 0 alone says them now."""
+    r = run([*TORCHRUN, "2", "-m", "ktg_fast.train", *TRAIN, "--bogus", "--out", str(tmp_path / "a")])
+    assert r.returncode != 0 and r.stderr.count("error: unrecognized arguments: --bogus") == 1, r.stderr[-3000:]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "checkpoint.pt").write_bytes(b"")
+    r = run([*TORCHRUN, "2", "-m", "ktg_fast.train", *TRAIN, "--out", str(busy)])
+    assert r.returncode != 0 and r.stderr.count("already holds a run: pass --resume") == 1, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_the_step_fallback_under_torchrun_is_said_by_rank_0_only(monkeypatch, caplog, rank, said):
+    from ktg_fast.distributed import distributed_step_kind
+
+    monkeypatch.setenv("RANK", rank)
+    with caplog.at_level("WARNING", logger="ktg_fast"):
+        assert distributed_step_kind("compiled") == "fused" and distributed_step_kind("eager") == "eager"
+    assert ("--step compiled runs in one process only" in caplog.text) == said
+
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_only_rank_0_creates_the_out_folder(tmp_path, monkeypatch, rank):
     """Each rank deciding on its own whether it created --out raced: rank 1 made the folder, rank 0 then saw it

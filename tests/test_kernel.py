@@ -998,7 +998,9 @@ def test_uniform_blocks_regroup_in_place():
     ref_loss.set_gates(full, groups)
     torch.testing.assert_close(ref_loss(z, labels, prog).node_loss.double(), node_ref, **tol)
     assert (live.codes.data_ptr(), live.block_nodes.data_ptr(), live.block_codes.data_ptr()) == ptrs
-    with pytest.raises(ValueError, match=r"nodes 1 and 2 lie in different blocks \[0, 7, 14\] and \[3, 1, 2\]"):
+    with pytest.raises(ValueError, match=r"gate\[1\]\[2\] is 'through': an edge from network 0 to network 1, "
+                                         r"which lie in different blocks \[0, 7, 14\] and \[3, 1, 2\] \(networks "
+                                         r"counted from 0"):
         bad = full.clone()
         bad[1, 2] = THROUGH
         loss.set_gates(bad, groups)

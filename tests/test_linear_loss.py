@@ -224,8 +224,15 @@ def test_auto_chunk_size_and_bad_arguments():
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         kf.GraphLinearLoss(gates, chunk_size=0)
     loss = kf.GraphLinearLoss(gates)
-    with pytest.raises(ValueError, match="hidden must hold one entry per network node \\(2\\), got 1"):
+    with pytest.raises(ValueError, match=r"hidden holds 1 node's hidden states but the gate matrix is 3x3 \(2 network "
+                                         r"nodes\): pass 2, or build the loss with a 2x2 gate matrix"):
         loss(h[:1], w, y)
+    with pytest.raises(ValueError, match=r"hidden holds 3 nodes' hidden states but the gate matrix is 3x3 \(2 network "
+                                         r"nodes\): pass 2, or build the loss with a 4x4 gate matrix"):
+        loss(h + h[:1], w + w[:1], y)  # the gate matrix is at fault, not hidden: it is named with its size
+    with pytest.raises(ValueError, match=r"weights must hold one entry per network node: 2, as hidden and the 3x3 "
+                                         r"gate matrix have, got 3"):
+        loss(h, w + w[:1], y)
     with pytest.raises(ValueError, match=r"weights\[1\] has V = 5 rows, weights\[0\] has 6: every node must share"):
         loss(h, [w[0], torch.randn(5, 3)], y)
     with pytest.raises(ValueError, match=r"weights\[0\] must be \(V, D\) with D = 3, the size of hidden\[0\], got "
@@ -279,3 +286,42 @@ def test_default_progress_is_graph_loss_s():
     none = kf.graph_loss(torch.stack([h @ w.T for h, w in zip(hs, ws)]), labels, gates, temperature=2.0,
                          progress=0.0, impl="reference")
     assert (got.node_loss - none.node_loss).abs().min() > 1e-3  # the linear edges count
+
+
+def test_hidden_states_need_a_row_dimension_and_one_leading_shape():
+    """A (D,) hidden state is refused with the fix (as graph_loss refuses a (C,) row), never compared with
+    itself; nodes with different rows are named with both shapes."""
+    gates = kf.preset("dml", nodes=3).gates
+    loss = kf.GraphLinearLoss(gates, 2.0)
+    h = [torch.randn(8, dtype=torch.float64) for _ in range(3)]
+    w = [torch.randn(50, 8, dtype=torch.float64) for _ in range(3)]
+    y = torch.tensor(3)
+    msg = (r"hidden\[0\] is \(8,\): each node's hidden states need a row dimension, \(N, D\) or \(\*, D\); for one "
+           r"row pass h\.unsqueeze\(0\), \(1, D\) \(a stacked \(M, D\) tensor: \.unsqueeze\(1\)\), with labels of "
+           r"shape \(1,\)$")
+    with pytest.raises(ValueError, match=msg):
+        loss(h, w, y)
+    with pytest.raises(ValueError, match=msg):
+        loss(torch.stack(h), torch.stack(w), y)
+    with pytest.raises(ValueError, match=r"hidden\[1\] is \(5, 8\) but hidden\[0\] is \(4, 8\): every node's hidden "
+                                         r"states must have the same rows, \(\*, D_m\) with \* = \(4,\)$"):
+        loss([torch.randn(4, 8), torch.randn(5, 8), torch.randn(4, 8)], w, torch.zeros(4, dtype=torch.long))
+    # The fix the message names works, and equals graph_loss on the one row's logits.
+    got = loss([x.unsqueeze(0) for x in h], w, y.unsqueeze(0))
+    want = kf.graph_loss([(x @ v.T).unsqueeze(0) for x, v in zip(h, w)], y.unsqueeze(0), gates, temperature=2.0)
+    torch.testing.assert_close(got.node_loss, want.node_loss)
+
+
+def test_an_empty_batch_checks_its_arguments_all_the_same():
+    """N = 0 gives zeros (tests/test_loss.py checks the values and gradients), but labels and progress are
+    still checked: nothing a call with rows would refuse passes because the batch is empty."""
+    loss = kf.GraphLinearLoss(kf.preset("dml", nodes=2).gates)
+    h = [torch.randn(0, 3)] * 2
+    w = [torch.randn(6, 3)] * 2
+    with pytest.raises(ValueError, match=r"progress .* must lie in \[0, 1\], got 2\.0"):
+        loss(h, w, torch.zeros(0, dtype=torch.long), progress=2.0)
+    with pytest.raises(ValueError, match="int64 or int32 class indices, got torch.float32"):
+        loss(h, w, torch.zeros(0))
+    with pytest.raises(ValueError, match=r"labels must be \(0,\)"):
+        loss(h, w, torch.zeros(1, dtype=torch.long))
+    assert torch.equal(loss(h, w, torch.zeros(0, dtype=torch.long)).node_loss, torch.zeros(2))  # chunk size: auto

@@ -752,3 +752,96 @@ def test_gates_set_in_place_refuse_what_they_cannot_take():
         with pytest.raises(ValueError, match="keeps its gates on cpu"):
             loss(torch.randn(3, 2, 4, device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda"))
     assert loss.gate_key[1][2] == G.LINEAR and "blocks=[(0, 2), (2, 3)]" in repr(loss)
+
+
+# --------------------------------------------------------------- edge cases of the front door
+def test_a_row_without_a_row_dimension_is_refused_with_the_fix():
+    """A (C,) row per node is refused (not guessed: a stacked (M, C) could be one node's (B, C)), and the
+    message says what to pass; nodes of different shapes are named with both shapes."""
+    g = kf.preset("dml", nodes=3).gates
+    y = torch.tensor(3)
+    with pytest.raises(ValueError, match=r"logits\[0\] is \(50,\): each node's logits need a row dimension.*"
+                                         r"z\.unsqueeze\(0\).*labels of shape \(1,\)"):
+        kf.graph_loss([torch.randn(50) for _ in range(3)], y, g)
+    with pytest.raises(ValueError, match=r"got shape \(3, 50\): it has no row dimension.*logits\.unsqueeze\(1\), "
+                                         r"\(M, 1, C\), with labels of shape \(1,\)"):
+        kf.GraphLoss(g)(torch.randn(3, 50), y)
+    with pytest.raises(ValueError, match=r"of one shape \(\*, C\), e\.g\. \(B, C\): logits\[0\] is \(2, 5\) but "
+                                         r"logits\[2\] is \(3, 5\)$"):
+        kf.graph_loss([torch.randn(2, 5), torch.randn(2, 5), torch.randn(3, 5)], torch.tensor([0, 1]), g)
+    # The fix the message names works.
+    rows = [torch.randn(50, dtype=torch.float64) for _ in range(3)]
+    one = kf.graph_loss([z.unsqueeze(0) for z in rows], y.unsqueeze(0), g)
+    stacked = kf.graph_loss(torch.stack(rows).unsqueeze(1), y.unsqueeze(0), g)
+    torch.testing.assert_close(one.node_loss, stacked.node_loss)
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_every_gate_cutoff_gives_zeros_that_backpropagate(impl):
+    """All cutoff: node_loss is exactly 0 and still backpropagates (zero gradients), as GraphLinearLoss's
+    does, so a training loop's node_loss.sum().backward() runs; a diverged logit leaks no NaN into it."""
+    cut = [["cutoff"] * 3 for _ in range(3)]
+    z = torch.randn(2, 4, 5, dtype=torch.float64)
+    z[1, 0, 2] = float("nan")
+    z.requires_grad_()
+    y = torch.tensor([0, 1, -100, 4])
+    res = kf.graph_loss(z, y, cut, impl=impl)
+    assert res.node_loss.requires_grad and res.node_loss.dtype == torch.float64
+    assert torch.equal(res.node_loss, torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(res.edge_loss, torch.zeros(3, 3, dtype=torch.float64))
+    res.node_loss.sum().backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))
+    h = [torch.randn(4, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    w = [torch.randn(5, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    lin = kf.GraphLinearLoss(cut, impl=impl)(h, w, y)
+    assert lin.node_loss.requires_grad and torch.equal(lin.node_loss, res.node_loss.detach())
+    # Without grad nothing is connected: no autograd graph is built for nothing.
+    assert not kf.graph_loss(z.detach(), y, cut, impl=impl).node_loss.requires_grad
+
+
+@pytest.mark.parametrize("labels", [torch.zeros(0, dtype=torch.long), torch.full((4,), -100)],
+                         ids=["empty batch", "every row ignored"])
+def test_no_counted_row_gives_zero_losses_and_zero_gradients(labels):
+    """B = 0 (docs/SEMANTICS.md): zeros, not NaN as F.cross_entropy's mean, with zero gradients; GraphLinearLoss
+    agrees (an empty batch is not an error there either)."""
+    n, v, d = labels.shape[0], 5, 3
+    g = kf.preset("dml", nodes=3).gates
+    g[1][2], g[0][3] = "correct", "linear"
+    z = torch.randn(3, n, v, dtype=torch.float64, requires_grad=True)
+    res = kf.graph_loss(z, labels, g, temperature=2.0, progress=0.5)
+    assert torch.equal(res.node_loss, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(res.edge_loss, torch.zeros(4, 4, dtype=torch.float64))
+    res.node_loss.sum().backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))
+    h = [torch.randn(n, d, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    w = [torch.randn(v, d, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    b = [torch.randn(v, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    lin = kf.GraphLinearLoss(g, temperature=2.0, chunk_size=2)(h, w, labels, bias=b, progress=0.5)
+    assert torch.equal(lin.node_loss.detach(), res.node_loss.detach())
+    assert torch.equal(lin.edge_loss, res.edge_loss.detach())
+    lin.node_loss.sum().backward()
+    for x in (*h, *w, *b):
+        assert x.grad is not None and torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_labels_on_another_device_or_of_another_dtype_are_named_at_the_front_door():
+    """Checked before any label value is read (the meta device stands in for a GPU here): both devices and
+    the fix are named, on every path and in GraphLinearLoss."""
+    g = kf.preset("dml", nodes=2).gates
+    z = torch.randn(2, 4, 5)
+    y = torch.zeros(4, dtype=torch.long, device="meta")
+    msg = r"labels are on meta but logits are on cpu: move the labels there, labels\.to\(logits\.device\)"
+    for impl in ("reference", "auto"):
+        with pytest.raises(ValueError, match=msg):
+            kf.graph_loss(z, y, g, impl=impl)
+    with pytest.raises(ValueError, match=msg):
+        kf.GraphLoss(g).loss_and_grad(z, y)
+    with pytest.raises(ValueError, match=msg):
+        kf.graph_loss_reference(z, y, g)
+    with pytest.raises(ValueError, match=r"labels are on meta but hidden\[0\] is on cpu: .*labels\.to\(hidden\[0\]"
+                                         r"\.device\)"):
+        kf.GraphLinearLoss(g)([torch.randn(4, 3)] * 2, [torch.randn(5, 3)] * 2, y)
+    with pytest.raises(ValueError, match="labels must be int64 or int32 class indices, got torch.float32"):
+        kf.GraphLinearLoss(g)([torch.randn(4, 3)] * 2, [torch.randn(5, 3)] * 2, torch.zeros(4))
+    with pytest.raises(TypeError, match="labels must be an int64 or int32 tensor"):
+        kf.GraphLinearLoss(g)([torch.randn(4, 3)] * 2, [torch.randn(5, 3)] * 2, [0, 1, 2, 3])

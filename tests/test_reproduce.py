@@ -1,6 +1,7 @@
 """``python -m ktg_fast.reproduce``: the plan, the table against the paper's figures, errors, a dry run, and a tiny
 real reproduction killed, resumed and run again."""
 import json
+import os
 import re
 import signal
 import subprocess
@@ -14,19 +15,29 @@ pytest.importorskip("optuna")  # the searches need it (as tests/test_search_*.py
 
 from ktg_fast.graph import preset  # noqa: E402
 from ktg_fast.reproduce import paper  # noqa: E402
-from ktg_fast.reproduce.__main__ import build_parser, main, settings_from_args  # noqa: E402
+from ktg_fast.reproduce.__main__ import build_parser, dry_run_text, main, settings_from_args  # noqa: E402
 from ktg_fast.reproduce.plan import build_plan  # noqa: E402
-from ktg_fast.reproduce.runner import ReproduceError  # noqa: E402
-from ktg_fast.reproduce.table import collect, render  # noqa: E402
+from ktg_fast.reproduce.probe import Probe, Speed  # noqa: E402
+from ktg_fast.reproduce.runner import ReproduceError, Runner  # noqa: E402
+from ktg_fast.reproduce.table import collect, render, write_results  # noqa: E402
 
 TINY = ["--dataset", "synthetic", "--models", "resnet8", "resnet14", "wrn10_1", "--nodes", "2", "--seeds", "0",
         "--epochs", "1", "--trials", "2", "--no-progress"]
-ACC = r"\d+\.\d\d ± \d+\.\d\d"
+ACC_ONE_SEED = r"\d+\.\d\d"  # one seed: no std, as train's results.md
 
 
 def settings(*argv: str):
     parser = build_parser()
     return settings_from_args(parser, parser.parse_args(list(argv)))
+
+
+@pytest.fixture
+def fast_probe(monkeypatch):
+    """main() without the throughput probe (seconds of training): every model takes 10 ms a step."""
+    def probe(models, *, batch_size, **_):
+        return Probe("cpu", "eager", "fp32", batch_size, {m: Speed(0.01, 0.001) for m in models})
+
+    monkeypatch.setattr("ktg_fast.reproduce.__main__.probe_speeds", probe)
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -94,11 +105,40 @@ def test_table_puts_the_papers_figures_beside_ours(tmp_path):
     assert "| ONE |" in md and "73.42** ± N/A" in md
     assert "| Ours | ResNet32 | ? | – | – | pending | 72.88 ± 0.41 | – |" in md
     assert "Paper (CIFAR-100)" in md
+    assert "Test accuracy (%) of node 1, mean ± std over seeds 0, 1; 200 epochs;" in md
     # A dataset the paper did not use: the paper's columns say so.
     plan = build_plan(settings("--dataset", "synthetic", "--out", str(tmp_path / "s"), "--seeds", "0"))
     _fake_run(plan.runs["vanilla-resnet32"], [40.0], preset("vanilla"))
     md = render(plan, collect(plan))
-    assert "| ResNet32 (ResNet32) | 40.00 ± 0.00 | – | – |" in md
+    assert "| ResNet32 (ResNet32) | 40.00 | – | – |" in md  # one seed: no std
+
+
+def test_results_md_says_what_ran_with_one_seed_a_subset_and_coinciding_stand_ins(tmp_path):
+    plan = build_plan(settings("--dataset", "fashion-mnist", "--out", str(tmp_path / "p"), "--models", "resnet8",
+                               "resnet8", "resnet8", "--nodes", "2", "--seeds", "0", "--epochs", "1",
+                               "--trials", "1", "--train-subset", "500"))
+    _fake_run(plan.runs["vanilla-resnet8"], [8.5], preset("vanilla", model="resnet8"))
+    _fake_run(plan.runs["dml-resnet8-resnet8"], [9.25], preset("dml", models=["resnet8", "resnet8"]))
+    md = render(plan, collect(plan))
+    assert "of node 1, of seed 0 (one seed: no std); 1 epoch, the first 500 training images;" in md
+    assert "1 trial on the search's validation split, their best graphs retrained from scratch on the same 500 " \
+           "training images." in md
+    assert "whole training set" not in md and "± 0.00" not in md and "1 epochs" not in md
+    # Rows one run fills twice (the stand-ins coincide): each keeps its own row, the later ones marked as such.
+    assert "| ResNet32 (ResNet8) | 8.50 | – | – |" in md and "| ResNet110 † (ResNet8) | 8.50 | – | – |" in md
+    dml = [ln for ln in md.splitlines() if ln.startswith("| DML")]
+    assert dml == ["| DML | ResNet8 | ResNet8 | – | – | 9.25 | – | – |",
+                   "| DML † | ResNet8 | ResNet8 | – | – | 9.25 | – | – |"]
+    assert md.count("† Filled by the same sub-run as an earlier row") == 2  # Tables 1 and 2
+    assert "| Vanilla | ResNet8 |" in md  # Table 2's vanilla row is Table 1's run by design: not marked
+    write_results(plan, chart=False)
+    same = {r["key"]: r["same_as"] for r in json.loads((plan.settings.out / "results.json").read_text())["rows"]}
+    assert same["dml2-mixed"] == "dml2" and same["resnet110"] == "resnet32" and same["dml2"] is None
+    # The progress line names the run's rows once; the plan says why a run fills two rows.
+    assert plan.row_labels("dml-resnet8-resnet8") == ["Table 2 · DML: ResNet8 + ResNet8"]
+    text = dry_run_text(plan, Probe("cpu", "eager", "fp32", 64, {"resnet8": Speed(0.01, 0.001)}), lambda run: 1.0)
+    assert text.count("<- dml-resnet8-resnet8 (as an earlier row: the stand-ins coincide)") == 1
+    assert text.count("<- dml-resnet8-resnet8\n") == 1
 
 
 # -------------------------------------------------------------------------------------------- errors
@@ -130,7 +170,7 @@ def test_out_holding_something_else_is_refused(tmp_path, keep_logging):
         main([*TINY, "--out", str(out)])
 
 
-def test_a_second_reproduction_into_a_busy_folder_is_refused(tmp_path, keep_logging):
+def test_a_second_reproduction_into_a_busy_folder_is_refused(tmp_path, fast_probe, keep_logging):
     from ktg_fast.locks import FolderBusyError, folder_lock
     from ktg_fast.reproduce.runner import LOCK_FILE
 
@@ -163,6 +203,28 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys, keep_loggi
     assert not out.exists()  # nothing written, no run folder
 
 
+def test_dry_run_without_the_dataset_says_where_it_looked_and_creates_nothing(tmp_path, capsys, fast_probe,
+                                                                             keep_logging):
+    out, root = tmp_path / "new" / "o", tmp_path / "no-data"
+    argv = [*TINY, "--dataset", "cifar10", "--data-root", str(root), "--out", str(out)]
+    assert main([*argv, "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: dataset 'cifar10' not found; looked in:\n  - {root}\nTo get it: " in err  # every path, the hint
+    assert "--download" in err and "the estimate assumes its 50,000 training and 10,000 test images" in err
+    assert "the run itself stops with this error until it is there" in err
+    assert not out.exists() and not root.exists()  # a dry run creates nothing
+    assert main([*argv, "--dry-run", "--download"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: dataset 'cifar10' is not there yet (looked in {root}): the first train or pretrain sub-run " \
+           "fetches it (--download)" in err and "To get it" not in err
+    # The run itself stops on the whole error, and leaves no empty --out behind.
+    from ktg_fast.data import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError, match="looked in:\n  - "):
+        main(argv)
+    assert not out.parent.exists()
+
+
 def test_the_plan_says_which_images_a_teacher_trains_on():
     from types import SimpleNamespace
 
@@ -171,6 +233,33 @@ def test_the_plan_says_which_images_a_teacher_trains_on():
     teacher = SimpleNamespace(kind="pretrain", epochs=2)
     assert _what(teacher, None) == "teacher: 2 epochs on the whole training set"
     assert _what(teacher, 500) == "teacher: 2 epochs on the first 500 training images (--train-subset)"
+
+
+def test_reproduce_does_not_take_the_packed_trial_flags(tmp_path):
+    """--data-seed and --data-offset retrain one packed search trial alone: nothing a reproduction does."""
+    parser = build_parser()
+    assert "--data-seed" not in parser.format_help() and "--data-offset" not in parser.format_help()
+    for flag in ("--data-seed", "--data-offset"):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["--dataset", "synthetic", "--out", str(tmp_path), flag, "1"])
+        assert e.value.code == 2
+    assert settings("--dataset", "synthetic", "--out", str(tmp_path), "--lr", "0.05").recipe == ("--lr", "0.05")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sends SIGTERM to itself")
+def test_sigterm_stops_a_reproduction_as_train_and_search_do(tmp_path, capsys, monkeypatch, fast_probe,
+                                                            keep_logging):
+    def terminated(self, run, cmd, base):  # SIGTERM while a sub-run runs
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        raise AssertionError("SIGTERM did not stop the reproduction")
+
+    monkeypatch.setattr(Runner, "_exec", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main([*TINY, "--rows", "vanilla", "--out", str(tmp_path / "o")]) == 143
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "stopped by SIGTERM; run the same command again to resume (finished sub-runs are kept)"
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 # ------------------------------------------------------------------------------ a real reproduction
@@ -233,7 +322,8 @@ def test_tiny_reproduction_killed_resumed_and_rerun(tmp_path):
     assert [ln.split(" | ")[0] for ln in rows] == ["| Vanilla", "| Ours"]
     for ln in rows:
         cells = ln.strip("|").split(" | ")
-        assert re.fullmatch(ACC, cells[5].strip()) and cells[6].strip() == "–" and cells[7].strip() == "–", ln
+        assert re.fullmatch(ACC_ONE_SEED, cells[5].strip()), ln
+        assert cells[6].strip() == "–" and cells[7].strip() == "–", ln
         assert cells[1].strip() == "ResNet8" and cells[2].strip() != "?"
     data = json.loads((out / "results.json").read_text())["rows"]
     assert [(d["key"], d["status"]) for d in data] == [("vanilla", "done"), ("ours2", "done")]

@@ -182,6 +182,21 @@ def test_pack_auto_measures_and_reports(tmp_path, keep_threads, capsys):
     assert line.startswith("--pack auto on cpu: 1: ") and line.endswith(f"-> pack {k}")
 
 
+def test_pack_auto_probes_no_pack_larger_than_a_workers_share_of_the_trials(tmp_path, monkeypatch, capsys):
+    """A 2-trial search probed packs of 1 to 16 (most of its time on a loaded machine): the probe now stops at
+    the trials one worker can hold, and a worker with one trial to run packs nothing."""
+    from ktg_fast.search import pack_probe, run
+
+    seen = []
+    monkeypatch.setattr(pack_probe, "probe_pack", lambda cfg, device, sizes: (seen.append(sizes), (sizes[-1], []))[1])
+    base = dict(out=str(tmp_path / "a"), dataset="synthetic", nodes=3, target="resnet8", models=["resnet8"],
+                pack="auto", device="cpu")
+    assert run.resolve_pack(SearchConfig(**base, trials=2)) == 2 and seen == [(1, 2)]
+    assert run.resolve_pack(SearchConfig(**base, trials=9, workers=2)) == 4 and seen[-1] == (1, 2, 4)
+    assert run.resolve_pack(SearchConfig(**base, trials=2, workers=2)) == 1 and len(seen) == 2
+    assert "--pack auto: 1 (2 trials for 2 workers: nothing to pack)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, message", [("0", "positive number"), ("two", "positive number")])
 def test_bad_pack_flag_is_named(flag, message, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ktg_fast.search", *BASE, "--pack", flag, "--out",

@@ -23,9 +23,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..cli_common import (CliParser, add_data_args, add_recipe_args, apply_cpu_threads, dataset_flag, run_cli,
-                          setup_logging)
+from ..cli_common import (CliParser, add_data_args, add_recipe_args, apply_cpu_threads, dataset_flag,
+                          interrupted_exit, remove_if_empty, run_cli, setup_logging)
 from ..models import UnknownModelError, available_models, canonical_model_name
+from ..report import plural
 from ..run_files import format_duration
 from ..search.config import SearchConfig
 from .paper import ROLE_NAMES, ROLES, TABLE2, model_label
@@ -41,6 +42,10 @@ NODE_COUNTS = tuple(sorted({len(r.nodes) for r in TABLE2 if r.kind != "vanilla"}
 _SPECIAL = {"dataset", "epochs", "val_size", "download", "compile_cache", "no_progress"}
 # Flags of this machine: forwarded, but a rerun may change them.
 _LOCAL = {"data_root", "loader", "device", "step"}
+# Recipe flags reproduce does not take (add_recipe_args(data_order=False)): they retrain one packed search trial
+# alone; every run of a reproduction draws its batches from its own seed.
+_NOT_TAKEN = {"data_seed", "data_offset"}
+RESUME_HINT = "run the same command again to resume (finished sub-runs are kept)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,11 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time; train nothing")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks with errors")
     add_data_args(p)
-    add_recipe_args(p)
+    add_recipe_args(p, data_order=False)
     for action in p._actions:
         if action.dest == "val_size":
             action.help = "validation images the searches hold out (default 0: the search's own split); the " \
-                          "reported runs always train on the whole training set and test on the test set"
+                          "reported runs train on the whole training set (or --train-subset's images) and test " \
+                          "on the test set"
         elif action.dest == "compile_cache":
             action.help = "Inductor's cache for --step compiled, shared by every sub-run (default <out>/inductor-cache)"
     return p
@@ -150,7 +156,7 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     shared = argparse.ArgumentParser(add_help=False)
     add_data_args(shared)
     add_recipe_args(shared)
-    dests = {a.dest for a in shared._actions} - _SPECIAL
+    dests = {a.dest for a in shared._actions} - _SPECIAL - _NOT_TAKEN
     recipe, local = [], []
     for action in parser._actions:
         if action.dest in dests and getattr(args, action.dest) != action.default:
@@ -180,7 +186,7 @@ def measure(plan: Plan, args: argparse.Namespace, cache: Optional[Path] = None) 
         except (OSError, ValueError, KeyError, TypeError):
             pass
     sizes, note = dataset_sizes(s.dataset, args.data_root, s.search_val_size(),
-                                missing_ok=cache is None or args.download)
+                                missing_ok=cache is None or args.download, download=args.download)
     probe = probe_speeds(s.models, dataset=s.dataset, batch_size=s.batch_size, device=args.device, step=args.step,
                          precision=args.precision, channels_last=args.channels_last)
     if cache is not None:
@@ -190,26 +196,38 @@ def measure(plan: Plan, args: argparse.Namespace, cache: Optional[Path] = None) 
     return probe, sizes, note
 
 
+def _measure_into(plan: Plan, args: argparse.Namespace) -> tuple[Probe, Sizes, str]:
+    """:func:`measure` for a dry run (nothing written) or a run (its probe cached in ``--out``, created here;
+    the folders created here and left empty by a failure, e.g. a missing dataset, are removed again)."""
+    if args.dry_run:
+        return measure(plan, args)
+    out = plan.settings.out
+    created = [f for f in (out, *out.parents) if not f.exists()]  # deepest first
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return measure(plan, args, out / "probe.json")
+    except BaseException:
+        for folder in created:
+            remove_if_empty(folder)
+        raise
+
+
 def device_hours(seconds: float) -> str:
     """``0.85``, ``12.3``, ``6,166``: hours, to a sensible precision."""
     h = seconds / 3600
     return f"{h:.2f}" if h < 10 else (f"{h:.1f}" if h < 100 else f"{h:,.0f}")
 
 
-def _n(count: float, word: str) -> str:
-    return f"{count:g} {word}{'' if count == 1 else 's'}"
-
-
 def _what(run: Run, train_subset: Optional[int]) -> str:
     if run.kind == "search":
-        return (f"{_n(run.trials, 'trial')} x ~{_n(round(run.work.epochs, 1), 'epoch')} (successive halving) on the "
-                "search split, then export")
+        return (f"{plural(run.trials, 'trial')} x ~{plural(round(run.work.epochs, 1), 'epoch')} (successive "
+                "halving) on the search split, then export")
     if run.kind == "pretrain":
         images = f"the first {train_subset} training images (--train-subset)" if train_subset \
             else "the whole training set"
-        return f"teacher: {_n(run.epochs, 'epoch')} on {images}"
+        return f"teacher: {plural(run.epochs, 'epoch')} on {images}"
     extra = " (+ teachers of its frozen nodes, if any)" if run.kind == "retrain" else ""
-    return f"{_n(len(run.seeds), 'seed')} x {_n(run.epochs, 'epoch')}{extra}"
+    return f"{plural(len(run.seeds), 'seed')} x {plural(run.epochs, 'epoch')}{extra}"
 
 
 def dry_run_text(plan: Plan, probe: Probe, estimate: Callable[[Run], float]) -> str:
@@ -219,12 +237,15 @@ def dry_run_text(plan: Plan, probe: Probe, estimate: Callable[[Run], float]) -> 
     ds = DATASET_NAMES.get(s.dataset, s.dataset)
     lines = [f"Plan of the reproduction of Tables 1 and 2 on {ds} in {s.out} (--dry-run: nothing is trained)",
              f"models: {roles}; Table 2 nodes {' '.join(map(str, s.nodes))}; seeds {' '.join(map(str, s.seeds))}; "
-             f"{_n(s.epochs, 'epoch')}; {_n(s.trials, 'trial')} per search (validation split of "
+             f"{plural(s.epochs, 'epoch')}; {plural(s.trials, 'trial')} per search (validation split of "
              f"{s.search_val_size()} images)"
              + (f"; train subset {s.train_subset}" if s.train_subset else "")
              + (f"; eval subset {s.eval_subset}" if s.eval_subset else ""), "", f"Rows ({len(plan.rows)}):"]
     for row in plan.rows:
-        lines.append(f"  {row.label:<58} " + (f"<- {row.run}" if row.run else "(cited by the paper, not run)"))
+        same = plan.same_as(row)
+        run = (f"<- {row.run}" + (" (as an earlier row: the stand-ins coincide)" if same else "")) if row.run \
+            else "(cited by the paper, not run)"
+        lines.append(f"  {row.label:<58} {run}")
     width = max(len(r) for r in plan.runs) + 1
     lines += ["", "Sub-runs, in order:", f"  {'status':<9}{'estimate':>12}  {'run':<{width}} what"]
     total = left = 0.0
@@ -258,9 +279,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.verbose:
         logging.getLogger("ktg_fast").setLevel(logging.WARNING)  # the probe's step notes; sub-runs log their own
         logging.getLogger("ktg_fast.reproduce").setLevel(logging.INFO)
-    if not args.dry_run:
-        settings.out.mkdir(parents=True, exist_ok=True)
-    probe, sizes, note = measure(plan, args, None if args.dry_run else settings.out / "probe.json")
+    probe, sizes, note = _measure_into(plan, args)
     if note:
         print(f"note: {note}", file=sys.stderr)
 
@@ -273,9 +292,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     try:
         Runner(plan, estimate=estimate, argv=argv, progress=not args.no_progress).run()
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume (finished sub-runs are kept)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143), as train and search
+        return interrupted_exit(e, RESUME_HINT)
     print((settings.out / "results.md").read_text(), end="")
     print(f"results: {settings.out / 'results.md'}, {settings.out / 'results.png'}; commands: "
           f"{settings.out / 'commands.sh'}", file=sys.stderr)
@@ -283,4 +301,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, resume_hint=RESUME_HINT)

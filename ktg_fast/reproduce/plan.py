@@ -197,6 +197,20 @@ class Plan:
     def add(self, run: Run) -> Run:
         return self.runs.setdefault(run.id, run)
 
+    def same_as(self, row: Row) -> Optional[Row]:
+        """The earlier row of ``row``'s table filled by the same run (its stand-ins coincide, as with
+        ``--models resnet8 resnet8 resnet8``: two of the paper's experiments are one here), else None."""
+        for r in self.rows:
+            if r is row or row.run is None:
+                return None
+            if r.table == row.table and r.run == row.run:
+                return r
+        return None
+
+    def row_labels(self, run_id: str) -> list[str]:
+        """Labels of the rows ``run_id`` fills, each once (rows that coincide have the same label)."""
+        return list(dict.fromkeys(r.label for r in self.rows if r.run == run_id))
+
     def teacher_run(self, model: str) -> Run:
         """The run pre-training ``model`` as a teacher on the whole training set (added when new)."""
         s = self.settings

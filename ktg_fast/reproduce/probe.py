@@ -17,9 +17,11 @@ from statistics import median
 from typing import TYPE_CHECKING, Optional, Sequence
 
 if TYPE_CHECKING:
+    from ..data import DatasetNotFoundError
     from .plan import Work
 
-__all__ = ["Sizes", "Speed", "Probe", "dataset_sizes", "probe_speeds", "run_seconds", "device_label", "KNOWN_SIZES"]
+__all__ = ["Sizes", "Speed", "Probe", "dataset_sizes", "probe_speeds", "run_seconds", "device_label", "missing_note",
+           "KNOWN_SIZES"]
 
 # Measured on 2 CPU cores: starting a sub-command (Python, torch and ktg_fast imports, reading the dataset)
 # takes about 5 s; each training run in it (a seed, a trial: splitting the data, building the nets) about 1.5 s.
@@ -78,11 +80,13 @@ class Probe:
                    {k: Speed(**v) for k, v in d["speeds"].items()})
 
 
-def dataset_sizes(dataset: str, root: Optional[str], val: int, *, missing_ok: bool = False) -> tuple[Sizes, str]:
+def dataset_sizes(dataset: str, root: Optional[str], val: int, *, missing_ok: bool = False,
+                  download: bool = False) -> tuple[Sizes, str]:
     """Image counts of ``dataset``'s splits, read from the files, and a note when they could not be.
 
     A missing dataset raises its own error (where it looked, how to get it), unless ``missing_ok``
-    (a dry run, or ``--download``) and its sizes are known: then they are assumed and the note says so.
+    (a dry run, or ``--download``) and its sizes are known: then they are assumed and the note says so
+    (see :func:`missing_note`).
     """
     if dataset == "tiny-imagenet":
         return Sizes(*KNOWN_SIZES[dataset], val), ""
@@ -94,8 +98,19 @@ def dataset_sizes(dataset: str, root: Optional[str], val: int, *, missing_ok: bo
     except DatasetNotFoundError as e:
         if not missing_ok or dataset not in KNOWN_SIZES:
             raise
-        return Sizes(*KNOWN_SIZES[dataset], val), str(e).splitlines()[0] + f" (its {KNOWN_SIZES[dataset][0]} " \
-            f"training and {KNOWN_SIZES[dataset][1]} test images assumed)"
+        return Sizes(*KNOWN_SIZES[dataset], val), missing_note(dataset, e, download=download)
+
+
+def missing_note(dataset: str, e: "DatasetNotFoundError", *, download: bool) -> str:
+    """What a plan made without ``dataset``'s files says: where they were looked for and, with
+    ``download``, that the first train or pretrain sub-run fetches them; else the whole error (paths, how
+    to get it) and that the run itself stops on it. Both say which image counts the estimate assumes."""
+    train, test = KNOWN_SIZES[dataset]
+    assumed = f"the estimate assumes its {train:,} training and {test:,} test images"
+    if download:
+        return (f"dataset {dataset!r} is not there yet (looked in {', '.join(e.looked_in)}): the first train or "
+                f"pretrain sub-run fetches it (--download); {assumed}")
+    return f"{e}\nThe plan is made without it ({assumed}); the run itself stops with this error until it is there."
 
 
 def device_label(device: str) -> str:

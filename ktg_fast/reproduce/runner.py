@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..cli_common import raise_terminated
 from ..graph import Graph
 from ..io import atomic_write_json, atomic_write_text, current_umask
 from ..locks import folder_lock
@@ -158,7 +159,7 @@ class Runner:
     def _run(self) -> int:
         from tqdm.auto import tqdm  # local: only a run draws a bar
 
-        prev = signal.signal(signal.SIGTERM, _interrupt)
+        prev = signal.signal(signal.SIGTERM, raise_terminated)  # stops as Ctrl-C does, but exits 143
         try:
             atomic_write_json(self.out / SETTINGS_FILE, {"command": ["python", "-m", "ktg_fast.reproduce", *self.argv],
                                                          "cwd": os.getcwd(),
@@ -193,7 +194,7 @@ class Runner:
         if run.kind == "retrain":
             for teacher in self._teachers(run):
                 self._do(teacher, f"{tag} (teacher)")
-        rows = [r.label for r in self.plan.rows if r.run == run.id]
+        rows = self.plan.row_labels(run.id)
         self._say(f"{tag} {'; '.join(rows) or run.label}: {run.label} in {run.out} (about "
                   f"{format_duration(self.est[run.id])}; {format_duration(self._left())} left in all)")
         if self.bar is not None:
@@ -264,7 +265,3 @@ class Runner:
                                  "Fix the cause and run the same command again: finished sub-runs are kept and "
                                  "this one resumes")
         self._note(f"finished {run.id} in {took}")
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt

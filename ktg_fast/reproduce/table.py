@@ -9,13 +9,15 @@ from typing import Optional, Sequence
 from ..gates import gate_codes
 from ..graph import Graph, frozen_nodes
 from ..io import atomic_write_json, atomic_write_text
-from ..report import mean_std
+from ..report import mean_std, plural, seeds_phrase
 from .paper import ROLE_NAMES, ROLES, TABLE1_DATASETS, TABLE2_DATASET, Figure, model_label
 from .plan import Plan
 
-__all__ = ["RowResult", "collect", "render", "draw_chart", "write_results", "DATASET_NAMES", "DASH"]
+__all__ = ["RowResult", "collect", "render", "draw_chart", "write_results", "DATASET_NAMES",
+           "DASH", "SAME_RUN"]
 
 DASH = "–"
+SAME_RUN = "†"  # marks a row whose run an earlier row of its table has: their stand-ins coincide
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tiny-imagenet": "Tiny-ImageNet",
                  "fashion-mnist": "Fashion-MNIST", "synthetic": "synthetic"}
 
@@ -33,6 +35,7 @@ class RowResult:
     status: str  # done | pending | cited
     run: Optional[str] = None
     note: str = ""
+    same_as: Optional[str] = None  # key of the earlier row of the table filled by the same run (Plan.same_as)
 
     @property
     def ours(self) -> Optional[tuple[float, float]]:
@@ -42,6 +45,11 @@ class RowResult:
     def delta(self) -> Optional[float]:
         ours = self.ours
         return None if ours is None or self.paper is None else ours[0] - self.paper.mean
+
+
+def _over_seeds(seeds: Sequence[int]) -> str:
+    """What the accuracies are, as ``train``'s results.md says it (:func:`ktg_fast.report.seeds_phrase`)."""
+    return ("mean ± std " if len(seeds) > 1 else "") + seeds_phrase(seeds)
 
 
 def _target_accuracies(finals: Sequence[dict]) -> tuple[list[float], list[str]]:
@@ -59,6 +67,8 @@ def collect(plan: Plan) -> list[RowResult]:
     for row in plan.rows:
         res = RowResult(row.table, row.key, row.method, list(row.models), [], row.figure,
                         "cited" if row.run is None else "pending", row.run, row.note)
+        same = plan.same_as(row)
+        res.same_as = same.key if same is not None else None
         run = plan.runs.get(row.run) if row.run else None
         finals = run.finals() if run is not None else None
         if finals:
@@ -75,7 +85,22 @@ def _acc(res: RowResult) -> str:
     if res.status == "cited":
         return "not run"
     ours = res.ours
-    return "pending" if ours is None else f"{ours[0]:.2f} ± {ours[1]:.2f}"
+    if ours is None:
+        return "pending"
+    return f"{ours[0]:.2f} ± {ours[1]:.2f}" if len(res.values) > 1 else f"{ours[0]:.2f}"  # one seed: no std
+
+
+def _method(res: RowResult) -> str:
+    """The row's method (Table 2) or model role (Table 1), marked when an earlier row has its run."""
+    return res.method + (f" {SAME_RUN}" if res.same_as else "")
+
+
+def _same_run_note(rows: Sequence[RowResult]) -> list[str]:
+    """The footnote of a table with rows marked :data:`SAME_RUN` (none when it has none)."""
+    if not any(r.same_as for r in rows):
+        return []
+    return ["", f"{SAME_RUN} Filled by the same sub-run as an earlier row: the stand-ins of --models coincide, so "
+                "the paper's different experiments are one here; each row keeps the paper's own figure."]
 
 
 def _paper(res: RowResult) -> str:
@@ -97,18 +122,20 @@ def render(plan: Plan, results: Sequence[RowResult]) -> str:
     t1_paper = f"Paper ({ds})" if s.dataset in TABLE1_DATASETS else "Paper"
     t2_paper = f"Paper ({DATASET_NAMES[TABLE2_DATASET]})" if s.dataset == TABLE2_DATASET else "Paper"
     searches = [run for run in plan.runs.values() if run.kind == "search"]
-    search = (f"; graph searches of {s.trials} trials on the search's validation split, their best graphs "
-              "retrained from scratch on the whole training set") if searches else ""
+    retrain_on = f"the same {s.train_subset} training images" if s.train_subset else "the whole training set"
+    search = (f"; graph searches of {plural(s.trials, 'trial')} on the search's validation split, their best graphs "
+              f"retrained from scratch on {retrain_on}") if searches else ""
     lines = [f"# Knowledge transfer graph: Tables 1 and 2 reproduced on {ds}", "",
-             f"Test accuracy (%) of node 1, mean ± std over seeds {' '.join(map(str, s.seeds))}; {s.epochs} epochs"
+             f"Test accuracy (%) of node 1, {_over_seeds(s.seeds)}; {plural(s.epochs, 'epoch')}"
              f"{subset}{evals}{search}. Models: {roles}. The paper: 200 epochs, five runs, 1,500 trials; its "
              f"figures are for CIFAR (Table 2: CIFAR-100 only), {DASH} where it has none. Δ = ours − paper. `*` a "
              "pre-trained (frozen) node; `**` cited by the paper from another paper."]
     table1 = [r for r in results if r.table == 1]
     if table1:
         lines += ["", "## Table 1: vanilla models", "", f"| Model | Ours | {t1_paper} | Δ |", "|---|---:|---:|---:|"]
-        lines += [f"| {r.method} ({model_label(r.models[0])}) | {_acc(r)} | {_paper(r)} | {_delta(r)} |"
+        lines += [f"| {_method(r)} ({model_label(r.models[0])}) | {_acc(r)} | {_paper(r)} | {_delta(r)} |"
                   for r in table1]
+        lines += _same_run_note(table1)
     table2 = [r for r in results if r.table == 2]
     if table2:
         lines += ["", "## Table 2: comparison with conventional methods", "",
@@ -117,7 +144,8 @@ def render(plan: Plan, results: Sequence[RowResult]) -> str:
     for r in table2:
         nodes = [model_label(m) if m != "?" else "?" for m in r.models] + [DASH] * (4 - len(r.models))
         cells = [r.note, "", "", ""] if r.note else nodes[:4]
-        lines.append(f"| {r.method} | {' | '.join(cells)} | {_acc(r)} | {_paper(r)} | {_delta(r)} |")
+        lines.append(f"| {_method(r)} | {' | '.join(cells)} | {_acc(r)} | {_paper(r)} | {_delta(r)} |")
+    lines += _same_run_note(table2)
     if searches:
         lines += ["", "## Searched graphs", ""]
         for run in searches:
@@ -153,7 +181,7 @@ def draw_chart(results: Sequence[RowResult], path: Path, title: str = "") -> Pat
             ax.bar([x + shift for x in xs], [r.paper.mean if r.paper else nan for r in rows], width,
                    yerr=[(r.paper.std or 0.0) if r.paper else 0.0 for r in rows], capsize=3, color="#bbbbbb",
                    hatch="//", label="paper")
-        labels = [f"{r.method}\n" + ("+".join(model_label(m) for m in r.models) if r.table == 2 else
+        labels = [f"{_method(r)}\n" + ("+".join(model_label(m) for m in r.models) if r.table == 2 else
                                      model_label(r.models[0])) for r in rows]
         ax.set_xticks(xs, labels, rotation=60, ha="right", fontsize=7)
         vals = [v for r in rows for v in ((r.ours[0] if r.ours else None), (r.paper.mean if r.paper else None))

@@ -24,16 +24,12 @@ from .storage_url import mask_url, sqlite_path
 from .study import BUDGET_ATTR, create_or_join, open_for_reading
 from .teachers import missing_teachers, pretrain_hint, teacher_file
 from ..cli_common import interrupted_exit
+from ..report import plural
 from .worker import Worker, raise_interrupt
 
-__all__ = ["run_search", "plural", "make_worker", "resolve_pack"]
+__all__ = ["run_search", "make_worker", "resolve_pack"]
 
 log = logging.getLogger("ktg_fast.search")
-
-
-def plural(n: int, word: str) -> str:
-    """``1 trial``, ``2 trials``."""
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _preflight(cfg: SearchConfig) -> None:
@@ -74,15 +70,22 @@ def resolve_pack(cfg: SearchConfig) -> int:
     import torch
 
     from ..device import resolve_device
-    from .pack_probe import describe_probe, probe_pack
+    from .pack_probe import PROBE_SIZES, describe_probe, probe_pack
 
     device = resolve_device(cfg.device)
+    # A pack larger than a worker's share of the trials would leave slots empty: not worth probing.
+    share = -(-cfg.trials // cfg.workers)
+    sizes = tuple(k for k in PROBE_SIZES if k <= share)
+    if len(sizes) <= 1:
+        print(f"--pack auto: 1 ({plural(cfg.trials, 'trial')} for {plural(cfg.workers, 'worker')}: nothing to pack)",
+              file=sys.stderr)
+        return 1
     threads = torch.get_num_threads()
     n = cfg.cpu_threads or (max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers > 1 else None)
     try:
         if n and device.type == "cpu":
             torch.set_num_threads(n)
-        k, rows = probe_pack(cfg, device)
+        k, rows = probe_pack(cfg, device, sizes=sizes)
     finally:
         torch.set_num_threads(threads)
     print(describe_probe(k, rows, device), file=sys.stderr)

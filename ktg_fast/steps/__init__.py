@@ -31,12 +31,12 @@ from .eager import EagerStep
 from .flat_sgd import FlatSGD
 from .fused import FusedStep
 from .node_group import NodeGroup, architecture_key, group_nodes
-from .precision import PRECISIONS, NodeLossScale, check_precision, default_precision
+from .precision import PRECISIONS, NodeLossScale, check_precision, default_precision, precision_warning
 
 __all__ = ["STEP_KINDS", "DEPRECATED_STEP_KINDS", "STEPS", "CPU_AUTO_KIND", "make_step", "TrainStep", "EagerStep", "FusedStep",
            "CudaGraphStep", "NodeGroup", "FlatSGD", "architecture_key", "group_nodes", "eval_mode_logits",
            "node_lrs", "CompiledStep", "CompiledCudaGraphStep", "compile_cache_dir", "graph_breaks", "PRECISIONS",
-           "NodeLossScale", "default_precision", "CPU_COMPILE_MIN_STEPS", "CUDA_COMPILE_MIN_STEPS"]
+           "NodeLossScale", "default_precision", "precision_warning", "CPU_COMPILE_MIN_STEPS", "CUDA_COMPILE_MIN_STEPS"]
 
 # The registry: every step path by the name --step takes.
 STEPS: dict[str, Callable[..., TrainStep]] = {"eager": EagerStep, "fused": FusedStep, "cudagraph": CudaGraphStep,
