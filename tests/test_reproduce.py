@@ -215,14 +215,37 @@ def test_dry_run_without_the_dataset_says_where_it_looked_and_creates_nothing(tm
     assert not out.exists() and not root.exists()  # a dry run creates nothing
     assert main([*argv, "--dry-run", "--download"]) == 0
     err = capsys.readouterr().err
-    assert f"note: dataset 'cifar10' is not there yet (looked in {root}): the first train or pretrain sub-run " \
-           "fetches it (--download)" in err and "To get it" not in err
+    assert f"note: dataset 'cifar10' is not there yet (looked in {root}): the run fetches it (--download) " \
+           "before its first sub-run" in err and "To get it" not in err
     # The run itself stops on the whole error, and leaves no empty --out behind.
     from ktg_fast.data import DatasetNotFoundError
 
     with pytest.raises(DatasetNotFoundError, match="looked in:\n  - "):
         main(argv)
     assert not out.parent.exists()
+
+
+def test_a_run_with_download_fetches_the_dataset_before_any_sub_run(monkeypatch):
+    """A search sub-run, which may come first (--rows ours2), takes no --download: the reproduction fetches
+    the dataset itself, once, before the first sub-run; a dry run never downloads."""
+    from ktg_fast import data as data_mod
+    from ktg_fast.data import DatasetNotFoundError
+    from ktg_fast.reproduce.probe import dataset_sizes
+
+    calls = []
+
+    def fake_load(name, root=None, *, split="train", download=False):
+        calls.append((split, download))
+        if not download:
+            raise DatasetNotFoundError(name, ["/nowhere"], "pass --download")
+        return [0] * (50 if split == "train" else 10)
+
+    monkeypatch.setattr(data_mod, "load_dataset", fake_load)
+    sizes, note = dataset_sizes("cifar10", None, 5, download=True, fetch=True)
+    assert (sizes.train, sizes.test) == (50, 10) and note == "" and calls == [("train", True), ("test", True)]
+    calls.clear()
+    sizes, note = dataset_sizes("cifar10", None, 5, missing_ok=True, download=True)  # the dry run
+    assert calls == [("train", False)] and "the run fetches it (--download) before its first sub-run" in note
 
 
 def test_the_plan_says_which_images_a_teacher_trains_on():

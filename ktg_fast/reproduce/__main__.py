@@ -186,7 +186,8 @@ def measure(plan: Plan, args: argparse.Namespace, cache: Optional[Path] = None) 
         except (OSError, ValueError, KeyError, TypeError):
             pass
     sizes, note = dataset_sizes(s.dataset, args.data_root, s.search_val_size(),
-                                missing_ok=cache is None or args.download, download=args.download)
+                                missing_ok=cache is None, download=args.download,
+                                fetch=cache is not None and args.download)
     probe = probe_speeds(s.models, dataset=s.dataset, batch_size=s.batch_size, device=args.device, step=args.step,
                          precision=args.precision, channels_last=args.channels_last)
     if cache is not None:

@@ -81,19 +81,20 @@ class Probe:
 
 
 def dataset_sizes(dataset: str, root: Optional[str], val: int, *, missing_ok: bool = False,
-                  download: bool = False) -> tuple[Sizes, str]:
+                  download: bool = False, fetch: bool = False) -> tuple[Sizes, str]:
     """Image counts of ``dataset``'s splits, read from the files, and a note when they could not be.
 
-    A missing dataset raises its own error (where it looked, how to get it), unless ``missing_ok``
-    (a dry run, or ``--download``) and its sizes are known: then they are assumed and the note says so
-    (see :func:`missing_note`).
+    ``fetch`` (a real run with ``--download``) downloads a missing dataset now, before any sub-run: a search
+    sub-run, which may come first, takes no ``--download``.  Otherwise a missing dataset raises its own
+    error (where it looked, how to get it), unless ``missing_ok`` (a dry run) and its sizes are known:
+    then they are assumed and the note says so (see :func:`missing_note`).
     """
     if dataset == "tiny-imagenet":
         return Sizes(*KNOWN_SIZES[dataset], val), ""
     from ..data import DatasetNotFoundError, load_dataset
 
     try:
-        return Sizes(len(load_dataset(dataset, root, split="train")), len(load_dataset(dataset, root, split="test")),
+        return Sizes(*(len(load_dataset(dataset, root, split=split, download=fetch)) for split in ("train", "test")),
                      val), ""
     except DatasetNotFoundError as e:
         if not missing_ok or dataset not in KNOWN_SIZES:
@@ -103,13 +104,13 @@ def dataset_sizes(dataset: str, root: Optional[str], val: int, *, missing_ok: bo
 
 def missing_note(dataset: str, e: "DatasetNotFoundError", *, download: bool) -> str:
     """What a plan made without ``dataset``'s files says: where they were looked for and, with
-    ``download``, that the first train or pretrain sub-run fetches them; else the whole error (paths, how
+    ``download``, that the run fetches them before its first sub-run; else the whole error (paths, how
     to get it) and that the run itself stops on it. Both say which image counts the estimate assumes."""
     train, test = KNOWN_SIZES[dataset]
     assumed = f"the estimate assumes its {train:,} training and {test:,} test images"
     if download:
-        return (f"dataset {dataset!r} is not there yet (looked in {', '.join(e.looked_in)}): the first train or "
-                f"pretrain sub-run fetches it (--download); {assumed}")
+        return (f"dataset {dataset!r} is not there yet (looked in {', '.join(e.looked_in)}): the run fetches it "
+                f"(--download) before its first sub-run; {assumed}")
     return f"{e}\nThe plan is made without it ({assumed}); the run itself stops with this error until it is there."
 
 
