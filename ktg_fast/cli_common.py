@@ -20,7 +20,7 @@ from .data import DaliUnavailableError, available_datasets, canonical_name
 from .data.factory import LOADER_KINDS
 from .data.plan import check_batch_split
 from .data.spec import DataSpec
-from .distributed import RankLostError, init_from_env, raised_by_main, world_from_env
+from .distributed import RankLostError, init_from_env, launcher_rank, raised_by_main, world_from_env
 from .io import CheckpointError
 from .locks import RUN_LOCK, FolderBusyError, folder_lock
 from .recipe import TrainConfig
@@ -46,7 +46,7 @@ class CliParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         # Under torchrun every process parses the same flags: rank 0 alone says what is wrong.
-        self.exit(2, f"{self.prog}: error: {message} (all options: {self.prog} --help)\n" if _launcher_rank() == 0
+        self.exit(2, f"{self.prog}: error: {message} (all options: {self.prog} --help)\n" if launcher_rank() == 0
                   else None)
 
 
@@ -216,7 +216,7 @@ def remove_if_empty(out: Path) -> None:
 
 def is_launcher_main() -> bool:
     """Whether this process is global rank 0 of torchrun's processes (True outside torchrun)."""
-    return _launcher_rank() == 0
+    return launcher_rank() == 0
 
 
 def out_dir_lock(out: Path) -> AbstractContextManager:
@@ -226,11 +226,6 @@ def out_dir_lock(out: Path) -> AbstractContextManager:
     Raises :class:`ktg_fast.locks.FolderBusyError` on entry when another run holds it.
     """
     return folder_lock(out) if is_launcher_main() else nullcontext()
-
-
-def _launcher_rank() -> int:
-    """This process's global rank as torchrun sets it in the environment (0 outside torchrun)."""
-    return int(os.environ.get("RANK", "0") or 0) if os.environ.get("WORLD_SIZE", "1") != "1" else 0
 
 
 def check_out_dir(out: str | Path, *, seeds: int = 1, create: bool = True) -> Path:
@@ -361,7 +356,7 @@ def run_cli(main: Callable[[], int], *, resume_hint: str = "rerun with --resume 
     """
     verbose = bool(os.environ.get("KTG_DEBUG")) or any(a in ("-v", "--verbose") for a in sys.argv[1:])
     # Under torchrun, ranks > 0 leave the messages every rank would print alike to rank 0.
-    rank = _launcher_rank()
+    rank = launcher_rank()
     distributed = os.environ.get("WORLD_SIZE", "1") != "1"
     if (not distributed and threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
@@ -385,7 +380,10 @@ def run_cli(main: Callable[[], int], *, resume_hint: str = "rerun with --resume 
             raise
         if verbose:
             traceback.print_exc()
-        own = isinstance(e, (RankLostError, OSError)) and not raised_by_main(e)  # a rank's own trouble: it says so
+        # A rank's own trouble (a lost peer, the system's error on its disk) it says itself; input errors every
+        # rank meets alike (our own OSErrors carry no errno: a missing dataset or teacher) rank 0 says once.
+        own = (isinstance(e, RankLostError) or (isinstance(e, OSError) and e.errno is not None)) \
+            and not raised_by_main(e)
         if rank == 0 or own:
             print(f"error: {error_line(e)}", file=sys.stderr)
         if rank != 0:

@@ -22,13 +22,19 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_from_env", "world_from_env", "RankLostError", "distributed_step_kind", "raised_by_main"]
+__all__ = ["DistContext", "init_from_env", "world_from_env", "RankLostError", "distributed_step_kind", "raised_by_main",
+           "launcher_rank"]
 
 log = logging.getLogger("ktg_fast")
 
 
 class RankLostError(RuntimeError):
     """A collective failed: another rank died or stopped; the message names this rank and how to resume."""
+
+
+def launcher_rank() -> int:
+    """This process's global rank as torchrun sets it in the environment (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0") or 0) if os.environ.get("WORLD_SIZE", "1") != "1" else 0
 
 
 def world_from_env() -> int:
@@ -177,6 +183,6 @@ def distributed_step_kind(kind: str) -> str:
     ``auto``, become fused: their collectives are not captured or compiled yet)."""
     if kind in ("eager", "fused"):
         return kind
-    if kind != "auto" and int(os.environ.get("RANK", "0") or 0) == 0:  # said once, not by every process
+    if kind != "auto" and launcher_rank() == 0:  # said once, not by every process
         log.warning("--step %s runs in one process only for now; several processes use the fused step", kind)
     return "fused"

@@ -83,15 +83,14 @@ def refuse_replacing(dest: Path, run_dir: Path, model: str) -> None:
 
 def _pretrain(model: str, data: DataSpec, cfg: TrainConfig, dest: Path, run_dir: Path, *, device: str, step: str,
               progress: bool, compile_cache: Optional[str | os.PathLike], dist: Optional[DistContext]) -> Path:
-    finished = (run_dir / "final.json").is_file() and any((run_dir / "nodes").glob("node1_*.pt"))
-    if not finished or (run_dir / "checkpoint.pt").is_file():  # (a finished run's checkpoint may be gone)
+    if _finished_node(run_dir) is None or (run_dir / "checkpoint.pt").is_file():  # (a finished run's checkpoint may be gone)
         trainer = Trainer(preset("vanilla", model=model), data, cfg, run_dir, device=device, step=step,
                           progress=progress, compile_cache=compile_cache, dist=dist)
         # Resume what a killed pretraining left; a first run has nothing to resume and says nothing about it.
         trainer.run(resume=(run_dir / "checkpoint.pt").is_file() or (run_dir / "final.json").is_file())
     if dist is not None and not dist.is_main:
         return dest
-    src = next((run_dir / "nodes").glob("node1_*.pt"))
+    src = _finished_node(run_dir)
     tmp = dest.with_name(dest.name + ".tmp")
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, tmp)

@@ -38,6 +38,7 @@ from .run_data import load_run_data
 from .run_files import (early_estimate_line, epoch_line, estimate_line, fingerprint_diff, format_duration, is_tty,
                         read_json, read_metrics, short_record, truncate_metrics)
 from .steps import TrainStep, default_precision, make_step, precision_warning
+from .steps.base import say_once
 from .sync_bn import convert_sync_batchnorm
 
 __all__ = ["Trainer", "CheckpointError", "NonFiniteLossError", "RunExistsError", "fingerprint_diff", "read_metrics"]
@@ -137,7 +138,7 @@ class Trainer:
         self.precision = self.cfg.precision or default_precision(self.device)
         slow = precision_warning(self.device, self.precision)
         if slow and self.writes:
-            log.warning("%s", slow)
+            say_once(logging.WARNING, "%s", slow)  # once per process, not once per seed
         kind = self.step_kind
         if self.dist is not None:
             kind = distributed_step_kind(kind)

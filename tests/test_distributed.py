@@ -185,12 +185,17 @@ def test_errors_every_process_meets_are_said_once(tmp_path):
     (busy / "checkpoint.pt").write_bytes(b"")
     r = run([*TORCHRUN, "2", "-m", "ktg_fast.train", *TRAIN, "--out", str(busy)])
     assert r.returncode != 0 and r.stderr.count("already holds a run: pass --resume") == 1, r.stderr[-3000:]
+    # An input error every rank meets alike (a FileNotFoundError of our own, no errno): said by rank 0 alone.
+    r = run([*TORCHRUN, "2", "-m", "ktg_fast.train", *TRAIN, "--graph", "kd", "--teacher", "resnet8", "--teachers",
+             str(tmp_path / "none"), "--out", str(tmp_path / "kd")])
+    assert r.returncode != 0 and r.stderr.count("error: no pre-trained resnet8") == 1, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
 def test_the_step_fallback_under_torchrun_is_said_by_rank_0_only(monkeypatch, caplog, rank, said):
     from ktg_fast.distributed import distributed_step_kind
 
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", rank)
     with caplog.at_level("WARNING", logger="ktg_fast"):
         assert distributed_step_kind("compiled") == "fused" and distributed_step_kind("eager") == "eager"

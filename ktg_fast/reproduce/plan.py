@@ -200,8 +200,10 @@ class Plan:
     def same_as(self, row: Row) -> Optional[Row]:
         """The earlier row of ``row``'s table filled by the same run (its stand-ins coincide, as with
         ``--models resnet8 resnet8 resnet8``: two of the paper's experiments are one here), else None."""
+        if row.run is None:
+            return None
         for r in self.rows:
-            if r is row or row.run is None:
+            if r is row:
                 return None
             if r.table == row.table and r.run == row.run:
                 return r

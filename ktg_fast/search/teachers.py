@@ -22,6 +22,7 @@ from ..graph import Graph
 from ..io import atomic_write_json
 from ..locks import FolderBusyError, locked_file
 from ..nodes import TeacherNotFoundError, teacher_path
+from ..report import plural
 from ..trainer import NonFiniteLossError
 from .config import SearchConfig
 
@@ -126,8 +127,8 @@ def _pretrain_locked(model: str, dest: Path, cfg: SearchConfig, *, node: int, de
             reason = json.loads(marker.read_text()).get("reason", "see this file")
             raise _pretrain_failure(cfg, model, node, dest, f"{reason} (recorded in {marker})")
         epochs = cfg.resolved_teacher_epochs()
-        log.info("pre-training teacher %s for %s on the search split (%d epoch%s) -> %s",
-                 model, cfg.dataset, epochs, "" if epochs == 1 else "s", dest)
+        log.info("pre-training teacher %s for %s on the search split (%s) -> %s",
+                 model, cfg.dataset, plural(epochs, "epoch"), dest)
         t0 = time.monotonic()
         try:
             teacher_lib.pretrain_teacher(model, cfg.data_spec(),

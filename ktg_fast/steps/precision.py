@@ -52,12 +52,10 @@ def default_precision(device: torch.device | str) -> str:
 
 def precision_warning(device: torch.device | str, precision: str) -> Optional[str]:
     """Why ``precision`` will be slow on ``device``, or None.  fp16 on the CPU: most processors have no fast
-    fp16 kernels, and autocast's float16 convolutions are emulated (measured: ResNet8's forward and backward
-    11x slower than fp32 on 2 AVX-512 cores, while bf16 was 2.4x faster than fp32 there)."""
+    fp16 kernels, so autocast's float16 convolutions fall back to slow code (a new user saw 10-25x fp32's time)."""
     if torch.device(device).type == "cpu" and precision == "fp16":
         return ("--precision fp16 on the CPU is usually many times slower than fp32 (no fast float16 kernels on "
-                "most processors; 11x for ResNet8 on 2 AVX-512 cores): use bf16 (fast on CPUs with AVX512-BF16 or "
-                "AMX) or fp32")
+                "most processors): use bf16 (fast on CPUs with AVX512-BF16 or AMX) or fp32")
     return None
 
 
